@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# CPU build of PyTorch, installed from the local wheel; an unpinned torch pulls a CUDA build
+TORCH  := torch==2.13.0
+
+.PHONY: demo test lint bench system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip
+	$(BIN)/python -m pip install -q '$(TORCH)' || echo "warning: $(TORCH) not installable here; torch runtime tests will be skipped"
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+# Debian tools the tests (curl) and benchmarks (hey, wrk) drive
+system-deps:
+	@missing=""; for t in curl hey wrk; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "please install:$$missing (apt-get install$$missing)"; exit 1; fi; fi
+
+demo: $(STAMP)
+	$(BIN)/bastion demo --out demo-repository
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+test: $(STAMP) system-deps lint
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP) system-deps
+	$(BIN)/python benchmarks/serving_bench.py
+
+clean:
+	rm -rf $(VENV) demo-repository .pytest_cache .ruff_cache

@@ -1,0 +1,265 @@
+"""The ``bastion`` command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bastion import __version__
+from bastion.cli.serve import ServeOptions
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _load_config_file(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path}: expected a mapping of settings", param_hint="--config")
+    return data
+
+
+def _options(ctx: click.Context, repository: str | None, mapping: dict[str, str]) -> ServeOptions:
+    """Defaults < --config file < flags given on the command line."""
+    data = _load_config_file(ctx.params.get("config"))
+    if repository is not None:
+        data["repository"] = repository
+    for param, key in mapping.items():
+        source = ctx.get_parameter_source(param)
+        if (source is not None and source.name != "DEFAULT") or key not in data:
+            value = ctx.params[param]
+            if value is None and key not in data:
+                continue
+            data[key] = value
+    if data.get("grpc_port") in (-1, "off"):
+        data["grpc_port"] = None
+    try:
+        return ServeOptions.from_mapping(data, ctx.params.get("config") or "options")
+    except (TypeError, ValueError) as err:
+        raise click.UsageError(str(err)) from None
+
+
+def _serve_flags(f: Any) -> Any:
+    options = [
+        click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind."),
+        click.option("--http-port", type=int, default=8000, show_default=True),
+        click.option("--grpc-port", type=int, default=8001, show_default=True, help="-1 disables gRPC."),
+        click.option("--workers", type=int, default=1, show_default=True,
+                     help="Worker processes sharing the ports (use the cores)."),
+        click.option("--poll-interval", type=float, default=5.0, show_default=True,
+                     help="Seconds between repository scans for hot reload; 0 disables."),
+        click.option("--model", "models", multiple=True,
+                     help="Explicit mode: load only these models at start (repeatable)."),
+        click.option("--max-body-bytes", type=int, default=64 << 20, show_default=True),
+        click.option("--log-level", default="info", show_default=True,
+                     type=click.Choice(["debug", "info", "warning", "error"])),
+        click.option("--log-format", default="json", show_default=True, type=click.Choice(["json", "text"])),
+        click.option("--config", type=click.Path(exists=True, dir_okay=False),
+                     help="YAML file with the same settings (flags win)."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+_FLAG_KEYS = {
+    "host": "host",
+    "http_port": "http_port",
+    "grpc_port": "grpc_port",
+    "workers": "workers",
+    "poll_interval": "poll_interval_s",
+    "max_body_bytes": "max_body_bytes",
+    "log_level": "log_level",
+    "log_format": "log_format",
+}
+
+
+def _with_models(ctx: click.Context, opts: ServeOptions) -> ServeOptions:
+    models = ctx.params.get("models")
+    if models:
+        opts.explicit_models = list(models)
+    return opts
+
+
+def _progress_bar() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        transient=True,
+    )
+
+
+def _serve_with_progress(opts: ServeOptions) -> int:
+    from bastion.cli import serve
+
+    if opts.workers > 1 or not sys.stderr.isatty():
+        return serve.run(opts)
+    bar = _progress_bar()
+    task = bar.add_task("loading models", total=None)
+
+    def progress(name: str, done: int, total: int) -> None:
+        bar.update(task, description=f"loading {name}", completed=done, total=total)
+        if done >= total:
+            bar.stop()
+
+    bar.start()
+    try:
+        return serve.run(opts, progress=progress)
+    finally:
+        bar.stop()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bastion")
+def cli() -> None:
+    """Bastion: a secure inference server for machine-learning models."""
+
+
+@cli.command()
+@click.argument("repository", type=click.Path(exists=True, file_okay=False))
+@_serve_flags
+@click.pass_context
+def serve(ctx: click.Context, repository: str, **_: Any) -> None:
+    """Serve the model repository REPOSITORY over REST and gRPC."""
+    opts = _with_models(ctx, _options(ctx, repository, _FLAG_KEYS))
+    sys.exit(_serve_with_progress(opts))
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False), default="demo-repository", show_default=True,
+              help="Where to write the demo model repository.")
+@click.option("--build-only", is_flag=True, help="Build the repository and exit.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_serve_flags
+@click.pass_context
+def demo(ctx: click.Context, out: str, build_only: bool, seed: int, **_: Any) -> None:
+    """Build a demo repository (Triton's `simple`, a digits classifier) and serve it."""
+    from rich.console import Console
+
+    from bastion.scenarios.demo import build_demo_repository
+
+    console = Console(stderr=True)
+    with console.status("building the demo repository") as status:
+        names = build_demo_repository(Path(out), progress=lambda msg: status.update(msg), seed=seed)
+    console.print(f"[green]built[/] {len(names)} models in {out}: {', '.join(names)}")
+    if build_only:
+        return
+    opts = _with_models(ctx, _options(ctx, out, _FLAG_KEYS))
+    base = f"http://{opts.host}:{opts.http_port}"
+    console.print(
+        "try:\n"
+        f"  curl {base}/v2/models/simple\n"
+        f"  curl -X POST {base}/v2/models/simple/infer -H 'content-type: application/json' \\\n"
+        "    -d '{\"inputs\":[{\"name\":\"INPUT0\",\"datatype\":\"INT32\",\"shape\":[1,16],\"data\":"
+        "[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]},{\"name\":\"INPUT1\",\"datatype\":\"INT32\",\"shape\":[1,16],"
+        "\"data\":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]}]}'\n"
+        f"  bastion infer digits --url {base} --input {out}/digits/sample.npy"
+    )
+    sys.exit(_serve_with_progress(opts))
+
+
+@cli.group()
+def models() -> None:
+    """List, load and unload models on a running server."""
+
+
+def _url_option(f: Any) -> Any:
+    return click.option("--url", default=DEFAULT_URL, show_default=True, envvar="BASTION_URL",
+                        help="Server REST address.")(f)
+
+
+@models.command("list")
+@_url_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models_list(url: str, as_json: bool) -> None:
+    """Show every model of the repository and its state."""
+    from bastion.client import Client
+
+    rows = Client(url).repository_index()
+    if as_json:
+        click.echo(_dumps(rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("model", "version", "state", "reason")
+    for r in rows:
+        color = "green" if r.get("state") == "READY" else "yellow"
+        table.add_row(r.get("name", ""), r.get("version", ""), f"[{color}]{r.get('state', '')}[/]", r.get("reason", ""))
+    Console().print(table)
+
+
+@models.command("load")
+@_url_option
+@click.argument("name")
+def models_load(url: str, name: str) -> None:
+    """Load (or reload) model NAME."""
+    from bastion.client import Client
+
+    Client(url).load(name)
+    click.echo(f"loaded {name}")
+
+
+@models.command("unload")
+@_url_option
+@click.argument("name")
+def models_unload(url: str, name: str) -> None:
+    """Unload model NAME (it stays unloaded until `models load`)."""
+    from bastion.client import Client
+
+    Client(url).unload(name)
+    click.echo(f"unloaded {name}")
+
+
+@cli.command()
+@_url_option
+@click.argument("model")
+@click.option("--input", "inputs", multiple=True, required=True,
+              help="FILE.npy / FILE.json, or NAME=FILE for models with several inputs (repeatable). "
+                   "A .json file is a full V2 request body or a (nested) list of values.")
+@click.option("--model-version", default=None, help="Version to call (default: latest).")
+@click.option("--json", "as_json", is_flag=True, help="Print the V2 response JSON.")
+@click.option("--binary/--no-binary", default=True, show_default=True,
+              help="Send tensors with the binary data extension.")
+def infer(url: str, model: str, inputs: tuple[str, ...], model_version: str | None, as_json: bool,
+          binary: bool) -> None:
+    """Call MODEL on a running server with inputs from files."""
+    from bastion.client import Client, ClientError
+
+    client = Client(url)
+    try:
+        response = client.infer_files(model, list(inputs), version=model_version, binary=binary)
+    except ClientError as err:
+        raise click.ClickException(str(err)) from None
+    if as_json:
+        click.echo(_dumps(client.response_as_json(response)))
+        return
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"[bold]{response.model_name}[/] version {response.model_version}")
+    for t in response.outputs:
+        console.print(f"[cyan]{t.name}[/] {t.datatype} {list(t.shape)}")
+        console.print(t.data)
+
+
+def _dumps(data: Any) -> str:
+    import orjson
+
+    return orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+def main() -> None:
+    cli(prog_name="bastion")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Run the server: one process, or a supervisor with several worker processes.
+
+Each worker is a whole server (repository, data plane, REST on uvicorn, gRPC) bound to
+the same ports with SO_REUSEPORT, so the kernel spreads connections over the workers and
+the Python parts of the request path (HTTP parsing, codecs) use every core. Inference
+itself runs on executor threads: ONNX Runtime releases the GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bastion.serve")
+
+
+@dataclass
+class ServeOptions:
+    """Every knob of ``bastion serve``; also read from a YAML ``--config`` file."""
+
+    repository: str = "."
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int | None = 8001  # None: no gRPC listener
+    workers: int = 1
+    poll_interval_s: float | None = 5.0  # None or 0: no hot reload
+    explicit_models: list[str] | None = None  # Triton's explicit mode: only these load at start
+    max_body_bytes: int = 64 << 20
+    executor_threads: int = 4
+    strict_readiness: bool = True
+    drain_timeout_s: float = 30.0
+    log_level: str = "info"
+    log_format: str = "json"
+    control_dir: str | None = field(default=None, repr=False)  # set by the supervisor
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], source: str = "config") -> ServeOptions:
+        known = {f.name for f in fields(cls)} - {"control_dir"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def _http_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class _Server:
+    """uvicorn.Server without its own signal handling: the launcher drains gRPC and the
+    batchers too, and must exit 0 after a SIGTERM rather than re-raise the signal."""
+
+    @staticmethod
+    def make(app: Any, opts: ServeOptions) -> Any:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        config = uvicorn.Config(
+            app,
+            http="httptools",
+            loop="none",
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=int(opts.drain_timeout_s),
+            timeout_keep_alive=30,
+            server_header=False,
+            date_header=False,
+            proxy_headers=False,  # a middleware per request; Bastion is not behind a trusted proxy by default
+            ws="none",
+        )
+        return Server(config)
+
+
+async def serve_async(
+    opts: ServeOptions,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain in-flight requests and return."""
+    from bastion.dataplane import DataPlane
+    from bastion.repository.store import ModelRepository
+    from bastion.transport.grpc_server import create_grpc_server
+    from bastion.transport.rest import RestApp
+
+    loop = asyncio.get_running_loop()
+    reuse_port = opts.workers > 1
+    # bind before loading models so a port clash fails fast, not after minutes of loading
+    http_sock = _http_socket(opts.host, opts.http_port, reuse_port)
+    repo = ModelRepository(
+        Path(opts.repository),
+        poll_interval_s=opts.poll_interval_s or None,
+        explicit=opts.explicit_models is not None,
+        initial_models=opts.explicit_models,
+    )
+    dataplane = DataPlane(repo, executor_threads=opts.executor_threads, strict_readiness=opts.strict_readiness)
+    grpc_server = None
+    if opts.grpc_port is not None:
+        grpc_server = create_grpc_server(
+            dataplane, opts.host, opts.grpc_port, max_message_bytes=opts.max_body_bytes, reuse_port=reuse_port
+        )
+        await grpc_server.start()
+    http = _Server.make(RestApp(dataplane, max_body_bytes=opts.max_body_bytes), opts)
+
+    stopping = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stopping.is_set():
+            http.force_exit = True
+            return
+        log.info("shutting down: draining in-flight requests", extra={"signal": signal.Signals(signum).name})
+        stopping.set()
+        http.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal, sig)
+
+    control = None
+    if opts.control_dir:
+        from bastion.cli.workers import ControlLog
+
+        control = ControlLog(Path(opts.control_dir), dataplane)
+        dataplane.control_hook = control.publish
+
+    http_task = loop.create_task(http.serve(sockets=[http_sock]))
+    try:
+        await dataplane.start(progress)
+        if control is not None:
+            control.start()
+        log.info(
+            "serving",
+            extra={
+                "http": f"http://{opts.host}:{opts.http_port}",
+                "grpc": f"{opts.host}:{opts.grpc_port}" if grpc_server else None,
+                "pid": os.getpid(),
+                "ready": dataplane.ready(),
+            },
+        )
+        if on_ready is not None:
+            on_ready()
+        await http_task
+    finally:
+        stopping.set()
+        http.should_exit = True
+        if control is not None:
+            await control.stop()
+        if grpc_server is not None:
+            await grpc_server.stop(grace=opts.drain_timeout_s)
+        if not http_task.done():
+            await http_task
+        await dataplane.stop()
+        log.info("stopped")
+
+
+def run(opts: ServeOptions, *, progress: Callable[[str, int, int], None] | None = None) -> int:
+    """Blocking entry point of ``bastion serve``; returns the process exit code."""
+    from bastion.observability.logs import configure_logging
+
+    configure_logging(opts.log_level, opts.log_format)
+    if opts.workers > 1:
+        from bastion.cli.workers import supervise
+
+        return supervise(opts)
+    _install_uvloop()
+    try:
+        asyncio.run(serve_async(opts, progress=progress))
+    except OSError as err:
+        log.error("cannot serve: %s", err)
+        return 2
+    return 0
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return
+    if sys.version_info >= (3, 12):
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    else:
+        uvloop.install()
+
+
+def options_dict(opts: ServeOptions) -> dict[str, Any]:
+    return asdict(opts)

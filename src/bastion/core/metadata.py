@@ -1,0 +1,76 @@
+"""Model configuration and metadata: what a model accepts, returns and how it is served."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A tensor of a model's signature. ``shape`` is the full shape; -1 is a variable dim.
+
+    When the model batches (max_batch_size > 0) the first dim is the batch dim.
+    """
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    """Dynamic batching knobs, as Triton names them."""
+
+    enabled: bool = True
+    max_queue_delay_us: int = 0  # 0: take what is queued, never wait (Triton's default)
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 256  # requests waiting per model version; beyond it: 503
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPolicy:
+    """Which versions on disk are served: ``latest`` N, ``specific`` list, or ``all``."""
+
+    kind: str = "latest"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    runtime: str
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    max_batch_size: int = 0
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    # runtime options, e.g. intra_op_threads, graph_optimization, file name
+    parameters: dict[str, Any] = field(default_factory=dict)
+    platform: str = ""
+    # NaN/Inf in float inputs are refused (400) unless the model opts in
+    allow_non_finite: bool = False
+    # batches of one model version that may run at once (each on its own executor thread)
+    instance_count: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "versions": list(self.versions),
+            "platform": self.platform,
+            "inputs": [t.as_dict() for t in self.inputs],
+            "outputs": [t.as_dict() for t in self.outputs],
+        }

@@ -1,0 +1,357 @@
+"""The data plane: the single entry point every transport calls.
+
+REST, gRPC and TF-Serving REST differ only in their codecs; everything a rule applies to
+(validation against the model's signature, version choice, batching, metrics, and later
+auth, zoo selection and audit) happens here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import bastion
+from bastion.core.datatypes import FLOAT_DATATYPES, datatype_of
+from bastion.core.errors import BastionError, InternalError, InvalidInput, ModelNotReady, NotFound
+from bastion.core.metadata import ModelMetadata, TensorSpec
+from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor
+from bastion.engine.batcher import Batcher
+from bastion.observability.metrics import Metrics, VersionMetrics
+from bastion.repository.store import LoadedVersion, ModelRepository, ModelState
+
+log = logging.getLogger("bastion.dataplane")
+
+SERVER_NAME = "bastion"
+EXTENSIONS = ("binary_tensor_data", "model_repository", "model_repository(unload_dependents)", "statistics")
+
+
+@dataclass(slots=True)
+class _Served:
+    """What the hot path needs about one loaded model version, computed once at load."""
+
+    loaded: LoadedVersion
+    version: str
+    batcher: Batcher
+    metrics: VersionMetrics
+    inputs: dict[str, TensorSpec]
+    outputs: tuple[TensorSpec, ...]
+    output_names: frozenset[str]
+    max_batch_size: int
+    check_finite: bool
+
+
+ControlHook = Callable[[str, str], Awaitable[None]]
+
+
+class DataPlane:
+    """Orchestrates one inference: validate → batch → runtime → select outputs.
+
+    It listens to the repository: each loaded model version gets its own batcher.
+    """
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        metrics: Metrics | None = None,
+        executor_threads: int | None = None,
+        strict_readiness: bool = True,
+    ) -> None:
+        self.repository = repository
+        self.metrics = metrics or Metrics()
+        self._executor = ThreadPoolExecutor(
+            max_workers=executor_threads or 4, thread_name_prefix="bastion-predict"
+        )
+        self._served: dict[str, dict[int, _Served]] = {}
+        self._latest: dict[str, _Served] = {}
+        self._strict_readiness = strict_readiness
+        self._started = False
+        self._closing = False
+        self._background: set[asyncio.Task[None]] = set()
+        # set by a multi-worker launcher so an operator's load/unload reaches every worker
+        self.control_hook: ControlHook | None = None
+        repository.add_listener(self)
+
+    # ---- lifecycle ----------------------------------------------------------------
+    async def start(self, progress: Callable[[str, int, int], None] | None = None) -> None:
+        await self.repository.start(progress)
+        self._started = True
+
+    async def stop(self) -> None:
+        """Drain: refuse new work, finish queued batches, unload models, stop threads."""
+        self._closing = True
+        await self.repository.stop()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    # ---- repository listener --------------------------------------------------------
+    def version_loaded(self, loaded: LoadedVersion) -> None:
+        cfg = loaded.config
+        version = str(loaded.version)
+        vm = self.metrics.for_version(loaded.model, version)
+        runtime = loaded.runtime
+        inputs = cfg.inputs or runtime.inputs
+        outputs = cfg.outputs or runtime.outputs
+        served = _Served(
+            loaded=loaded,
+            version=version,
+            batcher=Batcher(
+                runtime,
+                self._executor,
+                max_batch_size=cfg.max_batch_size,
+                batching=cfg.batching,
+                instance_count=cfg.instance_count,
+                observer=vm,
+            ),
+            metrics=vm,
+            inputs={t.name: t for t in inputs},
+            outputs=tuple(outputs),
+            output_names=frozenset(t.name for t in outputs),
+            max_batch_size=cfg.max_batch_size,
+            check_finite=not cfg.allow_non_finite,
+        )
+        self._served.setdefault(loaded.model, {})[loaded.version] = served
+        self._refresh_latest(loaded.model)
+        vm.set_ready(True)
+        log.info("model version loaded", extra={"model": loaded.model, "version": version})
+
+    def version_unloaded(self, loaded: LoadedVersion) -> asyncio.Task[None] | None:
+        """Stop routing to the version; the returned drain task tells the repository when
+        it may close the runtime (queued requests still finish on it)."""
+        versions = self._served.get(loaded.model, {})
+        served = versions.pop(loaded.version, None)
+        if not versions:
+            self._served.pop(loaded.model, None)
+        self._refresh_latest(loaded.model)
+        if served is None:
+            return None
+        served.metrics.set_ready(False)
+        task = asyncio.get_running_loop().create_task(served.batcher.close())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        log.info("model version unloaded", extra={"model": loaded.model, "version": served.version})
+        return task
+
+    def _refresh_latest(self, model: str) -> None:
+        versions = self._served.get(model)
+        if versions:
+            self._latest[model] = versions[max(versions)]
+        else:
+            self._latest.pop(model, None)
+
+    # ---- health and metadata ------------------------------------------------------------
+    def live(self) -> bool:
+        return not self._closing
+
+    def ready(self) -> bool:
+        if not self._started or self._closing:
+            return False
+        for status in self.repository.index():
+            if status.versions:
+                continue
+            if status.state is ModelState.UNAVAILABLE:
+                continue  # deliberately not loaded (explicit mode or unloaded by an operator)
+            if status.state is ModelState.LOADING or self._strict_readiness:
+                return False
+        return True
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": bastion.__version__, "extensions": list(EXTENSIONS)}
+
+    def _resolve(self, name: str, version: str | None) -> _Served:
+        if version:
+            versions = self._served.get(name)
+            if versions is not None:
+                try:
+                    served = versions.get(int(version))
+                except ValueError:
+                    raise InvalidInput(f"model version must be an integer, got {version!r}") from None
+                if served is not None:
+                    return served
+                available = ", ".join(str(v) for v in sorted(versions))
+                raise NotFound(f"model '{name}' has no version {version}; available: {available}")
+        else:
+            served = self._latest.get(name)
+            if served is not None:
+                return served
+        status = self.repository.get(name)  # raises NotFound for unknown models
+        if version and status.state is ModelState.READY:
+            raise NotFound(f"model '{name}' has no version {version}")
+        reason = f": {status.reason}" if status.reason else ""
+        raise ModelNotReady(f"model '{name}' is not ready ({status.state.value}){reason}", retry_after=1)
+
+    def model_ready(self, name: str, version: str | None) -> bool:
+        try:
+            self._resolve(name, version)
+        except ModelNotReady:
+            return False
+        except NotFound:
+            if version:
+                self.repository.get(name)  # unknown model → NotFound, unknown version → not ready
+                return False
+            raise
+        return True
+
+    def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
+        try:
+            served = self._resolve(name, version)
+        except ModelNotReady:
+            status = self.repository.get(name)
+            cfg = status.config
+            return ModelMetadata(
+                name=name,
+                versions=(),
+                platform=cfg.platform or cfg.runtime if cfg else "",
+                inputs=cfg.inputs if cfg else (),
+                outputs=cfg.outputs if cfg else (),
+            )
+        versions = (
+            (served.version,) if version else tuple(str(v) for v in sorted(self._served.get(name, {})))
+        )
+        return ModelMetadata(
+            name=name,
+            versions=versions,
+            platform=served.loaded.config.platform or served.loaded.runtime.platform,
+            inputs=tuple(served.inputs.values()),
+            outputs=served.outputs,
+        )
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for status in self.repository.index():
+            if status.versions:
+                rows.extend(
+                    {"name": status.name, "version": str(v), "state": "READY", "reason": ""}
+                    for v in sorted(status.versions)
+                )
+            else:
+                rows.append(
+                    {"name": status.name, "version": "", "state": status.state.value, "reason": status.reason}
+                )
+        return rows
+
+    async def load_model(self, name: str) -> None:
+        status = await self.repository.load(name)
+        if status.state is ModelState.FAILED and not status.versions:
+            raise InvalidInput(f"model '{name}' failed to load: {status.reason}")
+        if self.control_hook is not None:
+            await self.control_hook(name, "load")
+
+    async def unload_model(self, name: str) -> None:
+        await self.repository.unload(name)
+        if self.control_hook is not None:
+            await self.control_hook(name, "unload")
+
+    # ---- inference ------------------------------------------------------------------------
+    async def infer(self, request: InferenceRequest, *, transport: str = "rest") -> InferenceResponse:
+        """Serve one request; every failure is a BastionError with its status."""
+        served = self._resolve(request.model_name, request.model_version)
+        vm = served.metrics
+        started = time.perf_counter()
+        try:
+            arrays, rows = self._validate(served, request)
+            outputs = await served.batcher.submit(arrays, rows)
+            response = self._response(served, request, outputs)
+        except BastionError as err:
+            status = err.http_status
+            outcome = "client_error" if status < 500 else ("server_error" if status == 500 else "rejected")
+            vm.outcome[outcome].inc()
+            raise
+        except Exception as err:
+            vm.outcome["server_error"].inc()
+            log.exception("inference failed", extra={"model": request.model_name, "version": served.version})
+            raise InternalError(f"internal error while serving model '{request.model_name}'") from err
+        vm.outcome["success"].inc()
+        vm.request_latency.observe(time.perf_counter() - started)
+        return response
+
+    @staticmethod
+    def _validate(served: _Served, request: InferenceRequest) -> tuple[dict[str, np.ndarray], int]:
+        specs = served.inputs
+        arrays: dict[str, np.ndarray] = {}
+        rows = -1
+        batching = served.max_batch_size > 0
+        for tensor in request.inputs:
+            name = tensor.name
+            spec = specs.get(name)
+            if spec is None:
+                raise InvalidInput(
+                    f"unknown input '{name}' for model '{request.model_name}'; expected inputs: "
+                    + ", ".join(specs)
+                )
+            if name in arrays:
+                raise InvalidInput(f"input '{name}' appears more than once")
+            if tensor.datatype != spec.datatype:
+                raise InvalidInput(
+                    f"input '{name}': datatype {tensor.datatype} does not match the model's {spec.datatype}"
+                )
+            data = tensor.data
+            shape = data.shape
+            expected = spec.shape
+            if len(shape) != len(expected) or any(
+                e != -1 and e != d for e, d in zip(expected, shape, strict=True)
+            ):
+                raise InvalidInput(
+                    f"input '{name}': shape {list(shape)} does not match the model's {list(expected)}"
+                    " (-1 = any size)"
+                )
+            if batching:
+                n = shape[0]
+                if rows == -1:
+                    rows = n
+                    if n == 0:
+                        raise InvalidInput(f"input '{name}': the batch dimension (first dim) is 0")
+                    if n > served.max_batch_size:
+                        raise InvalidInput(
+                            f"input '{name}': batch size {n} exceeds the model's max_batch_size "
+                            f"{served.max_batch_size}"
+                        )
+                elif n != rows:
+                    raise InvalidInput(
+                        f"input '{name}': batch size {n} differs from the other inputs' {rows}"
+                    )
+            if served.check_finite and spec.datatype in FLOAT_DATATYPES and not np.isfinite(data).all():
+                raise InvalidInput(
+                    f"input '{name}' contains NaN or Inf; model '{request.model_name}' accepts finite values only"
+                )
+            arrays[name] = data
+        if len(arrays) != len(specs):
+            missing = [n for n in specs if n not in arrays]
+            raise InvalidInput(
+                f"missing input(s) {', '.join(repr(m) for m in missing)} for model '{request.model_name}'"
+            )
+        return arrays, max(rows, 1)
+
+    @staticmethod
+    def _response(
+        served: _Served, request: InferenceRequest, outputs: dict[str, np.ndarray]
+    ) -> InferenceResponse:
+        if request.outputs:
+            names = []
+            for wanted in request.outputs:
+                if wanted.name not in served.output_names:
+                    raise InvalidInput(
+                        f"requested output '{wanted.name}' is not an output of model "
+                        f"'{request.model_name}'; available: {', '.join(sorted(served.output_names))}"
+                    )
+                names.append(wanted.name)
+        else:
+            names = [t.name for t in served.outputs]
+        tensors = []
+        for name in names:
+            arr = outputs[name]
+            tensors.append(InferTensor(name, datatype_of(arr), arr.shape, arr))
+        return InferenceResponse(
+            model_name=request.model_name,
+            model_version=served.version,
+            outputs=tensors,
+            id=request.id,
+        )

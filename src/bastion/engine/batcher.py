@@ -1,0 +1,241 @@
+"""Per-model-version dynamic batcher: a bounded queue in front of ``runtime.predict``.
+
+Requests are merged into one ``predict`` call when they are compatible (same non-batch
+dims and dtypes), then the outputs are split back by rows. The queue is bounded: when it
+is full a request is refused at once with ``Overloaded`` (503 + Retry-After) instead of
+joining an unbounded backlog. ``predict`` runs on executor threads, never on the event
+loop, so the loop keeps parsing requests while a batch computes; that overlap is where
+batching wins throughput even with a queue delay of zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bastion.core.errors import BastionError, InternalError, Overloaded
+from bastion.core.metadata import BatchingConfig
+from bastion.runtimes.base import Runtime
+
+log = logging.getLogger("bastion.engine")
+
+Tensors = dict[str, np.ndarray]
+
+
+class BatchObserver:
+    """Hooks the engine calls so metrics live outside it. The default does nothing."""
+
+    def queue_depth(self, depth: int) -> None:
+        pass
+
+    def batch_done(self, rows: int, requests: int, queue_s: list[float], compute_s: float) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class _Pending:
+    inputs: Tensors
+    rows: int
+    future: asyncio.Future[Tensors]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+def _compatible(a: Tensors, b: Tensors) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for name, arr in a.items():
+        other = b[name]
+        if arr.dtype != other.dtype or arr.shape[1:] != other.shape[1:]:
+            return False
+    return True
+
+
+class Batcher:
+    """Queues requests of one model version and runs them in batches.
+
+    ``max_batch_size == 0`` means the model does not batch: each request runs alone,
+    still through the same bounded queue.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        batching: BatchingConfig,
+        instance_count: int = 1,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._runtime = runtime
+        self._predict: Callable[[Tensors], Tensors] = runtime.predict
+        self._executor = executor
+        self._max_rows = max_batch_size if batching.enabled and max_batch_size > 0 else 0
+        self._delay_s = batching.max_queue_delay_us / 1e6 if self._max_rows else 0.0
+        self._preferred = tuple(sorted(s for s in batching.preferred_batch_sizes if 0 < s <= self._max_rows))
+        self._max_queue = max(1, batching.max_queue_size)
+        self._slots = max(1, instance_count)
+        self._observer = observer or BatchObserver()
+        self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._running = 0
+        self._delay_handle: asyncio.TimerHandle | None = None
+        self._closed = False
+        # exponentially weighted compute time per row, for an honest Retry-After
+        self._row_cost_s = 1e-4
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, inputs: Tensors, rows: int) -> Tensors:
+        """Run ``inputs`` (``rows`` along the batch dim) and return all outputs."""
+        if self._closed:
+            raise Overloaded("model version is being unloaded; retry", retry_after=1)
+        if len(self._queue) >= self._max_queue:
+            raise Overloaded(
+                f"queue full ({self._max_queue} requests waiting); retry later",
+                retry_after=self._retry_after(),
+            )
+        loop = asyncio.get_running_loop()
+        item = _Pending(inputs, rows, loop.create_future())
+        self._queue.append(item)
+        self._queued_rows += rows
+        self._observer.queue_depth(len(self._queue))
+        self._schedule(loop)
+        return await item.future
+
+    def _retry_after(self) -> int:
+        backlog_s = self._queued_rows * self._row_cost_s / self._slots
+        return max(1, math.ceil(backlog_s))
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        while self._queue and self._running < self._slots:
+            if self._delay_s and self._queued_rows < self._dispatch_rows():
+                wait = self._queue[0].enqueued + self._delay_s - time.perf_counter()
+                if wait > 0:
+                    if self._delay_handle is None:
+                        self._delay_handle = loop.call_later(wait, self._delay_expired, loop)
+                    return
+            self._dispatch(loop)
+
+    def _dispatch_rows(self) -> int:
+        """Rows at which a batch goes without waiting out the queue delay."""
+        return self._preferred[-1] if self._preferred else self._max_rows
+
+    def _delay_expired(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._delay_handle = None
+        if self._queue and self._running < self._slots:
+            self._dispatch(loop)
+            self._schedule(loop)
+
+    def _take_batch(self) -> list[_Pending]:
+        first = self._queue.popleft()
+        batch = [first]
+        rows = first.rows
+        if self._max_rows and self._queue:
+            limit = self._max_rows
+            if self._preferred:
+                # cut at the largest preferred size the queue can fill, else take all that fits
+                fill = min(self._queued_rows, self._max_rows)
+                fitting = [p for p in self._preferred if p <= fill]
+                if fitting:
+                    limit = fitting[-1]
+            skipped: list[_Pending] = []
+            while self._queue and rows < limit:
+                nxt = self._queue[0]
+                if rows + nxt.rows > limit:
+                    break
+                self._queue.popleft()
+                if _compatible(first.inputs, nxt.inputs):
+                    batch.append(nxt)
+                    rows += nxt.rows
+                else:
+                    skipped.append(nxt)
+            # incompatible requests keep their place at the head of the queue
+            self._queue.extendleft(reversed(skipped))
+        self._queued_rows -= rows
+        return batch
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._delay_handle is not None:
+            self._delay_handle.cancel()
+            self._delay_handle = None
+        batch = self._take_batch()
+        self._running += 1
+        self._observer.queue_depth(len(self._queue))
+        started = time.perf_counter()
+        if len(batch) == 1:
+            merged = batch[0].inputs
+        else:
+            names = batch[0].inputs.keys()
+            merged = {n: np.concatenate([p.inputs[n] for p in batch]) for n in names}
+        cfut = self._executor.submit(self._predict, merged)
+        cfut.add_done_callback(
+            lambda f: loop.call_soon_threadsafe(self._complete, loop, batch, started, f)
+        )
+
+    def _complete(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], started: float, cfut) -> None:  # type: ignore[no-untyped-def]
+        self._running -= 1
+        done = time.perf_counter()
+        compute_s = done - started
+        rows = sum(p.rows for p in batch)
+        self._row_cost_s = 0.9 * self._row_cost_s + 0.1 * (compute_s / max(rows, 1))
+        exc = cfut.exception()
+        if exc is None:
+            try:
+                self._deliver(batch, cfut.result(), rows)
+            except BastionError as err:
+                exc = err
+            except Exception as err:  # a runtime returning outputs that cannot be split is a bug
+                log.exception("splitting batch outputs failed")
+                exc = err
+        if exc is not None:
+            if not isinstance(exc, BastionError):
+                log.error("predict failed", exc_info=exc)
+                exc = InternalError(f"model execution failed: {type(exc).__name__}: {exc}")
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+        self._observer.batch_done(rows, len(batch), [started - p.enqueued for p in batch], compute_s)
+        if self._queue:
+            self._schedule(loop)
+
+    @staticmethod
+    def _deliver(batch: list[_Pending], outputs: Tensors, rows: int) -> None:
+        if len(batch) == 1:
+            p = batch[0]
+            if not p.future.done():
+                p.future.set_result(outputs)
+            return
+        for name, arr in outputs.items():
+            if arr.ndim == 0 or arr.shape[0] != rows:
+                raise InternalError(
+                    f"output '{name}' has shape {list(arr.shape)}; a batching model must return "
+                    f"{rows} rows along the first dim (set max_batch_size: 0 if it does not batch)"
+                )
+        start = 0
+        for p in batch:
+            end = start + p.rows
+            if not p.future.done():
+                p.future.set_result({name: arr[start:end] for name, arr in outputs.items()})
+            start = end
+
+    async def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new work, let queued and running batches finish (up to the timeout)."""
+        self._closed = True
+        deadline = time.perf_counter() + drain_timeout_s
+        while (self._queue or self._running) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.005)
+        for p in self._queue:
+            if not p.future.done():
+                p.future.set_exception(Overloaded("model version was unloaded; retry", retry_after=1))
+        self._queue.clear()

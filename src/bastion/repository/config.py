@@ -1,0 +1,228 @@
+"""``config.yaml`` of a model directory -> ``ModelConfig``, strictly.
+
+Strict because a config file is where silent mistakes hide: an unknown key (a typo
+such as ``max_batch: 64``) is an error, not a dropped setting, and every message
+names the file and the field path, e.g.
+``simple/config.yaml: inputs[0].datatype: expected one of BOOL, ..., got 'INT33'``.
+
+Defaults worth knowing: without a ``dynamic_batching`` key, a model with
+``max_batch_size > 0`` is batched with the default knobs (``dynamic_batching: false``
+turns it off); with ``max_batch_size: 0`` only ``dynamic_batching.max_queue_size``
+matters (requests run one at a time, but the queue is still bounded); the version
+policy defaults to ``{latest: 1}``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from bastion.core.datatypes import DATATYPES
+from bastion.core.metadata import BatchingConfig, ModelConfig, TensorSpec, VersionPolicy
+from bastion.runtimes import RUNTIME_NAMES, ModelLoadError
+
+__all__ = ["CONFIG_FILE", "ConfigError", "load_model_config", "parse_model_config"]
+
+CONFIG_FILE = "config.yaml"
+
+_TOP_KEYS = (
+    "name",
+    "runtime",
+    "max_batch_size",
+    "inputs",
+    "outputs",
+    "dynamic_batching",
+    "version_policy",
+    "parameters",
+    "allow_non_finite",
+    "instance_count",
+)
+_TENSOR_KEYS = ("name", "datatype", "shape")
+_BATCHING_KEYS = ("max_queue_delay_us", "preferred_batch_sizes", "max_queue_size")
+_DATATYPE_LIST = ", ".join(sorted(DATATYPES))
+
+
+class ConfigError(ModelLoadError):
+    """config.yaml is missing, not YAML, or has a wrong or unknown field (HTTP 400)."""
+
+
+def load_model_config(model_dir: Path) -> ModelConfig:
+    """Read and parse ``model_dir/config.yaml``; the model name is the directory name."""
+    model_dir = Path(model_dir)
+    name = model_dir.name
+    source = f"{name}/{CONFIG_FILE}"
+    try:
+        text = (model_dir / CONFIG_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: missing; every model directory needs a {CONFIG_FILE}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+    return parse_model_config(name, data, source=source)
+
+
+def parse_model_config(name: str, data: Any, *, source: str | None = None) -> ModelConfig:
+    """Validate the parsed YAML ``data`` of model ``name``; errors name ``source`` and the field."""
+    p = _Parser(source or f"{name}/{CONFIG_FILE}")
+    if data is None:
+        p.fail("", "empty file; at least 'runtime' is required")
+    top = p.mapping("", data, _TOP_KEYS)
+    if "name" in top and top["name"] != name:
+        p.fail("name", f"must match the directory name {name!r} (or be left out), got {top['name']!r}")
+    if "runtime" not in top:
+        p.fail("runtime", f"required; one of {', '.join(sorted(RUNTIME_NAMES))}")
+    runtime = top["runtime"]
+    if runtime not in RUNTIME_NAMES:
+        p.fail("runtime", f"expected one of {', '.join(sorted(RUNTIME_NAMES))}, got {runtime!r}")
+    max_batch_size = p.integer("max_batch_size", top.get("max_batch_size", 0), minimum=0)
+    inputs = p.tensors("inputs", top.get("inputs", []), max_batch_size)
+    outputs = p.tensors("outputs", top.get("outputs", []), max_batch_size)
+    parameters = top.get("parameters", {})
+    p.mapping("parameters", parameters, None)
+    return ModelConfig(
+        name=name,
+        runtime=runtime,
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=max_batch_size,
+        batching=p.batching(top.get("dynamic_batching"), max_batch_size),
+        version_policy=p.version_policy(top.get("version_policy", {"latest": 1})),
+        parameters=dict(parameters),
+        allow_non_finite=p.boolean("allow_non_finite", top.get("allow_non_finite", False)),
+        instance_count=p.integer("instance_count", top.get("instance_count", 1), minimum=1),
+    )
+
+
+class _Parser:
+    """Field checks that all raise ConfigError('<source>: <path>: <what is wrong>')."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, message: str) -> NoReturn:
+        raise ConfigError(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
+
+    def mapping(self, path: str, value: Any, keys: tuple[str, ...] | None) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            self.fail(path, f"expected a mapping, got {_show(value)}")
+        for key in value:
+            if not isinstance(key, str):
+                self.fail(path, f"keys must be strings, got {key!r}")
+            if keys is not None and key not in keys:
+                close = difflib.get_close_matches(key, keys, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                self.fail(_join(path, key), f"unknown key; {hint}expected one of {', '.join(keys)}")
+        return value
+
+    def integer(self, path: str, value: Any, *, minimum: int) -> int:
+        # bool is an int in Python; "max_batch_size: yes" is a mistake, not 1.
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.fail(path, f"expected an integer, got {_show(value)}")
+        if value < minimum:
+            self.fail(path, f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    def boolean(self, path: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            self.fail(path, f"expected true or false, got {_show(value)}")
+        return value
+
+    def int_list(self, path: str, value: Any, *, minimum: int) -> tuple[int, ...]:
+        if not isinstance(value, list):
+            self.fail(path, f"expected a list of integers, got {_show(value)}")
+        return tuple(self.integer(f"{path}[{i}]", v, minimum=minimum) for i, v in enumerate(value))
+
+    def tensors(self, path: str, value: Any, max_batch_size: int) -> tuple[TensorSpec, ...]:
+        if not isinstance(value, list):
+            self.fail(path, f"expected a list of tensors ({{name, datatype, shape}}), got {_show(value)}")
+        specs: list[TensorSpec] = []
+        for i, item in enumerate(value):
+            at = f"{path}[{i}]"
+            t = self.mapping(at, item, _TENSOR_KEYS)
+            for key in _TENSOR_KEYS:
+                if key not in t:
+                    self.fail(_join(at, key), "required")
+            name = t["name"]
+            if not isinstance(name, str) or not name:
+                self.fail(f"{at}.name", f"expected a non-empty string, got {_show(name)}")
+            if any(s.name == name for s in specs):
+                self.fail(f"{at}.name", f"duplicate tensor name {name!r}")
+            if t["datatype"] not in DATATYPES:
+                self.fail(f"{at}.datatype", f"expected one of {_DATATYPE_LIST}, got {t['datatype']!r}")
+            shape = self.int_list(f"{at}.shape", t["shape"], minimum=-1)
+            if any(d == 0 for d in shape):
+                self.fail(f"{at}.shape", f"dims are -1 (variable) or positive, got {list(shape)}")
+            if max_batch_size > 0 and (not shape or shape[0] != -1):
+                self.fail(
+                    f"{at}.shape",
+                    f"with max_batch_size > 0 the first dim is the batch dim and must be -1, got {list(shape)}",
+                )
+            specs.append(TensorSpec(name, t["datatype"], shape))
+        return tuple(specs)
+
+    def batching(self, value: Any, max_batch_size: int) -> BatchingConfig:
+        if value is None or value is True:
+            return BatchingConfig(enabled=max_batch_size > 0)
+        if value is False:
+            return BatchingConfig(enabled=False)
+        path = "dynamic_batching"
+        b = self.mapping(path, value, _BATCHING_KEYS)
+        defaults = BatchingConfig()
+        preferred = self.int_list(f"{path}.preferred_batch_sizes", b.get("preferred_batch_sizes", []), minimum=1)
+        for i, size in enumerate(preferred):
+            if size > max_batch_size:
+                self.fail(
+                    f"{path}.preferred_batch_sizes[{i}]",
+                    f"{size} is larger than max_batch_size {max_batch_size}",
+                )
+        # With max_batch_size 0 requests run one by one; the queue bound still applies.
+        return BatchingConfig(
+            enabled=max_batch_size > 0,
+            max_queue_delay_us=self.integer(
+                f"{path}.max_queue_delay_us",
+                b.get("max_queue_delay_us", defaults.max_queue_delay_us),
+                minimum=0,
+            ),
+            preferred_batch_sizes=tuple(sorted(set(preferred))),
+            max_queue_size=self.integer(
+                f"{path}.max_queue_size", b.get("max_queue_size", defaults.max_queue_size), minimum=1
+            ),
+        )
+
+    def version_policy(self, value: Any) -> VersionPolicy:
+        path = "version_policy"
+        if value == "all":
+            return VersionPolicy(kind="all")
+        kinds = ("latest", "specific", "all")
+        policy = self.mapping(path, value, kinds)
+        if len(policy) != 1:
+            self.fail(path, f"expected exactly one of {{latest: N}}, {{specific: [..]}} or all, got {dict(policy)}")
+        ((kind, arg),) = policy.items()
+        if kind == "latest":
+            return VersionPolicy(kind="latest", num_versions=self.integer(f"{path}.latest", arg, minimum=1))
+        if kind == "specific":
+            versions = self.int_list(f"{path}.specific", arg, minimum=1)
+            if not versions:
+                self.fail(f"{path}.specific", "expected at least one version")
+            return VersionPolicy(kind="specific", versions=tuple(sorted(set(versions))))
+        if arg not in (None, True, {}):  # Triton writes `all: {}`
+            self.fail(f"{path}.all", f"takes no value, got {_show(arg)}")
+        return VersionPolicy(kind="all")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "nothing"

@@ -1,0 +1,572 @@
+"""The model repository: what is on disk, what is loaded, and hot reload between the two.
+
+Layout (Triton's): ``<root>/<model>/config.yaml`` and ``<root>/<model>/<version>/<files>``,
+versions being positive integer directory names without leading zeros. Other entries
+(``metrics.json``, test data, hidden temp files) are ignored.
+
+Threading: every state change and every listener call happens on the event loop
+thread; only disk scans, config parsing and runtime creation run in worker threads.
+Listeners therefore never race each other or the repository.
+
+Reload semantics (what operators can rely on):
+
+* A changed version directory or config.yaml reloads the affected versions; the old
+  runtime keeps serving until the new one is loaded, then listeners get
+  ``version_unloaded(old)`` immediately followed by ``version_loaded(new)`` with no
+  await in between, so no request sees the gap. LoadedVersion objects are distinct per
+  load, so listeners may compare them by identity. The old runtime is closed once the
+  listeners have drained it (see RepositoryListener).
+* A load that fails is not retried until its files or config change (or ``load()``).
+  If a reload fails, the previous runtime keeps serving and ``reason`` says so; if
+  none of the versions the policy selects can be loaded, older loaded versions that
+  still exist on disk keep serving rather than leaving the model empty.
+* An invalid config.yaml keeps the loaded versions serving with the previous config.
+* ``unload()`` sticks: the poller leaves the model alone until ``load()``.
+* A repository root that cannot be read during a poll changes nothing (an unmounted
+  volume must not unload every model); a model directory that disappears is unloaded.
+* Write new versions atomically (copy to a hidden temp dir, then rename): a
+  half-copied version simply fails to load and is retried once its files change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+
+from bastion.core.errors import NotFound
+from bastion.core.metadata import ModelConfig, VersionPolicy
+from bastion.repository.config import CONFIG_FILE, ConfigError, load_model_config
+from bastion.runtimes import create_runtime
+from bastion.runtimes.base import Runtime, RuntimeFactory
+
+__all__ = ["LoadedVersion", "ModelRepository", "ModelState", "ModelStatus", "RepositoryListener"]
+
+log = logging.getLogger("bastion.repository")
+
+# Runtime creation is mostly native code that releases the GIL (ORT graph
+# optimisation, file reads); a few in parallel shorten startup without
+# oversubscribing the cores the server itself needs.
+_LOAD_CONCURRENCY = max(1, min(4, os.cpu_count() or 1))
+
+# Longest wait for listeners to drain an unloaded version before its runtime is closed.
+DRAIN_LIMIT_S = 60.0
+
+Stamp = tuple[Any, ...]  # stat signature of a file or directory tree; compared, never interpreted
+
+
+class ModelState(str, Enum):
+    READY = "READY"
+    LOADING = "LOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    """A loaded, ready model version.
+
+    ``config`` is the effective config: inputs, outputs and platform come from the
+    runtime (so an ONNX model whose config.yaml declares no tensors still has them).
+    """
+
+    model: str
+    version: int
+    config: ModelConfig
+    runtime: Runtime
+
+
+@dataclass
+class ModelStatus:
+    """A snapshot of one model. ``config`` is the effective config of the newest loaded
+    version, or the parsed config.yaml when nothing is loaded (None if it is invalid)."""
+
+    name: str
+    state: ModelState
+    reason: str
+    config: ModelConfig | None
+    versions: dict[int, LoadedVersion]  # loaded, ready versions
+
+
+class RepositoryListener(Protocol):
+    """Told about every version that starts or stops serving, on the event loop thread.
+
+    ``version_unloaded`` may return an awaitable (e.g. the task draining that
+    version's queue): the runtime is closed only once every such awaitable is done
+    (or after ``DRAIN_LIMIT_S``), so requests already queued still get an answer.
+    """
+
+    def version_loaded(self, loaded: LoadedVersion) -> None: ...
+
+    def version_unloaded(self, loaded: LoadedVersion) -> Awaitable[None] | None: ...
+
+
+@dataclass
+class _DiskModel:
+    """What one scan saw of a model directory."""
+
+    config_stamp: Stamp | None
+    versions: dict[int, Stamp]
+
+
+@dataclass
+class _Slot:
+    """A loaded version and what it was loaded from (to tell when it is stale)."""
+
+    loaded: LoadedVersion
+    stamp: Stamp
+    source: ModelConfig
+
+
+@dataclass
+class _Failure:
+    stamp: Stamp
+    source: ModelConfig
+    error: str
+
+
+@dataclass
+class _Entry:
+    name: str
+    wanted: bool
+    state: ModelState = ModelState.UNAVAILABLE
+    reason: str = ""
+    config: ModelConfig | None = None  # last valid parsed config.yaml
+    config_read: bool = False
+    config_stamp: Stamp | None = None
+    config_error: str | None = None
+    slots: dict[int, _Slot] = field(default_factory=dict)
+    failed: dict[int, _Failure] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class ModelRepository:
+    """Loads the models of a repository directory and keeps them in sync with it.
+
+    ``explicit=True`` is Triton's explicit model control: only models loaded with
+    ``load()`` or named in ``initial_models`` are served, the rest are listed as
+    UNAVAILABLE. The poller keeps loaded models in sync in both modes. Without
+    ``explicit``, ``initial_models`` limits what ``start()`` loads; directories that
+    appear later are loaded by the poller.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        poll_interval_s: float | None = 5.0,
+        runtime_factory: RuntimeFactory = create_runtime,
+        explicit: bool = False,
+        initial_models: list[str] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self._poll_interval_s = poll_interval_s
+        self._factory = runtime_factory
+        self._explicit = explicit
+        self._initial = None if initial_models is None else list(initial_models)
+        self._models: dict[str, _Entry] = {}
+        self._listeners: list[RepositoryListener] = []
+        self._poller: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # runtimes waiting for listeners to drain
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def add_listener(self, listener: RepositoryListener) -> None:
+        """Subscribe to version (un)loads; versions loaded already are replayed to it at once."""
+        self._listeners.append(listener)
+        for entry in self._models.values():
+            for slot in entry.slots.values():
+                _call(listener, "version_loaded", slot.loaded)
+
+    async def start(self, progress: Callable[[str, int, int], None] | None = None) -> None:
+        """Scan the root, load the models to serve, then start polling (if an interval is set).
+
+        ``progress(model, done, total)`` is called as each model finishes loading.
+        """
+        try:
+            disk = await asyncio.to_thread(_scan_root, self.root)
+        except OSError as exc:
+            raise NotFound(f"model repository {self.root} cannot be read: {exc}") from None
+        if self._initial is not None:
+            unknown = sorted(set(self._initial) - set(disk))
+            if unknown:
+                raise NotFound(f"initial model(s) {', '.join(unknown)} not found in repository {self.root}")
+        for name in sorted(disk):
+            if name not in self._models:
+                wanted = name in self._initial if self._initial is not None else not self._explicit
+                self._models[name] = _new_entry(name, wanted)
+        todo = [e for e in self._models.values() if e.wanted and e.name in disk]
+        done = 0
+        gate = asyncio.Semaphore(_LOAD_CONCURRENCY)
+
+        async def load_one(entry: _Entry) -> None:
+            nonlocal done
+            async with gate:
+                await self._sync(entry, disk[entry.name], force=False)
+            done += 1
+            if progress is not None:
+                try:
+                    progress(entry.name, done, len(todo))
+                except Exception:
+                    log.exception("progress callback failed")
+
+        await asyncio.gather(*(load_one(e) for e in todo))
+        log.info(
+            "model repository loaded",
+            extra={"root": str(self.root), "models": len(self._models), "ready": self._ready_count()},
+        )
+        if self._poll_interval_s and self._poller is None:
+            self._poller = asyncio.create_task(self._poll_forever(self._poll_interval_s), name="bastion-repo-poll")
+
+    async def stop(self) -> None:
+        """Stop polling and unload everything (listeners are told, runtimes closed)."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        for entry in list(self._models.values()):
+            async with entry.lock:
+                self._retire(entry, list(entry.slots))
+                entry.state, entry.reason = ModelState.UNAVAILABLE, "repository stopped"
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    # ------------------------------------------------------------------- control
+
+    async def poll_once(self) -> None:
+        """Bring the served state in line with the disk: new, changed and removed models/versions."""
+        try:
+            disk = await asyncio.to_thread(_scan_root, self.root)
+        except OSError as exc:
+            log.error("cannot scan model repository; keeping current models", extra={"error": str(exc)})
+            return
+        for name in [n for n in self._models if n not in disk]:
+            await self._remove(name)
+        for name in sorted(disk):
+            if name not in self._models:
+                self._models[name] = _new_entry(name, wanted=not self._explicit)
+        for name in sorted(disk):
+            entry = self._models[name]
+            if entry.wanted:
+                await self._sync(entry, disk[name], force=False)
+
+    async def load(self, name: str) -> ModelStatus:
+        """Load, or reload from disk, one model; it is served (and polled) from now on."""
+        snapshot = await asyncio.to_thread(_scan_model, self.root / name) if _plain_name(name) else None
+        if snapshot is None:
+            if name in self._models:
+                await self._remove(name)
+            raise NotFound(f"model {name!r} not found in repository {self.root}")
+        entry = self._models.setdefault(name, _new_entry(name, wanted=True))
+        entry.wanted = True
+        await self._sync(entry, snapshot, force=True)
+        return self.get(name)
+
+    async def unload(self, name: str) -> None:
+        """Unload every version of ``name``; it stays unloaded until ``load(name)``."""
+        entry = self._entry(name)
+        async with entry.lock:
+            entry.wanted = False
+            self._retire(entry, list(entry.slots))
+            entry.failed.clear()
+            entry.config_read = False
+            entry.state, entry.reason = ModelState.UNAVAILABLE, "unloaded"
+        log.info("model unloaded", extra={"model": name})
+
+    def get(self, name: str) -> ModelStatus:
+        return _status(self._entry(name))
+
+    def index(self) -> list[ModelStatus]:
+        return [_status(self._models[n]) for n in sorted(self._models)]
+
+    # ------------------------------------------------------------------ internals
+
+    def _entry(self, name: str) -> _Entry:
+        entry = self._models.get(name)
+        if entry is None:
+            raise NotFound(f"unknown model {name!r}")
+        return entry
+
+    def _ready_count(self) -> int:
+        return sum(1 for e in self._models.values() if e.state is ModelState.READY)
+
+    async def _poll_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.poll_once()
+            except Exception:  # the poller must outlive any one bad scan
+                log.exception("model repository poll failed")
+
+    async def _remove(self, name: str) -> None:
+        entry = self._models.get(name)
+        if entry is None:
+            return
+        async with entry.lock:
+            self._retire(entry, list(entry.slots))
+        if self._models.get(name) is entry:
+            del self._models[name]
+        log.info("model directory removed; model unloaded", extra={"model": name})
+
+    async def _sync(self, entry: _Entry, disk: _DiskModel, *, force: bool) -> None:
+        """Sync one model, keeping any failure inside it: other models keep serving."""
+        async with entry.lock:
+            if not entry.wanted:  # unloaded while this sync waited for the lock
+                return
+            try:
+                await self._sync_locked(entry, disk, force=force)
+            except Exception as exc:
+                log.exception("model sync failed", extra={"model": entry.name})
+                entry.reason = f"internal error while loading: {exc!r}"
+                entry.state = ModelState.READY if entry.slots else ModelState.FAILED
+
+    async def _sync_locked(self, entry: _Entry, disk: _DiskModel, *, force: bool) -> None:
+        name = entry.name
+        if force or not entry.config_read or disk.config_stamp != entry.config_stamp:
+            entry.config_read, entry.config_stamp = True, disk.config_stamp
+            try:
+                entry.config = await asyncio.to_thread(load_model_config, self.root / name)
+                entry.config_error = None
+            except ConfigError as exc:
+                entry.config_error = str(exc)
+                log.error("invalid model config", extra={"model": name, "error": entry.config_error})
+        if entry.config_error is not None:
+            if entry.slots:
+                entry.state = ModelState.READY
+                entry.reason = (
+                    f"{entry.config_error}; still serving version(s) {_versions(entry.slots)} with the previous config"
+                )
+            else:
+                entry.state, entry.reason = ModelState.FAILED, entry.config_error
+            return
+        config = entry.config
+        assert config is not None  # read successfully above, now or earlier
+
+        wanted = _select(config.version_policy, disk.versions)
+        to_load = [v for v in wanted if force or self._stale(entry, v, disk.versions[v], config)]
+        if to_load and not entry.slots:
+            entry.state, entry.reason = ModelState.LOADING, ""
+
+        loaded: dict[int, Runtime] = {}
+        for version in to_load:
+            try:
+                loaded[version] = await asyncio.to_thread(self._factory, config, self.root / name / str(version))
+                entry.failed.pop(version, None)
+            except Exception as exc:  # any runtime's failure is this version's, not the server's
+                error = str(exc) or repr(exc)
+                entry.failed[version] = _Failure(disk.versions[version], config, error)
+                log.error("model version failed to load", extra={"model": name, "version": version, "error": error})
+
+        for version, runtime in sorted(loaded.items()):
+            new = LoadedVersion(name, version, _effective(config, runtime), runtime)
+            old = entry.slots.get(version)
+            entry.slots[version] = _Slot(new, disk.versions[version], config)
+            drains = self._notify_unloaded(old.loaded) if old is not None else []
+            for listener in list(self._listeners):
+                _call(listener, "version_loaded", new)
+            if old is not None:
+                self._close_after(old.loaded, drains)
+            log.info("model version loaded", extra={"model": name, "version": version, "reload": old is not None})
+
+        if any(v in entry.slots for v in wanted):
+            retire = [v for v in entry.slots if v not in wanted]
+            fallback: list[int] = []
+        else:
+            # Nothing the policy selects could be loaded: keep what still exists on disk.
+            retire = [v for v in entry.slots if v not in disk.versions]
+            fallback = [v for v in entry.slots if v in disk.versions]
+        self._retire(entry, retire)
+        entry.failed = {v: f for v, f in entry.failed.items() if v in disk.versions}
+        entry.state = ModelState.READY if entry.slots else ModelState.FAILED
+        entry.reason = _reason(entry, config, wanted, disk, fallback)
+
+    @staticmethod
+    def _stale(entry: _Entry, version: int, stamp: Stamp, config: ModelConfig) -> bool:
+        slot = entry.slots.get(version)
+        if slot is not None and slot.stamp == stamp and slot.source == config:
+            return False
+        failure = entry.failed.get(version)
+        # An unchanged failure would fail again: wait for the files or config to change.
+        return not (failure is not None and failure.stamp == stamp and failure.source == config)
+
+    def _retire(self, entry: _Entry, versions: Iterable[int]) -> None:
+        for version in sorted(versions):
+            slot = entry.slots.pop(version)
+            self._close_after(slot.loaded, self._notify_unloaded(slot.loaded))
+            log.info("model version unloaded", extra={"model": entry.name, "version": version})
+
+    def _notify_unloaded(self, loaded: LoadedVersion) -> list[Awaitable[Any]]:
+        """Tell every listener; collect what they ask the close to wait for."""
+        drains = []
+        for listener in list(self._listeners):
+            result = _call(listener, "version_unloaded", loaded)
+            if inspect.isawaitable(result):
+                drains.append(result)
+        return drains
+
+    def _close_after(self, loaded: LoadedVersion, drains: list[Awaitable[Any]]) -> None:
+        if not drains:
+            _close(loaded)
+            return
+        task = asyncio.get_running_loop().create_task(_close_when_drained(loaded, drains))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _new_entry(name: str, wanted: bool) -> _Entry:
+    entry = _Entry(name, wanted)
+    if not wanted:
+        entry.reason = "not loaded (explicit model control); load it to serve it"
+    return entry
+
+
+def _call(listener: RepositoryListener, event: str, loaded: LoadedVersion) -> Any:
+    try:
+        return getattr(listener, event)(loaded)
+    except Exception:  # one broken listener must not stop the others or the repository
+        log.exception("repository listener failed", extra={"model": loaded.model, "version": loaded.version})
+        return None
+
+
+async def _close_when_drained(loaded: LoadedVersion, drains: list[Awaitable[Any]]) -> None:
+    # asyncio.wait, not wait_for(gather): a timeout must not cancel the listeners' own tasks.
+    futures = [asyncio.ensure_future(d) for d in drains]
+    _, pending = await asyncio.wait(futures, timeout=DRAIN_LIMIT_S)
+    if pending:
+        log.warning(
+            "closing a model version that listeners have not drained",
+            extra={"model": loaded.model, "version": loaded.version, "limit_s": DRAIN_LIMIT_S},
+        )
+    _close(loaded)
+
+
+def _close(loaded: LoadedVersion) -> None:
+    try:
+        loaded.runtime.close()
+    except Exception:
+        log.exception("runtime close failed", extra={"model": loaded.model, "version": loaded.version})
+
+
+def _effective(config: ModelConfig, runtime: Runtime) -> ModelConfig:
+    return dataclasses.replace(
+        config, inputs=tuple(runtime.inputs), outputs=tuple(runtime.outputs), platform=runtime.platform
+    )
+
+
+def _status(entry: _Entry) -> ModelStatus:
+    versions = {v: s.loaded for v, s in sorted(entry.slots.items())}
+    config = versions[max(versions)].config if versions else entry.config
+    return ModelStatus(entry.name, entry.state, entry.reason, config, versions)
+
+
+def _select(policy: VersionPolicy, on_disk: dict[int, Stamp]) -> list[int]:
+    versions = sorted(on_disk)
+    if policy.kind == "all":
+        return versions
+    if policy.kind == "specific":
+        return [v for v in versions if v in policy.versions]
+    return versions[-policy.num_versions :]
+
+
+def _reason(entry: _Entry, config: ModelConfig, wanted: list[int], disk: _DiskModel, fallback: list[int]) -> str:
+    parts: list[str] = []
+    if not disk.versions:
+        parts.append(f"no version directories (positive integers such as 1/) in {entry.name}/")
+    elif not wanted:
+        parts.append(f"no version on disk ({_versions(disk.versions)}) matches the version policy")
+    if config.version_policy.kind == "specific":
+        missing = [v for v in config.version_policy.versions if v not in disk.versions]
+        if missing:
+            parts.append(f"version(s) {_versions(missing)} of version_policy.specific not on disk")
+    for version in wanted:
+        failure = entry.failed.get(version)
+        if failure is None:
+            continue
+        if version in entry.slots:
+            parts.append(f"version {version} failed to reload, still serving the previous one: {failure.error}")
+        else:
+            parts.append(f"version {version} failed to load: {failure.error}")
+    if fallback:
+        parts.append(f"serving older version(s) {_versions(fallback)} because none selected by the policy loaded")
+    return "; ".join(parts)
+
+
+def _versions(versions: Iterable[int]) -> str:
+    return ", ".join(str(v) for v in sorted(versions))
+
+
+def _plain_name(name: str) -> bool:
+    """A model name that is one directory inside the root (no path tricks)."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
+
+
+# Disk scans run in worker threads: stat only, nothing is read.
+
+
+def _scan_root(root: Path) -> dict[str, _DiskModel]:
+    models: dict[str, _DiskModel] = {}
+    with os.scandir(root) as it:
+        for item in it:
+            if item.name.startswith(".") or not item.is_dir():
+                continue
+            snapshot = _scan_model(Path(item.path))
+            if snapshot is not None:
+                models[item.name] = snapshot
+    return models
+
+
+def _scan_model(model_dir: Path) -> _DiskModel | None:
+    try:
+        items = list(os.scandir(model_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    versions: dict[int, Stamp] = {}
+    for item in items:
+        if item.name.isdigit() and not item.name.startswith("0") and item.is_dir():
+            versions[int(item.name)] = _tree_stamp(item.path)
+    return _DiskModel(_file_stamp(model_dir / CONFIG_FILE), versions)
+
+
+def _file_stamp(path: Path | str) -> Stamp | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _tree_stamp(path: str) -> Stamp:
+    """Name, size and mtime of every file under a version directory, hidden files aside
+    (temporary files of atomic writes must not trigger reloads)."""
+    entries: list[tuple[Any, ...]] = []
+    stack = [path]
+    while stack:
+        current = stack.pop()
+        try:
+            items = list(os.scandir(current))
+        except OSError:
+            continue
+        for item in items:
+            if item.name.startswith("."):
+                continue
+            if item.is_dir():
+                stack.append(item.path)
+                continue
+            try:
+                st = item.stat()
+            except OSError:  # deleted between listing and stat
+                continue
+            entries.append((os.path.relpath(item.path, path), st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(entries))

@@ -1,0 +1,306 @@
+"""The Open Inference Protocol over gRPC (grpc.aio): servicer and server factory.
+
+Thin by design: each method decodes the message (``bastion.protocol.v2_grpc``),
+calls the data plane, and encodes the answer. Every rule -- auth, limits, zoo
+choice, audit -- lives below, in the data plane. Errors are values: a
+``BastionError`` becomes the gRPC status its class names, anything else is a bug
+in Bastion and becomes INTERNAL with a generic message (the traceback goes to the
+``bastion.grpc`` log, never to the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, Protocol, TypeVar
+
+import grpc
+import grpc.aio
+from google.protobuf.message import DecodeError, Message
+
+from bastion.core.errors import BastionError
+from bastion.core.metadata import ModelMetadata
+from bastion.core.tensors import InferenceRequest, InferenceResponse
+from bastion.protocol import v2_grpc
+from bastion.protocol.grpc_v2 import grpc_service_pb2 as pb2
+from bastion.protocol.grpc_v2 import grpc_service_pb2_grpc as pb2_grpc
+
+__all__ = [
+    "DataPlaneAPI",
+    "GrpcInferenceServicer",
+    "add_servicer_to_server",
+    "create_grpc_server",
+    "grpc_server_port",
+]
+
+logger = logging.getLogger("bastion.grpc")
+
+T = TypeVar("T")
+
+# Shown to clients for unexpected exceptions: details of a bug are for the operator's log.
+INTERNAL_ERROR_MESSAGE = "internal server error; the server log has the details"
+
+
+class DataPlaneAPI(Protocol):
+    """What the gRPC transport needs from ``bastion.dataplane.DataPlane``."""
+
+    def live(self) -> bool: ...
+
+    def ready(self) -> bool: ...
+
+    def server_metadata(self) -> dict[str, Any]: ...
+
+    def model_ready(self, name: str, version: str | None) -> bool: ...
+
+    def model_metadata(self, name: str, version: str | None) -> ModelMetadata: ...
+
+    async def infer(self, request: InferenceRequest, *, transport: str) -> InferenceResponse: ...
+
+    def repository_index(self) -> list[dict[str, Any]]: ...
+
+    async def load_model(self, name: str) -> None: ...
+
+    async def unload_model(self, name: str) -> None: ...
+
+
+def _retry_after_metadata(err: BastionError) -> tuple[tuple[str, str], ...]:
+    if err.retry_after is None:
+        return ()
+    # Whole seconds, rounded up, as HTTP's Retry-After: the same number on both transports.
+    return (("retry-after", str(max(0, math.ceil(err.retry_after)))),)
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: BastionError) -> NoReturn:
+    code = getattr(grpc.StatusCode, err.grpc_code, None)
+    if code is None:  # an error class naming a non-existent code is our bug; still answer
+        logger.error("%s names unknown gRPC code %r", type(err).__name__, err.grpc_code)
+        code = grpc.StatusCode.INTERNAL
+    await context.abort(code, err.message, _retry_after_metadata(err))
+    raise AssertionError("unreachable: context.abort raises")
+
+
+class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService`` on top of a data plane."""
+
+    def __init__(self, dataplane: DataPlaneAPI, *, max_elements: int = v2_grpc.DEFAULT_MAX_ELEMENTS) -> None:
+        self._dataplane = dataplane
+        self._max_elements = max_elements
+
+    async def _serve(
+        self, context: grpc.aio.ServicerContext, method: str, work: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Run one RPC's work and turn its failure into a gRPC status."""
+        try:
+            return await work()
+        except BastionError as err:
+            if err.grpc_code == "INTERNAL":
+                logger.error("gRPC %s failed: %s", method, err.message, exc_info=True)
+            else:
+                logger.debug("gRPC %s refused (%s): %s", method, err.grpc_code, err.message)
+            await _abort(context, err)
+        except Exception:
+            # A bug in Bastion: the traceback goes to the log, the client gets a generic message.
+            logger.exception("gRPC %s failed with an unexpected error", method)
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE)
+        raise AssertionError("unreachable: context.abort raises")
+
+    # -------------------------------------------------------------- health
+
+    async def ServerLive(
+        self, request: pb2.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.ServerLiveResponse:
+        async def work() -> pb2.ServerLiveResponse:
+            return pb2.ServerLiveResponse(live=bool(self._dataplane.live()))
+
+        return await self._serve(context, "ServerLive", work)
+
+    async def ServerReady(
+        self, request: pb2.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.ServerReadyResponse:
+        async def work() -> pb2.ServerReadyResponse:
+            return pb2.ServerReadyResponse(ready=bool(self._dataplane.ready()))
+
+        return await self._serve(context, "ServerReady", work)
+
+    async def ModelReady(
+        self, request: pb2.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.ModelReadyResponse:
+        async def work() -> pb2.ModelReadyResponse:
+            name, version = v2_grpc.decode_model_ref(request)
+            return pb2.ModelReadyResponse(ready=bool(self._dataplane.model_ready(name, version)))
+
+        return await self._serve(context, "ModelReady", work)
+
+    # ------------------------------------------------------------ metadata
+
+    async def ServerMetadata(
+        self, request: pb2.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.ServerMetadataResponse:
+        async def work() -> pb2.ServerMetadataResponse:
+            return v2_grpc.encode_server_metadata(self._dataplane.server_metadata())
+
+        return await self._serve(context, "ServerMetadata", work)
+
+    async def ModelMetadata(
+        self, request: pb2.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.ModelMetadataResponse:
+        async def work() -> pb2.ModelMetadataResponse:
+            name, version = v2_grpc.decode_model_ref(request)
+            return v2_grpc.encode_model_metadata(self._dataplane.model_metadata(name, version))
+
+        return await self._serve(context, "ModelMetadata", work)
+
+    # ----------------------------------------------------------- inference
+
+    async def ModelInfer(
+        self, request: pb2.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.ModelInferResponse:
+        async def work() -> pb2.ModelInferResponse:
+            decoded = v2_grpc.decode_infer_request(request, self._max_elements)
+            response = await self._dataplane.infer(decoded, transport="grpc")
+            if response.id is None:
+                response.id = decoded.id  # the protocol echoes the request id
+            return v2_grpc.encode_infer_response(response, raw=v2_grpc.response_uses_raw(request))
+
+        return await self._serve(context, "ModelInfer", work)
+
+    # ---------------------------------------------------- model repository
+
+    async def RepositoryIndex(
+        self, request: pb2.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.RepositoryIndexResponse:
+        async def work() -> pb2.RepositoryIndexResponse:
+            # repository_name is ignored: Bastion serves a single repository.
+            return v2_grpc.encode_repository_index(self._dataplane.repository_index(), request.ready)
+
+        return await self._serve(context, "RepositoryIndex", work)
+
+    async def RepositoryModelLoad(
+        self, request: pb2.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.RepositoryModelLoadResponse:
+        async def work() -> pb2.RepositoryModelLoadResponse:
+            await self._dataplane.load_model(v2_grpc.decode_model_load_request(request))
+            return pb2.RepositoryModelLoadResponse()
+
+        return await self._serve(context, "RepositoryModelLoad", work)
+
+    async def RepositoryModelUnload(
+        self, request: pb2.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.RepositoryModelUnloadResponse:
+        async def work() -> pb2.RepositoryModelUnloadResponse:
+            await self._dataplane.unload_model(v2_grpc.decode_model_unload_request(request))
+            return pb2.RepositoryModelUnloadResponse()
+
+        return await self._serve(context, "RepositoryModelUnload", work)
+
+
+def _parsing(
+    method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]], request_type: type[Message]
+) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
+    """Wrap a servicer method so that it receives the request's bytes and parses them itself.
+
+    With protoc's registration gRPC parses the message, and an unparsable one (corrupt
+    wire format, a string field that is not UTF-8) ends as UNKNOWN with the Python
+    exception's name in the details. A client's garbage is a client mistake: here it
+    becomes INVALID_ARGUMENT.
+    """
+    full_name = request_type.DESCRIPTOR.full_name
+
+    async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Message:
+        try:
+            request = request_type.FromString(data)
+        except DecodeError as exc:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {full_name} message: {exc}"
+            )
+            raise AssertionError("unreachable: context.abort raises") from None
+        return await method(request, context)
+
+    return handle
+
+
+def add_servicer_to_server(servicer: GrpcInferenceServicer, server: grpc.aio.Server) -> None:
+    """Register every method of ``inference.GRPCInferenceService`` (in place of protoc's
+    ``add_GRPCInferenceServiceServicer_to_server``, see ``_parsing``)."""
+    service = pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:  # all unary-unary
+        request_type = getattr(pb2, method.input_type.name)
+        response_type = getattr(pb2, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _parsing(getattr(servicer, method.name), request_type),
+            request_deserializer=None,
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    # Registered handlers skip the generic lookup per call (grpcio >= 1.62).
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _address(host: str, port: int) -> str:
+    # A bare IPv6 literal needs brackets before the port.
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def create_grpc_server(
+    dataplane: DataPlaneAPI,
+    host: str,
+    port: int,
+    *,
+    max_message_bytes: int = 64 << 20,
+    reuse_port: bool = True,
+    max_concurrent_rpcs: int | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    max_elements: int = v2_grpc.DEFAULT_MAX_ELEMENTS,
+) -> grpc.aio.Server:
+    """A grpc.aio server serving ``inference.GRPCInferenceService``, bound but not started.
+
+    Call it inside the running event loop that will serve it, then ``await server.start()``
+    and, on shutdown, ``await server.stop(grace)``.
+
+    The bound port is ``server.bastion_port`` (also ``grpc_server_port(server)``): with
+    ``port=0`` the OS picks a free one.
+
+    - ``max_message_bytes`` caps received and sent messages; gRPC itself answers a larger
+      message with RESOURCE_EXHAUSTED before any of Bastion's code runs.
+    - ``reuse_port`` sets SO_REUSEPORT so that several worker processes can bind the same
+      port and the kernel spreads connections between them.
+    - ``max_concurrent_rpcs``: RPCs beyond it are refused with RESOURCE_EXHAUSTED.
+    - ``credentials``: TLS (``grpc.ssl_server_credentials``); plaintext when None.
+    """
+    # grpc.aio binds the server to the loop running now; created without one it would
+    # bind to a loop that never runs it.
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError("create_grpc_server must be called inside a running event loop") from None
+    options = [
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
+    add_servicer_to_server(GrpcInferenceServicer(dataplane, max_elements=max_elements), server)
+    address = _address(host, port)
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # recent grpcio raises; older ones return 0
+        raise OSError(f"gRPC server cannot bind {address}: {exc}") from exc
+    if not bound:
+        raise OSError(f"gRPC server cannot bind {address}")
+    server.bastion_port = bound  # type: ignore[attr-defined]
+    return server
+
+
+def grpc_server_port(server: grpc.aio.Server) -> int:
+    """The port a server made by ``create_grpc_server`` is bound to."""
+    port: int = server.bastion_port  # type: ignore[attr-defined]
+    return port

@@ -1,0 +1,333 @@
+"""REST transport: a raw ASGI app for the V2 REST API, TF-Serving REST and /metrics.
+
+It is deliberately thin and framework-free: parse bytes → data plane → encode. A web
+framework's request objects, middleware stack and validation would each cost more than
+the model does for small models (~8 µs/row), so routing is a split of the path and the
+body is read straight off the ASGI channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from bastion.core.errors import (
+    BastionError,
+    InternalError,
+    InvalidInput,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from bastion.dataplane import DataPlane
+from bastion.protocol import tfserving, v2_rest
+
+log = logging.getLogger("bastion.rest")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+JSON_HEADERS = [(b"content-type", b"application/json")]
+_OK = b"{}"
+
+
+class _Request:
+    """The few header values the routes need, read in one pass over the ASGI headers."""
+
+    __slots__ = ("accept_encoding", "content_encoding", "content_length", "header_length")
+
+    def __init__(self, scope: Scope) -> None:
+        self.content_length: int | None = None
+        self.content_encoding = b""
+        self.accept_encoding = b""
+        self.header_length: int | None = None
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                self.content_length = _int_header(value, "Content-Length")
+            elif key == b"inference-header-content-length":
+                self.header_length = _int_header(value, "Inference-Header-Content-Length")
+            elif key == b"content-encoding":
+                self.content_encoding = value.strip().lower()
+            elif key == b"accept-encoding":
+                self.accept_encoding = value.lower()
+
+
+def _int_header(value: bytes, name: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise InvalidInput(f"header {name}: expected a non-negative integer, got {value[:40]!r}") from None
+    if n < 0:
+        raise InvalidInput(f"header {name}: expected a non-negative integer, got {n}")
+    return n
+
+
+def _decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
+    if encoding in (b"", b"identity"):
+        return body
+    if encoding == b"gzip":
+        wbits = 16 + zlib.MAX_WBITS
+    elif encoding == b"deflate":
+        wbits = zlib.MAX_WBITS  # zlib-wrapped, as HTTP's "deflate" means
+    else:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding.decode(errors='replace')!r} is not supported; use gzip, deflate or identity"
+        )
+    d = zlib.decompressobj(wbits)
+    try:
+        # bounded: a small compressed body must not expand past the request size limit
+        out = d.decompress(body, limit + 1)
+        if len(out) > limit or d.unconsumed_tail:
+            raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
+        out += d.flush()
+    except zlib.error as err:
+        raise InvalidInput(f"request body is not valid {encoding.decode()} data: {err}") from None
+    if not d.eof:
+        raise InvalidInput(f"request body is truncated {encoding.decode()} data")
+    return out
+
+
+def _pick_encoding(accept: bytes) -> bytes | None:
+    if not accept:
+        return None
+    offered = {}
+    for part in accept.split(b","):
+        token, _, params = part.strip().partition(b";")
+        q = 1.0
+        params = params.strip()
+        if params.startswith(b"q="):
+            try:
+                q = float(params[2:])
+            except ValueError:
+                q = 0.0
+        offered[token.strip()] = q
+    for enc in (b"gzip", b"deflate"):
+        if offered.get(enc, 0.0) > 0:
+            return enc
+    return None
+
+
+def _compress(body: bytes, encoding: bytes) -> bytes:
+    if encoding == b"gzip":
+        c = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    else:
+        c = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS)
+    return c.compress(body) + c.flush()
+
+
+class RestApp:
+    """The ASGI application. ``metrics_render`` returns the Prometheus exposition."""
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        *,
+        max_body_bytes: int = 64 << 20,
+        metrics_render: Callable[[], bytes] | None = None,
+    ) -> None:
+        self.dataplane = dataplane
+        self.max_body_bytes = max_body_bytes
+        self._metrics_render = metrics_render or dataplane.metrics.render
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await _lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        accept = b""
+        try:
+            req = _Request(scope)
+            accept = req.accept_encoding
+            status, headers, body = await self._route(scope, req, receive)
+        except BastionError as err:
+            status, headers, body = _error(err)
+        except Exception:
+            log.exception("unhandled error in REST transport", extra={"path": scope.get("path")})
+            status, headers, body = _error(InternalError("internal server error"))
+        if accept and len(body) > 0:
+            enc = _pick_encoding(accept)
+            if enc is not None:
+                body = _compress(body, enc)
+                headers = [*headers, (b"content-encoding", enc), (b"vary", b"accept-encoding")]
+        # an explicit length: without it uvicorn falls back to chunked encoding, which costs
+        # both sides more work per response
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _read_body(self, req: _Request, receive: Receive) -> bytes:
+        limit = self.max_body_bytes
+        if req.content_length is not None and req.content_length > limit:
+            raise PayloadTooLarge(f"request body of {req.content_length} bytes exceeds the limit of {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise InvalidInput("client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if req.content_encoding:
+            body = _decompress(body, req.content_encoding, limit)
+        return body
+
+    async def _route(self, scope: Scope, req: _Request, receive: Receive) -> tuple[int, list, bytes]:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        parts = path.strip("/").split("/")
+        head = parts[0]
+        if head == "v2":
+            return await self._v2(method, parts, req, receive)
+        if head == "v1" and len(parts) >= 3 and parts[1] == "models":
+            return await self._v1(method, parts, req, receive)
+        if path == "/metrics":
+            _expect(method, "GET")
+            return 200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")], self._metrics_render()
+        raise NotFound(f"no route for {method} {path}")
+
+    async def _v2(self, method: str, parts: list[str], req: _Request, receive: Receive) -> tuple[int, list, bytes]:
+        dp = self.dataplane
+        n = len(parts)
+        if n >= 3 and parts[1] == "models":
+            name = parts[2]
+            version: str | None = None
+            rest = parts[3:]
+            if len(rest) >= 2 and rest[0] == "versions":
+                version = rest[1]
+                rest = rest[2:]
+            if rest == ["infer"]:
+                _expect(method, "POST")
+                body = await self._read_body(req, receive)
+                request = v2_rest.decode_infer_request(body, name, version, req.header_length)
+                response = await dp.infer(request, transport="rest")
+                out, header_len = v2_rest.encode_infer_response(response, request)
+                if header_len is None:
+                    return 200, JSON_HEADERS, out
+                return (
+                    200,
+                    [
+                        (b"content-type", b"application/octet-stream"),
+                        (b"inference-header-content-length", str(header_len).encode()),
+                    ],
+                    out,
+                )
+            if not rest:
+                _expect(method, "GET")
+                return 200, JSON_HEADERS, orjson.dumps(dp.model_metadata(name, version).as_dict())
+            if rest == ["ready"]:
+                _expect(method, "GET")
+                return (200 if dp.model_ready(name, version) else 503), JSON_HEADERS, _OK
+            if rest == ["stats"]:
+                _expect(method, "GET")
+                return 200, JSON_HEADERS, orjson.dumps({"model_stats": []})
+        elif n == 1:
+            _expect(method, "GET")
+            return 200, JSON_HEADERS, orjson.dumps(dp.server_metadata())
+        elif n == 3 and parts[1] == "health":
+            _expect(method, "GET")
+            if parts[2] == "live":
+                return (200 if dp.live() else 503), JSON_HEADERS, _OK
+            if parts[2] == "ready":
+                return (200 if dp.ready() else 503), JSON_HEADERS, _OK
+        elif n >= 3 and parts[1] == "repository":
+            return await self._repository(method, parts, req, receive)
+        raise NotFound(f"no route for {method} /{'/'.join(parts)}")
+
+    async def _repository(
+        self, method: str, parts: list[str], req: _Request, receive: Receive
+    ) -> tuple[int, list, bytes]:
+        """Triton's model-repository extension, which tritonclient's load/unload call."""
+        dp = self.dataplane
+        if parts[2] == "index" and len(parts) == 3:
+            _expect(method, "POST", "GET")
+            return 200, JSON_HEADERS, orjson.dumps(dp.repository_index())
+        if len(parts) == 5 and parts[2] == "models" and parts[4] in ("load", "unload"):
+            _expect(method, "POST")
+            await self._read_body(req, receive)  # parameters (config overrides) are not supported yet
+            if parts[4] == "load":
+                await dp.load_model(parts[3])
+            else:
+                await dp.unload_model(parts[3])
+            return 200, JSON_HEADERS, _OK
+        raise NotFound(f"no route for {method} /{'/'.join(parts)}")
+
+    async def _v1(self, method: str, parts: list[str], req: _Request, receive: Receive) -> tuple[int, list, bytes]:
+        """TF-Serving REST: /v1/models/{m}[/versions/{v}][:predict]."""
+        dp = self.dataplane
+        last = parts[-1]
+        verb = ""
+        if ":" in last:
+            last, _, verb = last.partition(":")
+            parts = [*parts[:-1], last]
+        name = parts[2]
+        version: str | None = None
+        if len(parts) == 5 and parts[3] == "versions":
+            version = parts[4]
+        elif len(parts) != 3:
+            raise NotFound(f"no route for {method} /{'/'.join(parts)}")
+        if verb == "predict":
+            _expect(method, "POST")
+            body = await self._read_body(req, receive)
+            signature = dp.model_metadata(name, version)
+            request, row_format = tfserving.decode_predict_request(body, name, version, signature)
+            response = await dp.infer(request, transport="tfserving")
+            return 200, JSON_HEADERS, tfserving.encode_predict_response(response, row_format)
+        if verb:
+            raise NotFound(f"TF-Serving method ':{verb}' is not supported; use ':predict'")
+        _expect(method, "GET")
+        status = dp.repository.get(name)
+        if version:
+            states = [(version, "AVAILABLE", "")] if int_or_none(version) in status.versions else [
+                (version, "UNAVAILABLE", f"version {version} is not loaded")
+            ]
+        elif status.versions:
+            states = [(str(v), "AVAILABLE", "") for v in sorted(status.versions)]
+        else:
+            states = [("", "UNAVAILABLE" if status.state.value != "LOADING" else "LOADING", status.reason)]
+        return 200, JSON_HEADERS, tfserving.encode_model_status(states)
+
+
+def int_or_none(value: str) -> int | None:
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def _expect(method: str, *allowed: str) -> None:
+    if method not in allowed:
+        raise MethodNotAllowed(f"method {method} not allowed here; use {' or '.join(allowed)}")
+
+
+def _error(err: BastionError) -> tuple[int, list, bytes]:
+    headers = list(JSON_HEADERS)
+    if err.retry_after is not None:
+        headers.append((b"retry-after", str(max(1, round(err.retry_after))).encode()))
+    return err.http_status, headers, v2_rest.encode_error(err.message)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    # the server launcher owns startup/shutdown of the data plane; just acknowledge
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,203 @@
+"""The dynamic batcher: merging, splitting, bounds and failures.
+
+The runtime here is a real (tiny) numpy model implementing the Runtime protocol, with a
+gate so a test can hold a batch "computing" while it queues more requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from bastion.core.errors import InternalError, Overloaded
+from bastion.core.metadata import BatchingConfig, TensorSpec
+from bastion.engine.batcher import Batcher, BatchObserver
+
+
+class AffineRuntime:
+    """y = 2x + 1 row-wise; records the batch sizes it was called with."""
+
+    platform = "test_numpy"
+
+    def __init__(self, fail_on: float | None = None) -> None:
+        self.calls: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_on = fail_on
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("x", "FP32", (-1, -1)),)
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("y", "FP32", (-1, -1)),)
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.gate.wait(5)
+        x = inputs["x"]
+        self.calls.append(x.shape[0])
+        if self.fail_on is not None and (x == self.fail_on).any():
+            raise RuntimeError("boom")
+        return {"y": 2 * x + 1}
+
+    def close(self) -> None:
+        pass
+
+
+class Recorder(BatchObserver):
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int]] = []
+
+    def batch_done(self, rows: int, requests: int, queue_s: list[float], compute_s: float) -> None:
+        self.batches.append((rows, requests))
+
+
+def _x(rows: int, value: float, width: int = 4) -> dict[str, np.ndarray]:
+    return {"x": np.full((rows, width), value, np.float32)}
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def executor():  # type: ignore[no-untyped-def]
+    with ThreadPoolExecutor(2) as ex:
+        yield ex
+
+
+def test_requests_queued_while_busy_are_merged_and_split_back(executor) -> None:  # type: ignore[no-untyped-def]
+    rt = AffineRuntime()
+    rec = Recorder()
+    b = Batcher(rt, executor, max_batch_size=64, batching=BatchingConfig(), observer=rec)
+
+    async def scenario() -> list[dict[str, np.ndarray]]:
+        rt.gate.clear()
+        first = asyncio.ensure_future(b.submit(_x(1, 0.0), 1))
+        await asyncio.sleep(0.01)  # first batch is computing (held by the gate)
+        rest = [asyncio.ensure_future(b.submit(_x(r, float(i)), r)) for i, r in enumerate([1, 2, 3], start=1)]
+        await asyncio.sleep(0.01)
+        rt.gate.set()
+        return [await first, *[await f for f in rest]]
+
+    results = run(scenario())
+    assert rt.calls == [1, 6]
+    assert rec.batches == [(1, 1), (6, 3)]
+    for i, (res, rows) in enumerate(zip(results, [1, 1, 2, 3], strict=True)):
+        np.testing.assert_array_equal(res["y"], np.full((rows, 4), 2 * i + 1, np.float32))
+
+
+def test_max_batch_size_and_preferred_sizes_cut_batches(executor) -> None:  # type: ignore[no-untyped-def]
+    rt = AffineRuntime()
+    cfg = BatchingConfig(preferred_batch_sizes=(4,))
+    b = Batcher(rt, executor, max_batch_size=6, batching=cfg)
+
+    async def scenario() -> None:
+        rt.gate.clear()
+        futs = [asyncio.ensure_future(b.submit(_x(1, float(i)), 1)) for i in range(7)]
+        await asyncio.sleep(0.01)
+        rt.gate.set()
+        await asyncio.gather(*futs)
+
+    run(scenario())
+    # 1 alone (arrived to an idle batcher), then a preferred 4, then the remaining 2
+    assert rt.calls == [1, 4, 2]
+
+
+def test_incompatible_shapes_are_not_merged(executor) -> None:  # type: ignore[no-untyped-def]
+    rt = AffineRuntime()
+    b = Batcher(rt, executor, max_batch_size=64, batching=BatchingConfig())
+
+    async def scenario() -> list[dict[str, np.ndarray]]:
+        rt.gate.clear()
+        head = asyncio.ensure_future(b.submit(_x(1, 0.0), 1))
+        await asyncio.sleep(0.01)
+        futs = [
+            asyncio.ensure_future(b.submit(_x(1, 1.0, width=4), 1)),
+            asyncio.ensure_future(b.submit(_x(1, 2.0, width=8), 1)),
+            asyncio.ensure_future(b.submit(_x(1, 3.0, width=4), 1)),
+        ]
+        await asyncio.sleep(0.01)
+        rt.gate.set()
+        await head
+        return [await f for f in futs]
+
+    out = run(scenario())
+    assert sorted(rt.calls) == [1, 1, 2]
+    assert out[1]["y"].shape == (1, 8)
+    assert out[2]["y"][0, 0] == 7
+
+
+def test_queue_bound_rejects_at_once_with_retry_after(executor) -> None:  # type: ignore[no-untyped-def]
+    rt = AffineRuntime()
+    b = Batcher(rt, executor, max_batch_size=0, batching=BatchingConfig(max_queue_size=2))
+
+    async def scenario() -> None:
+        rt.gate.clear()
+        running = asyncio.ensure_future(b.submit(_x(1, 0.0), 1))
+        await asyncio.sleep(0.01)
+        queued = [asyncio.ensure_future(b.submit(_x(1, 1.0), 1)) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as err:
+            await b.submit(_x(1, 2.0), 1)
+        assert err.value.retry_after is not None and err.value.retry_after >= 1
+        rt.gate.set()
+        await asyncio.gather(running, *queued)
+        # capacity is back once the queue drained
+        await b.submit(_x(1, 3.0), 1)
+
+    run(scenario())
+    assert rt.calls == [1, 1, 1, 1]  # max_batch_size 0: never merged
+
+
+def test_queue_delay_waits_for_more_requests(executor) -> None:  # type: ignore[no-untyped-def]
+    rt = AffineRuntime()
+    b = Batcher(rt, executor, max_batch_size=8, batching=BatchingConfig(max_queue_delay_us=50_000))
+
+    async def scenario() -> None:
+        futs = []
+        for i in range(3):
+            futs.append(asyncio.ensure_future(b.submit(_x(1, float(i)), 1)))
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*futs)
+
+    run(scenario())
+    assert rt.calls == [3]
+
+
+def test_a_failing_batch_fails_its_requests_only(executor) -> None:  # type: ignore[no-untyped-def]
+    rt = AffineRuntime(fail_on=9.0)
+    b = Batcher(rt, executor, max_batch_size=8, batching=BatchingConfig())
+
+    async def scenario() -> None:
+        with pytest.raises(InternalError) as err:
+            await b.submit(_x(1, 9.0), 1)
+        assert "boom" in str(err.value)
+        ok = await b.submit(_x(2, 1.0), 2)
+        assert ok["y"].shape == (2, 4)
+
+    run(scenario())
+
+
+def test_close_drains_then_refuses(executor) -> None:  # type: ignore[no-untyped-def]
+    rt = AffineRuntime()
+    b = Batcher(rt, executor, max_batch_size=8, batching=BatchingConfig())
+
+    async def scenario() -> None:
+        rt.gate.clear()
+        fut = asyncio.ensure_future(b.submit(_x(1, 1.0), 1))
+        await asyncio.sleep(0.01)
+        closing = asyncio.ensure_future(b.close())
+        await asyncio.sleep(0.01)
+        rt.gate.set()
+        await closing
+        assert (await fut)["y"][0, 0] == 3
+        with pytest.raises(Overloaded):
+            await b.submit(_x(1, 1.0), 1)
+
+    run(scenario())
