@@ -57,9 +57,7 @@ SESSION = _session(os.environ["MINIMAL_MODEL_PATH"]) if "MINIMAL_MODEL_PATH" in 
 def infer_json(session: ort.InferenceSession, body: bytes, model_name: str = MODEL_NAME) -> bytes:
     """One V2 JSON request → one V2 JSON response, with nothing checked on the way."""
     request = orjson.loads(body)
-    feeds = {
-        t["name"]: np.asarray(t["data"], dtype=np.float32).reshape(t["shape"]) for t in request["inputs"]
-    }
+    feeds = {t["name"]: np.asarray(t["data"], dtype=np.float32).reshape(t["shape"]) for t in request["inputs"]}
     names = [o.name for o in session.get_outputs()]
     results = session.run(names, feeds)
     outputs = [

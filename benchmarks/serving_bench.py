@@ -65,9 +65,7 @@ MLSERVER_VENV = BENCH_DIR / ".venvs" / "mlserver"
 MLSERVER_RUNTIME_DIR = BENCH_DIR / "mlserver_runtime"
 RESULTS_DIR = BENCH_DIR / "results"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
-MD_START = (
-    "<!-- serving-bench:start (written by benchmarks/serving_bench.py; edits inside are overwritten) -->"
-)
+MD_START = "<!-- serving-bench:start (written by benchmarks/serving_bench.py; edits inside are overwritten) -->"
 MD_END = "<!-- serving-bench:end -->"
 MODEL = "digits"
 
@@ -372,9 +370,7 @@ end
 def wrk_script(body: Body) -> str:
     headers = {"Content-Type": body.content_type, **body.headers}
     lines = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
-    return (
-        _WRK_LUA.replace("@BODY@", str(body.path)).replace("@HEADERS@", lines).replace("@MARKER@", WRK_MARKER)
-    )
+    return _WRK_LUA.replace("@BODY@", str(body.path)).replace("@HEADERS@", lines).replace("@MARKER@", WRK_MARKER)
 
 
 def parse_wrk(text: str) -> LoadResult:
@@ -404,9 +400,7 @@ def parse_wrk(text: str) -> LoadResult:
     )
 
 
-def load_command(
-    generator: str, url: str, body: Body, duration_s: float, connections: int, scratch: Path
-) -> list[str]:
+def load_command(generator: str, url: str, body: Body, duration_s: float, connections: int, scratch: Path) -> list[str]:
     seconds = f"{max(1, round(duration_s))}s"
     if generator == "wrk":
         script = scratch / f"wrk-{body.key}.lua"
@@ -569,9 +563,7 @@ def write_mlserver_settings(
         "parameters": {"uri": str(model_file), "version": "1"},
     }
     (folder / "settings.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
-    (folder / MODEL / "model-settings.json").write_text(
-        json.dumps(model_settings, indent=2), encoding="utf-8"
-    )
+    (folder / MODEL / "model-settings.json").write_text(json.dumps(model_settings, indent=2), encoding="utf-8")
 
 
 def http(
@@ -628,17 +620,29 @@ class Server:
             return ""
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> float:
-        """Poll the model's readiness (the minimal app answers 200 to anything)."""
+        """Poll the model's readiness until every worker answers 200.
+
+        With several workers one ready answer proves little: the next connection may land
+        on a worker still loading (503). Each poll is a new connection, which the kernel
+        hands to any worker, so a streak of 200s proportional to the worker count is
+        needed. (The minimal app answers 200 to anything, and is ready once it listens.)
+        """
         start = time.monotonic()
         url = f"{self.base}/v2/models/{MODEL}/ready"
+        need, streak = 1 if self.row.workers <= 1 else 10 * self.row.workers, 0
         while time.monotonic() - start < timeout:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.row.key} exited {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(OSError):
-                if http("GET", url, timeout=1.0)[0] == 200:
-                    return time.monotonic() - start
-            time.sleep(0.2)
+            try:
+                ok = http("GET", url, timeout=1.0)[0] == 200
+            except OSError:
+                ok = False
+            streak = streak + 1 if ok else 0
+            if streak >= need:
+                return time.monotonic() - start
+            if not ok:
+                time.sleep(0.2)
         raise RuntimeError(f"{self.row.key} not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
@@ -657,12 +661,18 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def probe(server: Server, body: Body) -> dict[str, Any]:
-    """One request before the load, checked, so a wrong body fails loudly, not as 16 x N errors."""
+def probe(server: Server, body: Body, timeout: float = 60.0) -> dict[str, Any]:
+    """One request before the load, checked, so a wrong body fails loudly, not as 16 x N errors.
+
+    A 503 (a worker still loading) is retried until ``timeout``; anything else but 200 fails.
+    """
     headers = {"Content-Type": body.content_type, **body.headers}
-    status, resp_headers, payload = http(
-        "POST", server.base + infer_path(), body.path.read_bytes(), headers, 30
-    )
+    deadline = time.monotonic() + timeout
+    while True:
+        status, resp_headers, payload = http("POST", server.base + infer_path(), body.path.read_bytes(), headers, 30)
+        if status != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     if status != 200:
         raise RuntimeError(f"{server.row.key}: probe got HTTP {status}: {payload[:500]!r}")
     header_length = resp_headers.get("inference-header-content-length")
@@ -737,9 +747,7 @@ def measure_row(ctx: Context, row: Row, body: Body, args: argparse.Namespace) ->
                 run_load(args.generator, url, body, args.warmup, args.connections, ctx.scratch)
             tree_before = process_tree(server.pid)
             machine_before = MachineCpu.read()
-            load, gen_cpu, _ = run_load(
-                args.generator, url, body, args.duration, args.connections, ctx.scratch
-            )
+            load, gen_cpu, _ = run_load(args.generator, url, body, args.duration, args.connections, ctx.scratch)
             machine_after = MachineCpu.read()
             tree_after = process_tree(server.pid)
             ticks = os.sysconf("SC_CLK_TCK")
@@ -901,7 +909,8 @@ def markdown(report: dict[str, Any], results: list[RowResult], computed: list[Ra
         "",
         f"- Command: `{report['command']}`",
         f"- Machine: {env['cpu_model']}, {env['cpus']} logical CPUs, {env['memory_gib']:.0f} GiB, "
-        f"{env['kernel']}; load average before the run {env['loadavg_before']}",
+        f"{env['kernel']}; before the run: load average {env['loadavg_before']}, "
+        f"{env.get('busy_cores_before', 'n/a')} cores busy",
         f"- Versions: {versions}",
         f"- Load: {load}.",
         f"- Model: `{MODEL}` from `bastion demo --build-only` (ONNX, input FP32 [-1, 64]), the same "
@@ -1028,9 +1037,7 @@ def ensure_mlserver(version: str) -> None:
         # ("There is no current event loop", SeldonIO/MLServer#2286, fix #2285 not released).
         MLSERVER_UVLOOP_PIN,
     ]
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", *pins], check=True, timeout=INSTALL_TIMEOUT_S
-    )
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], check=True, timeout=INSTALL_TIMEOUT_S)
 
 
 def build_repository(scratch: Path) -> Path:
@@ -1050,13 +1057,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--duration", type=float, default=20.0, help="seconds of measured load per row (default 20)"
-    )
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of measured load per row (default 20)")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of unmeasured load before each row")
-    p.add_argument(
-        "--quick", action="store_true", help="5 s rows, 2 s warm-up (a smoke run, not for the record)"
-    )
+    p.add_argument("--quick", action="store_true", help="5 s rows, 2 s warm-up (a smoke run, not for the record)")
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--only", default="bastion,mlserver,minimal", help="comma-separated servers to run")
     p.add_argument(
@@ -1073,12 +1076,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--mlserver-version", default=MLSERVER_VERSION)
     p.add_argument("--no-batch", action="store_true", help="skip the batch-64 rows")
-    p.add_argument(
-        "--repeat", type=int, default=1, help="runs per row; the median-throughput run is reported"
-    )
-    p.add_argument(
-        "--repository", type=Path, help="an already built repository (default: bastion demo --build-only)"
-    )
+    p.add_argument("--repeat", type=int, default=1, help="runs per row; the median-throughput run is reported")
+    p.add_argument("--repository", type=Path, help="an already built repository (default: bastion demo --build-only)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--no-markdown", action="store_true", help="don't rewrite BENCHMARKS.md")
     args = p.parse_args(argv)
@@ -1117,10 +1116,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         bodies = write_bodies(scratch / "bodies")
         env = environment(args.generator)
-        if os.getloadavg()[0] > 0.5:
+        # Other processes on the machine show up as noise in every figure: look before starting.
+        before = MachineCpu.read()
+        time.sleep(1.0)
+        idle_busy = (MachineCpu.read().busy - before.busy) / os.sysconf("SC_CLK_TCK")
+        env["busy_cores_before"] = round(idle_busy, 2)
+        if idle_busy > 0.2:
             print(
-                f"warning: load average {env['loadavg_before']} before the run: something else is using the "
-                "CPU and will be measured as noise (see 'machine busy')",
+                f"warning: {idle_busy:.2f} cores busy before the run: something else is using the CPU "
+                "and will be measured as noise (see 'machine busy')",
                 file=sys.stderr,
             )
         rows = plan(args.servers, args.workers_list, args.mlserver_pw, not args.no_batch)
@@ -1136,9 +1140,7 @@ def main(argv: list[str] | None = None) -> int:
     computed = ratios(results)
     report = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(
-            ["python", "benchmarks/serving_bench.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": " ".join(["python", "benchmarks/serving_bench.py", *(argv if argv is not None else sys.argv[1:])]),
         "generator": args.generator,
         "connections": args.connections,
         "duration_s": args.duration,

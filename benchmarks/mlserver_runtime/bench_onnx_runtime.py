@@ -42,7 +42,6 @@ class OnnxRuntime(MLModel):
             model_name=self.name,
             model_version=self.version,
             outputs=[
-                NumpyCodec.encode_output(name, value)
-                for name, value in zip(self._output_names, results, strict=True)
+                NumpyCodec.encode_output(name, value) for name, value in zip(self._output_names, results, strict=True)
             ],
         )

@@ -269,6 +269,15 @@ def test_decode_max_elements() -> None:
         decode(huge)
 
 
+def test_numpy1_integer_range_check() -> None:
+    """NumPy 1 wraps out-of-range ints silently, so the codec checks them itself there."""
+    from bastion.protocol.v2_rest import _legacy_int_range
+
+    _legacy_int_range([[0, 255]], np.dtype(np.uint8), "input 'x'", "UINT8")
+    with pytest.raises(InvalidInput, match=r"input 'x': value out of range for UINT8 \[0, 255\]"):
+        _legacy_int_range([[0, 256]], np.dtype(np.uint8), "input 'x'", "UINT8")
+
+
 def test_array_from_json_is_usable_alone() -> None:
     arr = array_from_json([[1, 2], [3, 4]], "INT16", "input 'a'")
     assert arr.dtype == np.int16 and arr.shape == (2, 2)

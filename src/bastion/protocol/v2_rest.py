@@ -176,26 +176,23 @@ def _legacy_int_range(data: list, dtype: np.dtype, label: str, datatype: str) ->
         raise InvalidInput(f"{label}: value out of range for {datatype} {_range_text(dtype)}")
 
 
-def _narrow_floats(data: list, dtype: np.dtype, datatype: str, label: str, check_overflow: bool) -> np.ndarray:
-    """FP16/FP32 via float64, range-checked before the narrowing cast.
-
-    Casting a too-large value gives inf *and* a RuntimeWarning (an exception under ``-W error``);
-    checking the float64 array's magnitude first is exact and cheaper than an ``np.errstate``
-    block. Without ``check_overflow`` (JSON that may hold explicit Infinity) overflow becomes inf.
-    """
-    wide = np.asarray(data, dtype=np.float64)
-    if not check_overflow:
-        with np.errstate(over="ignore"):
-            return wide.astype(dtype)
-    if wide.size and np.abs(wide).max() >= _FLOAT_LIMITS[datatype]:
-        raise InvalidInput(f"{label}: value out of range for {datatype} {_range_text(dtype)}")
-    return wide.astype(dtype)
-
-
 def _numbers_to_array(data: list, dtype: np.dtype, datatype: str, label: str, check_overflow: bool) -> np.ndarray:
+    """One numpy conversion; numpy's own errors become InvalidInput.
+
+    FP16/FP32 go via float64 and a magnitude check before narrowing: casting a too-large value
+    gives inf *and* a RuntimeWarning (an exception under ``-W error``), and this check is exact
+    and cheaper than an ``np.errstate`` block. Without ``check_overflow`` (JSON that may hold
+    explicit Infinity) overflow becomes inf.
+    """
     try:
         if datatype in _FLOAT_LIMITS:
-            return _narrow_floats(data, dtype, datatype, label, check_overflow)
+            wide = np.asarray(data, dtype=np.float64)
+            if not check_overflow:
+                with np.errstate(over="ignore"):
+                    return wide.astype(dtype)
+            if wide.size and np.abs(wide).max() >= _FLOAT_LIMITS[datatype]:
+                raise InvalidInput(f"{label}: value out of range for {datatype} {_range_text(dtype)}")
+            return wide.astype(dtype)
         if not _NUMPY2 and dtype.kind in "iu":
             _legacy_int_range(data, dtype, label, datatype)
         return np.asarray(data, dtype=dtype)
@@ -317,7 +314,7 @@ def _parse_head(raw: Any, field: str, kind: str) -> _Head:
         what = f"a list of at most {_MAX_DIMS} non-negative integers"
         raise _expected(f"{field}.shape", what, shape)
     label = f"{kind} '{name}'"
-    params, binary_size = _tensor_parameters(raw, field, label)
+    params, binary_size = _tensor_parameters(raw, field, label) if "parameters" in raw else ({}, None)
     data = raw.get("data", _MISSING)
     if (binary_size is None) == (data is _MISSING):
         if data is _MISSING:

@@ -30,7 +30,9 @@ DEMO_MODELS = ("simple", "simple_string", "digits", "digits_skops")
 _SIMPLE_SHAPE = [-1, 16]
 _DIGITS_FEATURES = 64
 _DIGITS_CLASSES = 10
-_BATCHING = {"max_queue_delay_us": 500, "max_queue_size": 256}
+# no queue delay: under load the queue fills while a batch computes, so batches form on
+# their own; a delay would only add latency to a lone request
+_BATCHING = {"max_queue_delay_us": 0, "max_queue_size": 256}
 
 
 def build_demo_repository(out: Path, *, progress: Callable[[str], None] | None = None, seed: int = 0) -> list[str]:
