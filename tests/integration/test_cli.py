@@ -1,0 +1,94 @@
+"""The `bastion` command as a person and a script use it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.serverproc import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+
+def bastion(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bastion.cli.main", *args], capture_output=True, text=True,
+                          check=check, timeout=120)
+
+
+def test_models_list_json_and_table(demo_server: ServerProcess) -> None:
+    rows = json.loads(bastion("models", "list", "--url", demo_server.url, "--json").stdout)
+    states = {r["name"]: r["state"] for r in rows}
+    assert states["simple"] == "READY" and states["digits"] == "READY"
+    table = bastion("models", "list", "--url", demo_server.url).stdout
+    assert "digits" in table and "READY" in table
+
+
+def test_infer_npy_and_json(demo_server: ServerProcess, demo_repo: Path, tmp_path: Path) -> None:
+    sample = demo_repo / "digits" / "sample.npy"
+    doc = json.loads(bastion("infer", "digits", "--url", demo_server.url, "--input", str(sample), "--json").stdout)
+    outs = {o["name"]: o for o in doc["outputs"]}
+    x = np.load(sample)
+    assert outs["label"]["shape"] == [x.shape[0]]
+    assert outs["probabilities"]["datatype"] == "FP32"
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps([list(range(16))]))
+    b = tmp_path / "b.npy"
+    np.save(b, np.ones((1, 16), np.int64))  # converted to the model's INT32
+    doc = json.loads(bastion("infer", "simple", "--url", demo_server.url, "--input", f"INPUT0={a}",
+                             "--input", f"INPUT1={b}", "--json", "--no-binary").stdout)
+    outs = {o["name"]: o for o in doc["outputs"]}
+    assert outs["OUTPUT0"]["data"] == [i + 1 for i in range(16)]
+    human = bastion("infer", "simple", "--url", demo_server.url, "--input", f"INPUT0={a}", "--input",
+                    f"INPUT1={b}").stdout
+    assert "OUTPUT1" in human and "INT32" in human
+
+
+def test_infer_errors_are_readable(demo_server: ServerProcess, tmp_path: Path) -> None:
+    bad = tmp_path / "x.npy"
+    np.save(bad, np.ones((1, 3), np.float32))
+    out = bastion("infer", "digits", "--url", demo_server.url, "--input", str(bad), check=False)
+    assert out.returncode != 0
+    assert "HTTP 400" in out.stderr and "shape" in out.stderr
+    out = bastion("infer", "nope", "--url", demo_server.url, "--input", str(bad), check=False)
+    assert out.returncode != 0 and "404" in out.stderr
+
+
+def test_load_unload_commands(demo_repo: Path) -> None:
+    with ServerProcess(demo_repo, "--poll-interval", "0", "--grpc-port", "-1") as server:
+        assert "unloaded digits" in bastion("models", "unload", "digits", "--url", server.url).stdout
+        rows = json.loads(bastion("models", "list", "--url", server.url, "--json").stdout)
+        assert {r["name"]: r["state"] for r in rows}["digits"] == "UNAVAILABLE"
+        assert "loaded digits" in bastion("models", "load", "digits", "--url", server.url).stdout
+        out = bastion("models", "load", "nope", "--url", server.url, check=False)
+        assert out.returncode != 0 and "404" in out.stderr
+
+
+def test_demo_build_only(tmp_path: Path) -> None:
+    out = bastion("demo", "--build-only", "--out", str(tmp_path / "r"))
+    assert "simple" in out.stderr and "digits" in out.stderr
+    assert (tmp_path / "r" / "simple" / "config.yaml").exists()
+
+
+def test_serve_config_file_and_unknown_setting(demo_repo: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("poll_interval_s: 0\nmax_body_bytes: 2048\n")
+    with ServerProcess(demo_repo, "--config", str(cfg), "--grpc-port", "-1") as server:
+        import httpx
+
+        r = httpx.post(f"{server.url}/v2/models/simple/infer", content=b"{" + b" " * 4000 + b"}")
+        assert r.status_code == 413
+    cfg.write_text("http_prot: 9000\n")
+    out = bastion("serve", str(demo_repo), "--config", str(cfg), check=False)
+    assert out.returncode != 0 and "http_prot" in out.stderr
+
+
+def test_serve_refuses_a_taken_port(demo_server: ServerProcess, demo_repo: Path) -> None:
+    out = bastion("serve", str(demo_repo), "--http-port", str(demo_server.http_port), "--grpc-port", "-1",
+                  check=False)
+    assert out.returncode != 0
+    assert "address" in out.stderr.lower() or "in use" in out.stderr.lower()
