@@ -224,6 +224,15 @@ class DataPlane:
             outputs=served.outputs,
         )
 
+    def model_metadata_doc(self, name: str, version: str | None) -> dict[str, Any]:
+        """V2 model metadata as JSON; a model that is not serving also says why (state, reason)."""
+        doc = self.model_metadata(name, version).as_dict()
+        if not doc["versions"]:
+            status = self.repository.get(name)
+            doc["state"] = status.state.value
+            doc["reason"] = status.reason
+        return doc
+
     def repository_index(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         for status in self.repository.index():

@@ -105,8 +105,19 @@ def test_max_batch_size_and_preferred_sizes_cut_batches(executor) -> None:  # ty
         await asyncio.gather(*futs)
 
     run(scenario())
-    # 1 alone (arrived to an idle batcher), then a preferred 4, then the remaining 2
-    assert rt.calls == [1, 4, 2]
+    # all 7 arrive in one loop iteration: a preferred 4 (of at most 6), then the remaining 3
+    assert rt.calls == [4, 3]
+
+
+def test_requests_of_one_loop_iteration_share_a_batch(executor) -> None:  # type: ignore[no-untyped-def]
+    rt = AffineRuntime()
+    b = Batcher(rt, executor, max_batch_size=64, batching=BatchingConfig())
+
+    async def scenario() -> None:
+        await asyncio.gather(*(b.submit(_x(1, float(i)), 1) for i in range(10)))
+
+    run(scenario())
+    assert rt.calls == [10]
 
 
 def test_incompatible_shapes_are_not_merged(executor) -> None:  # type: ignore[no-untyped-def]

@@ -62,6 +62,8 @@ def test_versions_and_models_follow_the_disk(tmp_path: Path, demo_repo: Path) ->
         index = {m["name"]: m for m in httpx.post(f"{server.url}/v2/repository/index").json()}
         assert index["broken"]["state"] == "FAILED"
         assert index["broken"]["reason"]
+        meta = httpx.get(f"{server.url}/v2/models/broken").json()
+        assert meta["state"] == "FAILED" and meta["reason"] and meta["versions"] == []
         assert httpx.post(f"{server.url}/v2/models/broken/infer", json=SIMPLE).status_code == 503
         assert httpx.get(f"{server.url}/v2/models/broken/ready").status_code != 200
         assert httpx.post(f"{server.url}/v2/models/simple/infer", json=SIMPLE).status_code == 200

@@ -58,6 +58,8 @@ def _serve_flags(f: Any) -> Any:
         click.option("--model", "models", multiple=True,
                      help="Explicit mode: load only these models at start (repeatable)."),
         click.option("--max-body-bytes", type=int, default=64 << 20, show_default=True),
+        click.option("--http-impl", type=click.Choice(["bastion", "uvicorn"]), default="bastion", show_default=True,
+                     help="HTTP/1.1 server: Bastion's own lean one, or uvicorn."),
         click.option("--log-level", default="info", show_default=True,
                      type=click.Choice(["debug", "info", "warning", "error"])),
         click.option("--log-format", default="json", show_default=True, type=click.Choice(["json", "text"])),
@@ -76,6 +78,7 @@ _FLAG_KEYS = {
     "workers": "workers",
     "poll_interval": "poll_interval_s",
     "max_body_bytes": "max_body_bytes",
+    "http_impl": "http_impl",
     "log_level": "log_level",
     "log_format": "log_format",
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -35,6 +36,7 @@ class ServeOptions:
     poll_interval_s: float | None = 5.0  # None or 0: no hot reload
     explicit_models: list[str] | None = None  # Triton's explicit mode: only these load at start
     max_body_bytes: int = 64 << 20
+    http_impl: str = "bastion"  # "bastion" (transport/http_server.py) or "uvicorn"
     executor_threads: int = 4
     strict_readiness: bool = True
     drain_timeout_s: float = 30.0
@@ -63,9 +65,46 @@ def _http_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
-class _Server:
-    """uvicorn.Server without its own signal handling: the launcher drains gRPC and the
-    batchers too, and must exit 0 after a SIGTERM rather than re-raise the signal."""
+class _BastionHttp:
+    """The default HTTP layer: transport/http_server.py."""
+
+    def __init__(self, app: Any, opts: ServeOptions, sock: socket.socket) -> None:
+        self._app, self._opts, self._sock = app, opts, sock
+        self._server: Any = None
+
+    async def start(self) -> None:
+        from bastion.transport.http_server import HttpServer
+
+        self._server = HttpServer(self._app, max_body_bytes=self._opts.max_body_bytes)
+        await self._server.start([self._sock])
+
+    async def shutdown(self, timeout_s: float) -> None:
+        await self._server.shutdown(timeout_s)
+
+    def force_exit(self) -> None:
+        for conn in list(self._server.connections):
+            conn.transport.abort()
+
+
+class _UvicornHttp:
+    """uvicorn, without its own signal handling: the launcher drains gRPC and the batchers
+    too, and must exit 0 after a SIGTERM rather than re-raise the signal."""
+
+    def __init__(self, app: Any, opts: ServeOptions, sock: socket.socket) -> None:
+        self._server = self.make(app, opts)
+        self._sock = sock
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[self._sock]))
+
+    async def shutdown(self, timeout_s: float) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            await self._task
+
+    def force_exit(self) -> None:
+        self._server.force_exit = True
 
     @staticmethod
     def make(app: Any, opts: ServeOptions) -> Any:
@@ -122,17 +161,21 @@ async def serve_async(
             dataplane, opts.host, opts.grpc_port, max_message_bytes=opts.max_body_bytes, reuse_port=reuse_port
         )
         await grpc_server.start()
-    http = _Server.make(RestApp(dataplane, max_body_bytes=opts.max_body_bytes), opts)
-
+    app = RestApp(dataplane, max_body_bytes=opts.max_body_bytes)
     stopping = asyncio.Event()
+    if opts.http_impl == "uvicorn":
+        http = _UvicornHttp(app, opts, http_sock)
+    elif opts.http_impl == "bastion":
+        http = _BastionHttp(app, opts, http_sock)
+    else:
+        raise ValueError(f"http_impl: expected 'bastion' or 'uvicorn', got {opts.http_impl!r}")
 
     def on_signal(signum: int) -> None:
         if stopping.is_set():
-            http.force_exit = True
+            http.force_exit()
             return
         log.info("shutting down: draining in-flight requests", extra={"signal": signal.Signals(signum).name})
         stopping.set()
-        http.should_exit = True
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -145,9 +188,13 @@ async def serve_async(
         control = ControlLog(Path(opts.control_dir), dataplane)
         dataplane.control_hook = control.publish
 
-    http_task = loop.create_task(http.serve(sockets=[http_sock]))
+    await http.start()
     try:
         await dataplane.start(progress)
+        # the libraries and models loaded at start are long-lived: moving them out of the
+        # collector's view keeps full collections (pauses of several ms) off the tail latency
+        gc.collect()
+        gc.freeze()
         if control is not None:
             control.start()
         log.info(
@@ -161,16 +208,16 @@ async def serve_async(
         )
         if on_ready is not None:
             on_ready()
-        await http_task
+        await stopping.wait()
     finally:
         stopping.set()
-        http.should_exit = True
         if control is not None:
             await control.stop()
+        # both transports drain at once: stop accepting, let in-flight requests finish
+        drains = [http.shutdown(opts.drain_timeout_s)]
         if grpc_server is not None:
-            await grpc_server.stop(grace=opts.drain_timeout_s)
-        if not http_task.done():
-            await http_task
+            drains.append(grpc_server.stop(grace=opts.drain_timeout_s))
+        await asyncio.gather(*drains)
         await dataplane.stop()
         log.info("stopped")
 

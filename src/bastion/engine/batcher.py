@@ -88,6 +88,7 @@ class Batcher:
         self._queued_rows = 0
         self._running = 0
         self._delay_handle: asyncio.TimerHandle | None = None
+        self._tick_pending = False
         self._closed = False
         # exponentially weighted compute time per row, for an honest Retry-After
         self._row_cost_s = 1e-4
@@ -110,8 +111,17 @@ class Batcher:
         self._queue.append(item)
         self._queued_rows += rows
         self._observer.queue_depth(len(self._queue))
-        self._schedule(loop)
+        if not self._tick_pending:
+            # dispatch at the end of this loop iteration, not now: the requests that arrived
+            # in the same read burst are still being decoded and join the batch, so one
+            # thread hand-off serves them all
+            self._tick_pending = True
+            loop.call_soon(self._on_tick, loop)
         return await item.future
+
+    def _on_tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._tick_pending = False
+        self._schedule(loop)
 
     def _retry_after(self) -> int:
         backlog_s = self._queued_rows * self._row_cost_s / self._slots

@@ -229,7 +229,7 @@ class RestApp:
                 )
             if not rest:
                 _expect(method, "GET")
-                return 200, JSON_HEADERS, orjson.dumps(dp.model_metadata(name, version).as_dict())
+                return 200, JSON_HEADERS, orjson.dumps(dp.model_metadata_doc(name, version))
             if rest == ["ready"]:
                 _expect(method, "GET")
                 return (200 if dp.model_ready(name, version) else 503), JSON_HEADERS, _OK
