@@ -272,13 +272,13 @@ class DataPlane:
         except BastionError as err:
             status = err.http_status
             outcome = "client_error" if status < 500 else ("server_error" if status == 500 else "rejected")
-            vm.outcome[outcome].inc()
+            vm.count(outcome)
             raise
         except Exception as err:
-            vm.outcome["server_error"].inc()
+            vm.count("server_error")
             log.exception("inference failed", extra={"model": request.model_name, "version": served.version})
             raise InternalError(f"internal error while serving model '{request.model_name}'") from err
-        vm.outcome["success"].inc()
+        vm.outcomes["success"] += 1
         vm.request_latency.observe(time.perf_counter() - started)
         return response
 

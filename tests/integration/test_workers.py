@@ -40,7 +40,8 @@ def test_two_workers_serve_and_agree(demo_repo: Path) -> None:
         inp2 = grpcclient.InferInput("INPUT1", [1, 16], "INT32")
         inp2.set_data_from_numpy(np.ones((1, 16), np.int32))
         assert (grpc.infer("simple", [inp, inp2]).as_numpy("OUTPUT0") == 2).all()
-        # metrics are the sum over workers
+        # metrics are the sum over workers (each flushes its tallies once a second)
+        time.sleep(1.5)
         text = httpx.get(f"{server.url}/metrics").text
         success = sample(text, "bastion_inference_requests_total", model="simple", outcome="success")
         assert success is not None and success >= 41

@@ -189,12 +189,14 @@ async def serve_async(
         dataplane.control_hook = control.publish
 
     await http.start()
+    flusher: asyncio.Task[None] | None = None
     try:
         await dataplane.start(progress)
         # the libraries and models loaded at start are long-lived: moving them out of the
         # collector's view keeps full collections (pauses of several ms) off the tail latency
         gc.collect()
         gc.freeze()
+        flusher = loop.create_task(dataplane.metrics.flush_periodically())
         if control is not None:
             control.start()
         log.info(
@@ -211,6 +213,8 @@ async def serve_async(
         await stopping.wait()
     finally:
         stopping.set()
+        if flusher is not None:
+            flusher.cancel()
         if control is not None:
             await control.stop()
         # both transports drain at once: stop accepting, let in-flight requests finish
@@ -219,6 +223,7 @@ async def serve_async(
             drains.append(grpc_server.stop(grace=opts.drain_timeout_s))
         await asyncio.gather(*drains)
         await dataplane.stop()
+        dataplane.metrics.flush()
         log.info("stopped")
 
 

@@ -3,13 +3,18 @@
 With several worker processes, prometheus-client's multiprocess mode is used
 (``PROMETHEUS_MULTIPROC_DIR`` must be set before prometheus_client is imported; the
 server launcher does that), and ``/metrics`` on any worker reports the sum of all.
-Label children are resolved once per model version, not per request: ``labels()`` takes
-a lock and a dict lookup that would otherwise show on the hot path.
+Label children are resolved once per model version, and observations are tallied in
+plain numbers and flushed in bulk (see ``_Tally``): prometheus-client's per-call locking
+would otherwise show on the hot path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import weakref
+from bisect import bisect_left
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prom_mp
@@ -33,6 +38,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._versions: weakref.WeakSet[VersionMetrics] = weakref.WeakSet()
         r = self.registry
         self.requests = Counter(
             "bastion_inference_requests_total",
@@ -86,7 +92,21 @@ class Metrics:
     def for_version(self, model: str, version: str) -> VersionMetrics:
         return VersionMetrics(self, model, version)
 
+    def register_version(self, vm: VersionMetrics) -> None:
+        self._versions.add(vm)
+
+    def flush(self) -> None:
+        """Move tallied observations into the Prometheus metrics (event-loop thread only)."""
+        for vm in list(self._versions):
+            vm.flush()
+
+    async def flush_periodically(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.flush()
+
     def render(self) -> bytes:
+        self.flush()
         if multiprocess_enabled():
             registry = CollectorRegistry()
             prom_mp.MultiProcessCollector(registry)
@@ -94,25 +114,67 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class _Tally:
+    """A histogram's observations kept in plain Python numbers until the next flush.
+
+    prometheus-client's ``observe`` takes a lock and walks the buckets on every call;
+    on a path that costs tens of microseconds a request that shows. Here an observation
+    is a bisect and two additions on the event-loop thread, and ``flush`` adds the totals
+    to the real histogram (on every scrape, and once a second for multiprocess files).
+    """
+
+    __slots__ = ("_bounds", "_child", "counts", "total")
+
+    def __init__(self, child: Any, bounds: tuple[float, ...]) -> None:
+        self._child = child
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self._bounds, value)] += 1
+        self.total += value
+
+    def flush(self) -> None:
+        counts = self.counts
+        if not any(counts):
+            return
+        # the child's per-bucket values are the same objects observe() would increment
+        buckets = self._child._buckets
+        for i, n in enumerate(counts):
+            if n:
+                buckets[i].inc(n)
+                counts[i] = 0
+        self._child._sum.inc(self.total)
+        self.total = 0.0
+
+
 class VersionMetrics(BatchObserver):
-    """The label children of one model version, resolved once."""
+    """The metrics of one model version: label children resolved once, observations
+    tallied locally and flushed in bulk."""
 
     def __init__(self, metrics: Metrics, model: str, version: str) -> None:
-        self._metrics = metrics
         self._labels = (model, version)
-        self.outcome = {o: metrics.requests.labels(model, version, o) for o in OUTCOMES}
-        self.request_latency = metrics.request_latency.labels(model, version)
-        self._queue = metrics.queue_latency.labels(model, version)
-        self._compute = metrics.compute_latency.labels(model, version)
-        self._batch = metrics.batch_size.labels(model, version)
+        self._outcome_children = {o: metrics.requests.labels(model, version, o) for o in OUTCOMES}
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.request_latency = _Tally(metrics.request_latency.labels(model, version), LATENCY_BUCKETS)
+        self._queue = _Tally(metrics.queue_latency.labels(model, version), LATENCY_BUCKETS)
+        self._compute = _Tally(metrics.compute_latency.labels(model, version), LATENCY_BUCKETS)
+        self._batch = _Tally(metrics.batch_size.labels(model, version), tuple(float(b) for b in BATCH_BUCKETS))
         self._depth = metrics.queue_depth.labels(model, version)
         self._ready = metrics.model_ready.labels(model, version)
+        self._depth_now = 0
+        self._depth_flushed = -1
+        metrics.register_version(self)
+
+    def count(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
 
     def set_ready(self, ready: bool) -> None:
         self._ready.set(1 if ready else 0)
 
     def queue_depth(self, depth: int) -> None:
-        self._depth.set(depth)
+        self._depth_now = depth
 
     def batch_done(self, rows: int, requests: int, queue_s: list[float], compute_s: float) -> None:
         self._batch.observe(rows)
@@ -120,3 +182,14 @@ class VersionMetrics(BatchObserver):
         observe = self._queue.observe
         for q in queue_s:
             observe(q)
+
+    def flush(self) -> None:
+        for outcome, n in self.outcomes.items():
+            if n:
+                self._outcome_children[outcome].inc(n)
+                self.outcomes[outcome] = 0
+        for tally in (self.request_latency, self._queue, self._compute, self._batch):
+            tally.flush()
+        if self._depth_now != self._depth_flushed:
+            self._depth.set(self._depth_now)
+            self._depth_flushed = self._depth_now

@@ -314,7 +314,34 @@ class _HttpProtocol(asyncio.Protocol):
     # ---- request cycle ------------------------------------------------------------------------
     def _start(self, ex: _Exchange) -> None:
         self.current = ex
-        self.loop.create_task(self._run(ex))
+        if self.server.respond is not None:
+            self.loop.create_task(self._run_direct(ex))
+        else:
+            self.loop.create_task(self._run(ex))
+
+    async def _run_direct(self, ex: _Exchange) -> None:
+        """Apps with ``respond(scope, receive) -> (status, headers, body)`` skip the ASGI
+        send messages: the response is serialised here in one pass."""
+        try:
+            status, headers, body = await self.server.respond(ex.scope, ex.receive)
+        except Exception:
+            log.exception("unhandled error in app", extra={"path": ex.scope.get("path")})
+            status, headers, body = 500, [(b"content-type", b"application/json")], b'{"error":"internal server error"}'
+        if self.closed:
+            ex.response_done = True
+            return
+        out = [_status_line(status)]
+        for name, value in headers:
+            out.append(name + b": " + value + b"\r\n")
+        if not ex.keep_alive or self.shutting_down:
+            ex.keep_alive = False
+            out.append(b"connection: close\r\n")
+        out.append(b"content-length: %d\r\n\r\n" % len(body))
+        if ex.scope["method"] != "HEAD":
+            out.append(body)
+        self.transport.write(b"".join(out))
+        ex.response_done = True
+        self.exchange_finished(ex)
 
     async def _run(self, ex: _Exchange) -> None:
         try:
@@ -352,6 +379,7 @@ class HttpServer:
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int = 64 << 20, keep_alive_timeout_s: float = 30.0) -> None:
         self.app = app
+        self.respond = getattr(app, "respond", None)
         self.max_body_bytes = max_body_bytes
         self.keep_alive_timeout_s = keep_alive_timeout_s
         self.connections: set[_HttpProtocol] = set()

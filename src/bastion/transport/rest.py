@@ -143,6 +143,16 @@ class RestApp:
             await _lifespan(receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        status, headers, body = await self.respond(scope, receive)
+        # an explicit length: without it uvicorn falls back to chunked encoding, which costs
+        # both sides more work per response
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def respond(self, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """The whole response for one request. Bastion's own HTTP server calls this directly
+        (skipping the ASGI send messages); ``__call__`` wraps it for any ASGI server."""
         accept = b""
         try:
             req = _Request(scope)
@@ -153,16 +163,13 @@ class RestApp:
         except Exception:
             log.exception("unhandled error in REST transport", extra={"path": scope.get("path")})
             status, headers, body = _error(InternalError("internal server error"))
+        headers = list(headers)  # routes return shared constant lists
         if accept and len(body) > 0:
             enc = _pick_encoding(accept)
             if enc is not None:
                 body = _compress(body, enc)
-                headers = [*headers, (b"content-encoding", enc), (b"vary", b"accept-encoding")]
-        # an explicit length: without it uvicorn falls back to chunked encoding, which costs
-        # both sides more work per response
-        headers = [*headers, (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+                headers += ((b"content-encoding", enc), (b"vary", b"accept-encoding"))
+        return status, headers, body
 
     async def _read_body(self, req: _Request, receive: Receive) -> bytes:
         limit = self.max_body_bytes
