@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-# Debian tools the tests (curl) and benchmarks (hey, wrk) drive
+# Debian tools the tests (curl) and benchmarks (wrk, hey) drive
+TOOLS ?= curl
 system-deps:
-	@missing=""; for t in curl hey wrk; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "please install:$$missing (apt-get install$$missing)"; exit 1; fi; fi
@@ -31,7 +32,8 @@ lint: $(STAMP)
 test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP) system-deps
+bench: $(STAMP)
+	$(MAKE) system-deps TOOLS="curl wrk hey"
 	$(BIN)/python benchmarks/serving_bench.py
 
 clean:
