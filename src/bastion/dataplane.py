@@ -233,6 +233,22 @@ class DataPlane:
             doc["reason"] = status.reason
         return doc
 
+    def version_states(self, name: str, version: str | None) -> list[tuple[str, str, str]]:
+        """(version, state, message) rows in TF-Serving's vocabulary (AVAILABLE, LOADING, …)."""
+        status = self.repository.get(name)
+        if version:
+            try:
+                loaded = int(version) in status.versions
+            except ValueError:
+                raise InvalidInput(f"model version must be an integer, got {version!r}") from None
+            if loaded:
+                return [(version, "AVAILABLE", "")]
+            return [(version, "UNAVAILABLE", f"version {version} is not loaded")]
+        if status.versions:
+            return [(str(v), "AVAILABLE", "") for v in sorted(status.versions)]
+        state = "LOADING" if status.state is ModelState.LOADING else "UNAVAILABLE"
+        return [("", state, status.reason)]
+
     def repository_index(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         for status in self.repository.index():

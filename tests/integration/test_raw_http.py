@@ -210,6 +210,11 @@ def test_tfserving_predict_and_status(demo_server: ServerProcess) -> None:
     status = httpx.get(f"{demo_server.url}/v1/models/digits").json()
     assert status["model_version_status"][0]["state"] == "AVAILABLE"
     assert httpx.get(f"{demo_server.url}/v1/models/nope").status_code == 404
+    one = httpx.get(f"{demo_server.url}/v1/models/digits/versions/1").json()["model_version_status"]
+    assert one == [{"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]
+    seven = httpx.get(f"{demo_server.url}/v1/models/digits/versions/7").json()["model_version_status"][0]
+    assert seven["state"] == "UNAVAILABLE" and "7" in seven["status"]["error_message"]
+    assert httpx.get(f"{demo_server.url}/v1/models/digits/versions/x").status_code == 400
 
 
 def test_metrics_count_requests(demo_server: ServerProcess) -> None:

@@ -298,23 +298,7 @@ class RestApp:
         if verb:
             raise NotFound(f"TF-Serving method ':{verb}' is not supported; use ':predict'")
         _expect(method, "GET")
-        status = dp.repository.get(name)
-        if version:
-            states = [(version, "AVAILABLE", "")] if int_or_none(version) in status.versions else [
-                (version, "UNAVAILABLE", f"version {version} is not loaded")
-            ]
-        elif status.versions:
-            states = [(str(v), "AVAILABLE", "") for v in sorted(status.versions)]
-        else:
-            states = [("", "UNAVAILABLE" if status.state.value != "LOADING" else "LOADING", status.reason)]
-        return 200, JSON_HEADERS, tfserving.encode_model_status(states)
-
-
-def int_or_none(value: str) -> int | None:
-    try:
-        return int(value)
-    except ValueError:
-        return None
+        return 200, JSON_HEADERS, tfserving.encode_model_status(dp.version_states(name, version))
 
 
 def _expect(method: str, *allowed: str) -> None:
