@@ -71,8 +71,32 @@ def test_fast_path_agrees_with_full_decoder(datatype: str, shape: list[int], dat
                     {"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]},
         {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1], "data": [1.0]}]},
         {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], "id": 7},
+        {"inputs": [{"name": "x", "datatype": [], "shape": [1], "data": [1.0]}]},
+        {"inputs": [{"name": ["x"], "datatype": "FP32", "shape": [1], "data": [1.0]}]},
+        {"inputs": [{"name": "x", "datatype": {}, "shape": {}, "data": {}}]},
     ],
 )
 def test_bad_requests_get_the_full_decoders_error(doc: dict) -> None:
     fast, full = _both(doc)
     assert isinstance(fast, tuple) and fast == full
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(name=json_values | st.just("x"), datatype=json_values | st.sampled_from([*DTYPES]),
+       shape=json_values | st.just([2]), data=json_values | st.just([1, 2]), request_id=json_values)
+def test_any_field_values_never_escape_as_anything_but_the_full_decoders_answer(
+    name: object, datatype: object, shape: object, data: object, request_id: object
+) -> None:
+    doc = {"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": data}], "id": request_id}
+    fast, full = _both(doc)
+    if isinstance(full, tuple) or isinstance(fast, tuple):
+        assert fast == full
+    else:
+        np.testing.assert_array_equal(fast.inputs[0].data, full.inputs[0].data)

@@ -552,8 +552,10 @@ def _fast_request(
         if type(item) is not dict or item.keys() != _FAST_KEYS:
             return None
         name, datatype, shape, data = item["name"], item["datatype"], item["shape"], item["data"]
+        if type(datatype) is not str or type(name) is not str or not name or name in names:
+            return None
         fast = _FAST_TYPES.get(datatype)
-        if fast is None or type(name) is not str or not name or name in names or type(shape) is not list:
+        if fast is None or type(shape) is not list:
             return None
         if type(data) is not list or len(shape) > _MAX_DIMS:
             return None
