@@ -110,6 +110,7 @@ class DataPlane:
                 batching=cfg.batching,
                 instance_count=cfg.instance_count,
                 observer=vm,
+                uniform_inputs=all(-1 not in t.shape[1:] for t in inputs),
             ),
             metrics=vm,
             inputs={t.name: t for t in inputs},
@@ -343,7 +344,12 @@ class DataPlane:
                     raise InvalidInput(
                         f"input '{name}': batch size {n} differs from the other inputs' {rows}"
                     )
-            if served.check_finite and spec.datatype in FLOAT_DATATYPES and not np.isfinite(data).all():
+            if (
+                served.check_finite
+                and not tensor.finite
+                and spec.datatype in FLOAT_DATATYPES
+                and not np.isfinite(data).all()
+            ):
                 raise InvalidInput(
                     f"input '{name}' contains NaN or Inf; model '{request.model_name}' accepts finite values only"
                 )

@@ -114,3 +114,13 @@ def test_uvicorn_option_serves_the_same_api(demo_repo: Path) -> None:
         assert r.status_code == 200 and r.json()["outputs"][1]["data"][0] == -1
         assert httpx.get(f"{server.url}/v2/models/nope").status_code == 404
         assert server.stop() == 0
+
+
+def test_query_strings_and_percent_encoded_paths(demo_server: ServerProcess) -> None:
+    with _connect(demo_server) as s, s.makefile("rb") as f:
+        s.sendall(b"GET /v2/models/simple?verbose=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /v2/models/sim%70le HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET http://x/v2/models/simple HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(3):
+            status, _, body = _read_response(f)
+            assert status == 200 and orjson.loads(body)["name"] == "simple"

@@ -20,6 +20,9 @@ class InferTensor:
     shape: tuple[int, ...]
     data: np.ndarray
     parameters: dict[str, Any] = field(default_factory=dict)
+    # set by a codec that has proven every value finite (JSON numbers always are), so the
+    # data plane can skip its NaN/Inf scan
+    finite: bool = False
 
 
 @dataclass(slots=True)

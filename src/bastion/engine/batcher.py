@@ -74,7 +74,11 @@ class Batcher:
         batching: BatchingConfig,
         instance_count: int = 1,
         observer: BatchObserver | None = None,
+        uniform_inputs: bool = False,
     ) -> None:
+        """``uniform_inputs``: the caller guarantees every request has the same input names,
+        dtypes and non-batch dims (a signature without variable dims beyond the batch dim),
+        so the per-request compatibility check can be skipped."""
         self._runtime = runtime
         self._predict: Callable[[Tensors], Tensors] = runtime.predict
         self._executor = executor
@@ -84,6 +88,7 @@ class Batcher:
         self._max_queue = max(1, batching.max_queue_size)
         self._slots = max(1, instance_count)
         self._observer = observer or BatchObserver()
+        self._uniform = uniform_inputs
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
         self._running = 0
@@ -165,7 +170,7 @@ class Batcher:
                 if rows + nxt.rows > limit:
                     break
                 self._queue.popleft()
-                if _compatible(first.inputs, nxt.inputs):
+                if self._uniform or _compatible(first.inputs, nxt.inputs):
                     batch.append(nxt)
                     rows += nxt.rows
                 else:

@@ -248,8 +248,12 @@ class _HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        url = httptools.parse_url(self._url)
-        raw_path = url.path
+        raw_url = self._url
+        if b"?" in raw_url or b"%" in raw_url or not raw_url.startswith(b"/"):
+            url = httptools.parse_url(raw_url)
+            raw_path, query = url.path, url.query or b""
+        else:  # the common plain path needs no URL parser
+            raw_path, query = raw_url, b""
         path = raw_path.decode("latin-1")
         if "%" in path:
             path = unquote(path)
@@ -265,7 +269,7 @@ class _HttpProtocol(asyncio.Protocol):
             "root_path": "",
             "path": path,
             "raw_path": raw_path,
-            "query_string": url.query or b"",
+            "query_string": query,
             "headers": self._headers,
         }
         ex = _Exchange(self, scope, parser.should_keep_alive())
