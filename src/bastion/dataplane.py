@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 import bastion
-from bastion.core.datatypes import FLOAT_DATATYPES, datatype_of
+from bastion.core.datatypes import FLOAT_DATATYPES
 from bastion.core.errors import BastionError, InternalError, InvalidInput, ModelNotReady, NotFound
 from bastion.core.metadata import ModelMetadata, TensorSpec
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor
@@ -42,7 +42,7 @@ class _Served:
     metrics: VersionMetrics
     inputs: dict[str, TensorSpec]
     outputs: tuple[TensorSpec, ...]
-    output_names: frozenset[str]
+    output_types: dict[str, str]  # name → datatype, the contract the encoder casts to
     max_batch_size: int
     check_finite: bool
 
@@ -115,7 +115,7 @@ class DataPlane:
             metrics=vm,
             inputs={t.name: t for t in inputs},
             outputs=tuple(outputs),
-            output_names=frozenset(t.name for t in outputs),
+            output_types={t.name: t.datatype for t in outputs},
             max_batch_size=cfg.max_batch_size,
             check_finite=not cfg.allow_non_finite,
         )
@@ -365,21 +365,22 @@ class DataPlane:
     def _response(
         served: _Served, request: InferenceRequest, outputs: dict[str, np.ndarray]
     ) -> InferenceResponse:
+        types = served.output_types
         if request.outputs:
             names = []
             for wanted in request.outputs:
-                if wanted.name not in served.output_names:
+                if wanted.name not in types:
                     raise InvalidInput(
                         f"requested output '{wanted.name}' is not an output of model "
-                        f"'{request.model_name}'; available: {', '.join(sorted(served.output_names))}"
+                        f"'{request.model_name}'; available: {', '.join(sorted(types))}"
                     )
                 names.append(wanted.name)
         else:
-            names = [t.name for t in served.outputs]
+            names = types
         tensors = []
         for name in names:
             arr = outputs[name]
-            tensors.append(InferTensor(name, datatype_of(arr), arr.shape, arr))
+            tensors.append(InferTensor(name, types[name], arr.shape, arr))
         return InferenceResponse(
             model_name=request.model_name,
             model_version=served.version,

@@ -327,7 +327,10 @@ class _HttpProtocol(asyncio.Protocol):
         """Apps with ``respond(scope, receive) -> (status, headers, body)`` skip the ASGI
         send messages: the response is serialised here in one pass."""
         try:
-            status, headers, body = await self.server.respond(ex.scope, ex.receive)
+            chunks = ex.body
+            ex.body = []
+            whole = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            status, headers, body = await self.server.respond(ex.scope, ex.receive, whole)
         except Exception:
             log.exception("unhandled error in app", extra={"path": ex.scope.get("path")})
             status, headers, body = 500, [(b"content-type", b"application/json")], b'{"error":"internal server error"}'

@@ -40,9 +40,10 @@ _OK = b"{}"
 class _Request:
     """The few header values the routes need, read in one pass over the ASGI headers."""
 
-    __slots__ = ("accept_encoding", "content_encoding", "content_length", "header_length")
+    __slots__ = ("accept_encoding", "body", "content_encoding", "content_length", "header_length")
 
-    def __init__(self, scope: Scope) -> None:
+    def __init__(self, scope: Scope, body: bytes | None = None) -> None:
+        self.body = body
         self.content_length: int | None = None
         self.content_encoding = b""
         self.accept_encoding = b""
@@ -150,12 +151,15 @@ class RestApp:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def respond(self, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    async def respond(
+        self, scope: Scope, receive: Receive, body: bytes | None = None
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """The whole response for one request. Bastion's own HTTP server calls this directly
-        (skipping the ASGI send messages); ``__call__`` wraps it for any ASGI server."""
+        with the complete ``body`` (skipping the ASGI messages); ``__call__`` wraps it for any
+        ASGI server, and then the body is read through ``receive``."""
         accept = b""
         try:
-            req = _Request(scope)
+            req = _Request(scope, body)
             accept = req.accept_encoding
             status, headers, body = await self._route(scope, req, receive)
         except BastionError as err:
@@ -172,6 +176,9 @@ class RestApp:
         return status, headers, body
 
     async def _read_body(self, req: _Request, receive: Receive) -> bytes:
+        if req.body is not None:  # handed over whole by Bastion's HTTP server
+            body = req.body
+            return _decompress(body, req.content_encoding, self.max_body_bytes) if req.content_encoding else body
         limit = self.max_body_bytes
         if req.content_length is not None and req.content_length > limit:
             raise PayloadTooLarge(f"request body of {req.content_length} bytes exceeds the limit of {limit} bytes")
