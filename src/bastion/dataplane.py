@@ -29,7 +29,7 @@ from bastion.repository.store import LoadedVersion, ModelRepository, ModelState
 log = logging.getLogger("bastion.dataplane")
 
 SERVER_NAME = "bastion"
-EXTENSIONS = ("binary_tensor_data", "model_repository", "model_repository(unload_dependents)", "statistics")
+EXTENSIONS = ("binary_tensor_data", "model_repository")
 
 
 @dataclass(slots=True)

@@ -247,9 +247,6 @@ class RestApp:
             if rest == ["ready"]:
                 _expect(method, "GET")
                 return (200 if dp.model_ready(name, version) else 503), JSON_HEADERS, _OK
-            if rest == ["stats"]:
-                _expect(method, "GET")
-                return 200, JSON_HEADERS, orjson.dumps({"model_stats": []})
         elif n == 1:
             _expect(method, "GET")
             return 200, JSON_HEADERS, orjson.dumps(dp.server_metadata())
