@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,12 +21,18 @@ import numpy as np
 
 import bastion
 from bastion.core.datatypes import FLOAT_DATATYPES
-from bastion.core.errors import BastionError, InternalError, InvalidInput, ModelNotReady, NotFound
+from bastion.core.errors import BastionError, InternalError, InvalidInput, ModelNotReady, NotFound, Unprocessable
 from bastion.core.metadata import ModelMetadata, TensorSpec
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor
 from bastion.engine.batcher import Batcher
 from bastion.observability.metrics import Metrics, VersionMetrics
 from bastion.repository.store import LoadedVersion, ModelRepository, ModelState
+from bastion.repository.zoos import LoadedZoo
+from bastion.zoo.pareto import Point, pareto_front
+from bastion.zoo.policy import SelectionPolicy, make_policy, parse_targets
+
+# request parameters that address the zoo, not the variant
+ZOO_PARAMETERS = frozenset({"accuracy", "latency_ms"})
 
 log = logging.getLogger("bastion.dataplane")
 
@@ -48,6 +56,16 @@ class _Served:
 
 
 ControlHook = Callable[[str, str], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _ZooState:
+    """Per zoo definition: its policy and the Pareto fronts of the variant sets seen loaded."""
+
+    loaded: LoadedZoo
+    points: dict[str, Point]
+    policy: SelectionPolicy
+    fronts: dict[frozenset[str], list[Point]]
 
 
 class DataPlane:
@@ -77,6 +95,9 @@ class DataPlane:
         self._background: set[asyncio.Task[None]] = set()
         # set by a multi-worker launcher so an operator's load/unload reaches every worker
         self.control_hook: ControlHook | None = None
+        self._zoo_states: dict[str, _ZooState] = {}
+        # zoo choices are randomised from a per-process secret, so a client cannot replay them
+        self._rng = random.Random(secrets.randbits(256))
         repository.add_listener(self)
 
     # ---- lifecycle ----------------------------------------------------------------
@@ -190,6 +211,13 @@ class DataPlane:
         raise ModelNotReady(f"model '{name}' is not ready ({status.state.value}){reason}", retry_after=1)
 
     def model_ready(self, name: str, version: str | None) -> bool:
+        zoo = self.repository.zoos.get(name) if name not in self._latest else None
+        if zoo is not None:
+            try:
+                self._zoo_front(zoo)
+            except ModelNotReady:
+                return False
+            return not version
         try:
             self._resolve(name, version)
         except ModelNotReady:
@@ -202,6 +230,11 @@ class DataPlane:
         return True
 
     def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
+        zoo = self.repository.zoos.get(name) if name not in self._latest else None
+        if zoo is not None:
+            if version:
+                raise NotFound(f"'{name}' is a zoo and has no versions")
+            return self._zoo_metadata(zoo)
         try:
             served = self._resolve(name, version)
         except ModelNotReady:
@@ -228,7 +261,7 @@ class DataPlane:
     def model_metadata_doc(self, name: str, version: str | None) -> dict[str, Any]:
         """V2 model metadata as JSON; a model that is not serving also says why (state, reason)."""
         doc = self.model_metadata(name, version).as_dict()
-        if not doc["versions"]:
+        if not doc["versions"] and doc["platform"] != "bastion_zoo":
             status = self.repository.get(name)
             doc["state"] = status.state.value
             doc["reason"] = status.reason
@@ -262,6 +295,13 @@ class DataPlane:
                 rows.append(
                     {"name": status.name, "version": "", "state": status.state.value, "reason": status.reason}
                 )
+        for zoo in self.repository.zoos.all():
+            try:
+                self._zoo_front(zoo)
+                state, reason = "READY", ""
+            except ModelNotReady as err:
+                state, reason = "UNAVAILABLE", err.message
+            rows.append({"name": zoo.name, "version": "", "state": state, "reason": reason, "kind": "zoo"})
         return rows
 
     async def load_model(self, name: str) -> None:
@@ -279,6 +319,10 @@ class DataPlane:
     # ---- inference ------------------------------------------------------------------------
     async def infer(self, request: InferenceRequest, *, transport: str = "rest") -> InferenceResponse:
         """Serve one request; every failure is a BastionError with its status."""
+        if request.model_name not in self._latest:
+            zoo = self.repository.zoos.get(request.model_name)
+            if zoo is not None:
+                return await self._infer_zoo(zoo, request, transport)
         served = self._resolve(request.model_name, request.model_version)
         vm = served.metrics
         started = time.perf_counter()
@@ -298,6 +342,64 @@ class DataPlane:
         vm.outcomes["success"] += 1
         vm.request_latency.observe(time.perf_counter() - started)
         return response
+
+    # ---- zoos ---------------------------------------------------------------------------------
+    def _zoo_state(self, zoo: LoadedZoo) -> _ZooState:
+        state = self._zoo_states.get(zoo.name)
+        if state is None or state.loaded is not zoo:
+            spec, profile = zoo.spec, zoo.profile
+            assert spec is not None and profile is not None  # callers check zoo.error first
+            points = {p.name: p for p in profile.points(spec.latency_percentile) if p.name in spec.variants}
+            state = _ZooState(zoo, points, make_policy(spec.policy, spec.on_infeasible, zoo=zoo.name), {})
+            self._zoo_states[zoo.name] = state
+        return state
+
+    def _zoo_front(self, zoo: LoadedZoo) -> tuple[_ZooState, list[Point]]:
+        """The Pareto front over the variants loaded right now (an unloaded variant can
+        leave a variant it dominated on the front)."""
+        if zoo.error:
+            raise ModelNotReady(f"zoo '{zoo.name}' cannot serve: {zoo.error}", retry_after=5)
+        state = self._zoo_state(zoo)
+        loaded = frozenset(n for n in state.points if n in self._latest)
+        if not loaded:
+            raise ModelNotReady(f"no variant of zoo '{zoo.name}' is loaded", retry_after=1)
+        front = state.fronts.get(loaded)
+        if front is None:
+            front = state.fronts[loaded] = pareto_front(state.points[n] for n in loaded)
+        return state, front
+
+    async def _infer_zoo(self, zoo: LoadedZoo, request: InferenceRequest, transport: str) -> InferenceResponse:
+        if request.model_version:
+            raise InvalidInput(f"'{zoo.name}' is a zoo and has no versions; call /v2/models/{zoo.name}/infer")
+        state, front = self._zoo_front(zoo)
+        targets = parse_targets(request.parameters)
+        waits = {p.name: self._latest[p.name].batcher.estimated_wait_ms() for p in front}
+        try:
+            choice = state.policy.choose(front, targets, waits, self._rng)
+        except Unprocessable:
+            self.metrics.zoo_selection(zoo.name, "none", feasible=False)
+            raise
+        self.metrics.zoo_selection(zoo.name, choice.variant, choice.feasible)
+        params = {k: v for k, v in request.parameters.items() if k not in ZOO_PARAMETERS}
+        variant_request = InferenceRequest(
+            choice.variant, None, request.inputs, request.id, request.outputs, params
+        )
+        response = await self.infer(variant_request, transport=transport)
+        # the abstraction holds: the answer names the zoo, never the variant or its version
+        response.model_name = zoo.name
+        response.model_version = None
+        if zoo.spec is not None and zoo.spec.expose_variant:
+            response.parameters = {**response.parameters, "variant": choice.variant, "selection": choice.reason}
+        return response
+
+    def _zoo_metadata(self, zoo: LoadedZoo) -> ModelMetadata:
+        """A zoo's signature is its variants' (they must share one); no versions."""
+        _, front = self._zoo_front(zoo)
+        first = self._latest[front[0].name]
+        return ModelMetadata(
+            name=zoo.name, versions=(), platform="bastion_zoo",
+            inputs=tuple(first.inputs.values()), outputs=first.outputs,
+        )
 
     @staticmethod
     def _validate(served: _Served, request: InferenceRequest) -> tuple[dict[str, np.ndarray], int]:

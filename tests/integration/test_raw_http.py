@@ -207,6 +207,11 @@ def test_tfserving_predict_and_status(demo_server: ServerProcess) -> None:
     assert r.status_code == 200, r.text
     outs = r.json()["outputs"]
     assert len(outs["probabilities"][0]) == 10
+    # row format with a 1-D INT64 output (ONNX Runtime returns numpy.longlong rows)
+    r = _post(demo_server, "/v1/models/digits:predict", {"instances": [[0.5] * 64, [0.0] * 64]})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == 2 and isinstance(preds[0]["label"], int) and len(preds[0]["probabilities"]) == 10
     status = httpx.get(f"{demo_server.url}/v1/models/digits").json()
     assert status["model_version_status"][0]["state"] == "AVAILABLE"
     assert httpx.get(f"{demo_server.url}/v1/models/nope").status_code == 404

@@ -299,3 +299,16 @@ def test_property_values_round_trip(arr: np.ndarray, row: bool) -> None:
     assert row_format is row
     np.testing.assert_array_equal(arrays(req)["x"], arr)
     assert arrays(req)["x"].dtype == np.float32
+
+
+def test_row_format_with_longlong_outputs() -> None:
+    """ONNX Runtime returns INT64 outputs as numpy.longlong, whose scalars orjson refuses."""
+    from bastion.core.tensors import InferenceResponse, InferTensor
+    from bastion.protocol import tfserving as tfs
+
+    labels = np.array([3, 7], dtype=np.longlong)
+    probs = np.zeros((2, 2), dtype=np.float32)
+    response = InferenceResponse("m", "1", [InferTensor("label", "INT64", (2,), labels),
+                                            InferTensor("p", "FP32", (2, 2), probs)])
+    doc = orjson.loads(tfs.encode_predict_response(response, row_format=True))
+    assert doc == {"predictions": [{"label": 3, "p": [0.0, 0.0]}, {"label": 7, "p": [0.0, 0.0]}]}

@@ -169,6 +169,93 @@ def demo(ctx: click.Context, out: str, build_only: bool, seed: int, **_: Any) ->
     sys.exit(_serve_with_progress(opts))
 
 
+@cli.command()
+@click.argument("repository", type=click.Path(exists=True, file_okay=False))
+@click.option("--zoo", "zoo", required=True, help="The zoo to measure.")
+@click.option("--iterations", type=int, default=200, show_default=True, help="Timed calls per latency figure.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+def profile(repository: str, zoo: str, iterations: int, as_json: bool) -> None:
+    """Measure a zoo's variants (quality on its evaluation set, latency) into profile.json."""
+    from bastion.cli.profile import profile_zoo
+    from bastion.core.errors import BastionError
+
+    bar = _progress_bar()
+    task = bar.add_task("profiling", total=None)
+
+    def progress(name: str, done: int, total: int) -> None:
+        bar.update(task, description=f"profiling {name}", completed=done, total=total)
+
+    try:
+        with bar:
+            result = profile_zoo(Path(repository), zoo, iterations=iterations, progress=progress)
+    except BastionError as err:
+        raise click.ClickException(str(err)) from None
+    if as_json:
+        from bastion.zoo.profiles import profile_to_dict
+
+        click.echo(_dumps(profile_to_dict(result)))
+        return
+    _print_zoo(repository, zoo)
+
+
+def _print_zoo(repository: str, zoo: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bastion.repository.zoos import load_zoo
+    from bastion.zoo.pareto import dominated_by, pareto_front
+
+    loaded = load_zoo(Path(repository) / zoo)
+    if loaded.spec is None or loaded.profile is None:
+        raise click.ClickException(loaded.error)
+    spec, prof = loaded.spec, loaded.profile
+    points = prof.points(spec.latency_percentile)
+    front = {p.name for p in pareto_front(points)}
+    table = Table("variant", spec.metric, f"latency {spec.latency_percentile} ms (batch 1)", "Pareto front",
+                  title=f"zoo {zoo}: {spec.task}, policy {spec.policy}, on infeasible {spec.on_infeasible}")
+    for p in sorted(points, key=lambda p: p.latency_ms):
+        mark = "[green]yes[/]" if p.name in front else "no (dominated by " + ", ".join(dominated_by(p, points)) + ")"
+        table.add_row(p.name, f"{p.quality:.4f}", f"{p.latency_ms:.3f}", mark)
+    console = Console()
+    console.print(table)
+    console.print(f"measured {prof.measured_at} on {prof.machine}")
+
+
+@cli.group()
+def zoo() -> None:
+    """Inspect model zoos."""
+
+
+@zoo.command("show")
+@click.argument("name")
+@click.option("--repository", type=click.Path(exists=True, file_okay=False), required=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def zoo_show(name: str, repository: str, as_json: bool) -> None:
+    """Show a zoo's variants, their measured profile and the Pareto front."""
+    if not as_json:
+        _print_zoo(repository, name)
+        return
+    from bastion.repository.zoos import load_zoo
+    from bastion.zoo.pareto import pareto_front
+
+    loaded = load_zoo(Path(repository) / name)
+    if loaded.spec is None or loaded.profile is None:
+        raise click.ClickException(loaded.error)
+    points = loaded.profile.points(loaded.spec.latency_percentile)
+    front = {p.name for p in pareto_front(points)}
+    click.echo(_dumps({
+        "zoo": name,
+        "task": loaded.spec.task,
+        "metric": loaded.spec.metric,
+        "variants": [
+            {"variant": p.name, "quality": p.quality, "latency_ms": p.latency_ms, "pareto": p.name in front}
+            for p in points
+        ],
+        "measured_at": loaded.profile.measured_at,
+        "machine": loaded.profile.machine,
+    }))
+
+
 @cli.group()
 def models() -> None:
     """List, load and unload models on a running server."""

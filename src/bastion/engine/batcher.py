@@ -93,6 +93,7 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
         self._running = 0
+        self._running_rows = 0
         self._delay_handle: asyncio.TimerHandle | None = None
         self._tick_pending = False
         self._closed = False
@@ -128,6 +129,12 @@ class Batcher:
     def _on_tick(self, loop: asyncio.AbstractEventLoop) -> None:
         self._tick_pending = False
         self._schedule(loop)
+
+    def estimated_wait_ms(self) -> float:
+        """How long a request arriving now would wait before its batch starts: the queued
+        and running rows at the recently measured cost per row (zoo selection uses it to
+        keep a busy variant out of a tight latency target)."""
+        return (self._queued_rows + self._running_rows) * self._row_cost_s * 1000.0 / self._slots
 
     def _retry_after(self) -> int:
         backlog_s = self._queued_rows * self._row_cost_s / self._slots
@@ -187,6 +194,7 @@ class Batcher:
             self._delay_handle = None
         batch = self._take_batch()
         self._running += 1
+        self._running_rows += sum(p.rows for p in batch)
         self._observer.queue_depth(len(self._queue))
         started = time.perf_counter()
         if len(batch) == 1:
@@ -217,6 +225,7 @@ class Batcher:
         done = time.perf_counter()
         compute_s = done - started
         rows = sum(p.rows for p in batch)
+        self._running_rows -= rows
         self._row_cost_s = 0.9 * self._row_cost_s + 0.1 * (compute_s / max(rows, 1))
         if exc is None:
             try:

@@ -81,6 +81,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.zoo_selections = Counter(
+            "bastion_zoo_selections_total",
+            "Variants chosen for zoo requests; feasible=false when no variant met the targets",
+            ["zoo", "variant", "feasible"],
+            registry=r,
+        )
         self.model_ready = Gauge(
             "bastion_model_ready",
             "1 when the model version is loaded and serving",
@@ -88,6 +94,10 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+
+    def zoo_selection(self, zoo: str, variant: str, feasible: bool) -> None:
+        # zoo and variant names come from the operator's repository, never from a request
+        self.zoo_selections.labels(zoo, variant, "true" if feasible else "false").inc()
 
     def for_version(self, model: str, version: str) -> VersionMetrics:
         return VersionMetrics(self, model, version)

@@ -265,7 +265,11 @@ def _rows(outputs: list[InferTensor], values: list[Any]) -> list[dict[str, Any]]
             f"but output shapes start with {sizes}; send 'inputs' (columnar format) instead"
         )
     (n,) = batch.pop()
-    return [{t.name: v[i] for t, v in zip(outputs, values, strict=True)} for i in range(n)]
+    # a 1-D output's rows are numpy scalars, and orjson refuses some of their types (e.g.
+    # numpy.longlong from ONNX Runtime): plain Python numbers serialize everywhere
+    # (floats stay numpy: orjson writes float32 in its shortest float32 form)
+    columns = [v.tolist() if isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in "iub" else v for v in values]
+    return [{t.name: v[i] for t, v in zip(outputs, columns, strict=True)} for i in range(n)]
 
 
 def _dumps(payload: dict, finite: bool) -> bytes:

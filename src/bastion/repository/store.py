@@ -45,6 +45,7 @@ from typing import Any, Protocol
 from bastion.core.errors import NotFound
 from bastion.core.metadata import ModelConfig, VersionPolicy
 from bastion.repository.config import CONFIG_FILE, ConfigError, load_model_config
+from bastion.repository.zoos import ZOO_FILE, ZooCatalog
 from bastion.runtimes import create_runtime
 from bastion.runtimes.base import Runtime, RuntimeFactory
 
@@ -176,6 +177,7 @@ class ModelRepository:
         self._listeners: list[RepositoryListener] = []
         self._poller: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()  # runtimes waiting for listeners to drain
+        self.zoos = ZooCatalog(self.root)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -219,6 +221,7 @@ class ModelRepository:
                     log.exception("progress callback failed")
 
         await asyncio.gather(*(load_one(e) for e in todo))
+        await asyncio.to_thread(self.zoos.refresh)
         log.info(
             "model repository loaded",
             extra={"root": str(self.root), "models": len(self._models), "ready": self._ready_count()},
@@ -258,6 +261,7 @@ class ModelRepository:
             entry = self._models[name]
             if entry.wanted:
                 await self._sync(entry, disk[name], force=False)
+        await asyncio.to_thread(self.zoos.refresh)
 
     async def load(self, name: str) -> ModelStatus:
         """Load, or reload from disk, one model; it is served (and polled) from now on."""
@@ -532,6 +536,8 @@ def _scan_model(model_dir: Path) -> _DiskModel | None:
         items = list(os.scandir(model_dir))
     except (FileNotFoundError, NotADirectoryError):
         return None
+    if any(item.name == ZOO_FILE for item in items) and not any(item.name == CONFIG_FILE for item in items):
+        return None  # a zoo, not a model: bastion.repository.zoos serves it
     versions: dict[int, Stamp] = {}
     for item in items:
         if item.name.isdigit() and not item.name.startswith("0") and item.is_dir():
