@@ -33,6 +33,12 @@ from bastion.zoo.policy import SelectionPolicy, make_policy, parse_targets
 
 # request parameters that address the zoo, not the variant
 ZOO_PARAMETERS = frozenset({"accuracy", "latency_ms"})
+_OUTCOME = {
+    (False, False): "met",
+    (True, False): "missed_accuracy",
+    (False, True): "missed_latency",
+    (True, True): "missed_both",
+}
 
 log = logging.getLogger("bastion.dataplane")
 
@@ -371,6 +377,7 @@ class DataPlane:
     async def _infer_zoo(self, zoo: LoadedZoo, request: InferenceRequest, transport: str) -> InferenceResponse:
         if request.model_version:
             raise InvalidInput(f"'{zoo.name}' is a zoo and has no versions; call /v2/models/{zoo.name}/infer")
+        started = time.perf_counter()
         state, front = self._zoo_front(zoo)
         targets = parse_targets(request.parameters)
         waits = {p.name: self._latest[p.name].batcher.estimated_wait_ms() for p in front}
@@ -378,6 +385,7 @@ class DataPlane:
             choice = state.policy.choose(front, targets, waits, self._rng)
         except Unprocessable:
             self.metrics.zoo_selection(zoo.name, "none", feasible=False)
+            self.metrics.zoo_outcome(zoo.name, "rejected")
             raise
         self.metrics.zoo_selection(zoo.name, choice.variant, choice.feasible)
         params = {k: v for k, v in request.parameters.items() if k not in ZOO_PARAMETERS}
@@ -385,6 +393,12 @@ class DataPlane:
             choice.variant, None, request.inputs, request.id, request.outputs, params
         )
         response = await self.infer(variant_request, transport=transport)
+        # goodput, judged by the server: the chosen variant's measured quality against the
+        # accuracy target, and this request's own time in the server against the latency one
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        missed_accuracy = targets.accuracy is not None and state.points[choice.variant].quality < targets.accuracy
+        missed_latency = targets.latency_ms is not None and elapsed_ms > targets.latency_ms
+        self.metrics.zoo_outcome(zoo.name, _OUTCOME[missed_accuracy, missed_latency])
         # the abstraction holds: the answer names the zoo, never the variant or its version
         response.model_name = zoo.name
         response.model_version = None

@@ -140,3 +140,31 @@ def test_zoo_without_profile_is_not_ready(tmp_path: Path) -> None:
         # the variants themselves serve as ordinary models
         plain = {"inputs": _body()["inputs"]}
         assert httpx.post(f"{server.url}/v2/models/digits_mlp/infer", json=plain).status_code == 200
+
+
+def test_goodput_from_the_servers_records(zoo_server: ServerProcess, zoo_repo: Path, tmp_path: Path) -> None:
+    workload = tmp_path / "w.jsonl"
+    # 5 requests only the best variant can meet on accuracy with a generous latency, and
+    # 5 impossible ones (accuracy above every variant): goodput is at most half
+    rows = [{"accuracy": 0.975, "latency_ms": 500}] * 5 + [{"accuracy": 0.9999}] * 5
+    workload.write_text("\n".join(json.dumps(r) for r in rows))
+    out = subprocess.run([sys.executable, "-m", "bastion.cli.main", "zoo", "goodput", "digits_zoo", "--url",
+                          zoo_server.url, "--workload", str(workload), "--sample",
+                          str(zoo_repo / "digits_zoo" / "eval.npz"), "--json"],
+                         capture_output=True, text=True, check=True, timeout=120)
+    report = json.loads(out.stdout)
+    assert report["server_outcomes"]["rejected"] == 5
+    assert report["server_outcomes"]["met"] == 5
+    assert report["goodput"] == 0.5
+    assert report["client_statuses"] == {"200": 5, "422": 5}
+    out = subprocess.run([sys.executable, "-m", "bastion.cli.main", "zoo", "goodput", "digits_zoo", "--url",
+                          zoo_server.url, "--requests", "20", "--accuracy", "0.5:0.8", "--latency-ms", "100:1000"],
+                         capture_output=True, text=True, check=True, timeout=120)
+    assert "goodput 100.0%" in out.stdout
+
+
+def test_zoo_show_plot(zoo_repo: Path, tmp_path: Path) -> None:
+    png = tmp_path / "front.png"
+    subprocess.run([sys.executable, "-m", "bastion.cli.main", "zoo", "show", "digits_zoo", "--repository",
+                    str(zoo_repo), "--plot", str(png)], capture_output=True, check=True, timeout=120)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

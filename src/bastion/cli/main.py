@@ -120,6 +120,11 @@ def _serve_with_progress(opts: ServeOptions) -> int:
         bar.stop()
 
 
+def _url_option(f: Any) -> Any:
+    return click.option("--url", default=DEFAULT_URL, show_default=True, envvar="BASTION_URL",
+                        help="Server REST address.")(f)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bastion")
 def cli() -> None:
@@ -221,17 +226,57 @@ def _print_zoo(repository: str, zoo: str) -> None:
     console.print(f"measured {prof.measured_at} on {prof.machine}")
 
 
+@cli.group("scenario")
+def scenario_group() -> None:
+    """Build the reference scenario zoos."""
+
+
+@scenario_group.command("build")
+@click.argument("name", type=click.Choice(["image", "sentiment", "malware", "crypto", "all"]))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Model repository to write into.")
+@click.option("--small", is_flag=True, help="Smaller data and models: builds in about a minute.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--profile/--no-profile", "measure", default=True, show_default=True,
+              help="Measure the zoo's profile right after building it.")
+def scenario_build(name: str, out: str, small: bool, seed: int, measure: bool) -> None:
+    """Build scenario NAME (deterministic for a seed) into a model repository."""
+    from rich.console import Console
+
+    from bastion.scenarios import SCENARIOS, scenario
+
+    console = Console(stderr=True)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for item in SCENARIOS if name == "all" else (name,):
+        module = scenario(item)
+        with console.status(f"building {item}") as status:
+            names = module.build(Path(out), small=small, seed=seed, progress=lambda msg: status.update(msg))
+        console.print(f"[green]built[/] {item}: {', '.join(names)}")
+        if measure:
+            from bastion.cli.profile import profile_zoo
+
+            with console.status(f"profiling {module.ZOO}") as status:
+                profile_zoo(Path(out), module.ZOO,
+                            progress=lambda v, done, total: status.update(f"profiling {v} ({done}/{total})"))
+            _print_zoo(out, module.ZOO)
+
+
 @cli.group()
 def zoo() -> None:
-    """Inspect model zoos."""
+    """Inspect model zoos and measure their goodput."""
 
 
 @zoo.command("show")
 @click.argument("name")
 @click.option("--repository", type=click.Path(exists=True, file_okay=False), required=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def zoo_show(name: str, repository: str, as_json: bool) -> None:
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of the variants and the Pareto front.")
+def zoo_show(name: str, repository: str, as_json: bool, plot: str | None) -> None:
     """Show a zoo's variants, their measured profile and the Pareto front."""
+    if plot:
+        from bastion.cli.zoo_plot import plot_zoo
+
+        plot_zoo(Path(repository), name, Path(plot))
+        click.echo(f"wrote {plot}", err=True)
     if not as_json:
         _print_zoo(repository, name)
         return
@@ -256,14 +301,61 @@ def zoo_show(name: str, repository: str, as_json: bool) -> None:
     }))
 
 
+@zoo.command("goodput")
+@click.argument("name")
+@_url_option
+@click.option("--workload", type=click.Path(exists=True, dir_okay=False),
+              help='JSON lines of {"accuracy": a, "latency_ms": l}; default: random targets.')
+@click.option("--requests", "n", type=int, default=200, show_default=True, help="Random workload size.")
+@click.option("--accuracy", "acc_range", default="0.5:0.99", show_default=True, help="Random accuracy targets LO:HI.")
+@click.option("--latency-ms", "lat_range", default="0.05:20", show_default=True,
+              help="Random latency targets LO:HI (log-uniform).")
+@click.option("--sample", type=click.Path(exists=True, dir_okay=False),
+              help="A .npz with arrays named after the zoo's inputs to draw rows from (e.g. its eval.npz).")
+@click.option("--concurrency", type=int, default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def zoo_goodput(name: str, url: str, workload: str | None, n: int, acc_range: str, lat_range: str,
+                sample: str | None, concurrency: int, seed: int, as_json: bool) -> None:
+    """Replay targets against zoo NAME on a live server; report goodput from the server's records."""
+    import asyncio
+
+    from bastion.bench.goodput import load_workload, random_workload, run_goodput
+
+    def pair(text: str, option: str) -> tuple[float, float]:
+        try:
+            lo, hi = (float(x) for x in text.split(":"))
+        except ValueError:
+            raise click.BadParameter("expected LO:HI", param_hint=option) from None
+        return lo, hi
+
+    if workload:
+        targets = load_workload(Path(workload))
+        described = {"file": workload}
+    else:
+        acc, lat = pair(acc_range, "--accuracy"), pair(lat_range, "--latency-ms")
+        targets = random_workload(n, acc, lat, seed)
+        described = {"random": n, "accuracy": acc, "latency_ms": lat, "seed": seed}
+    try:
+        report = asyncio.run(run_goodput(url, name, targets, sample=Path(sample) if sample else None,
+                                         concurrency=concurrency, seed=seed))
+    except Exception as err:  # httpx errors, a zoo the server does not know
+        raise click.ClickException(f"goodput run failed: {err}") from None
+    report.workload = described
+    if as_json:
+        click.echo(_dumps(report.as_dict()))
+        return
+    click.echo(f"zoo {name}: goodput {report.goodput:.1%} over {sum(report.server_outcomes.values())} requests "
+               f"the server counted ({report.requests} sent in {report.seconds:.1f} s)")
+    for outcome, count in report.server_outcomes.items():
+        click.echo(f"  {outcome:16s} {count}")
+    click.echo(f"  client saw HTTP {dict(sorted(report.client_statuses.items()))}, "
+               f"latency p50 {report.client_latency_ms['p50']:.2f} ms, p99 {report.client_latency_ms['p99']:.2f} ms")
+
+
 @cli.group()
 def models() -> None:
     """List, load and unload models on a running server."""
-
-
-def _url_option(f: Any) -> Any:
-    return click.option("--url", default=DEFAULT_URL, show_default=True, envvar="BASTION_URL",
-                        help="Server REST address.")(f)
 
 
 @models.command("list")

@@ -50,6 +50,10 @@ def _inputs(runtime: Runtime, data: dict[str, np.ndarray], variant: str) -> dict
                 f"it has: {', '.join(sorted(data))}"
             )
         arr = data[spec.name]
+        if spec.datatype == "BYTES" and arr.dtype.kind == "U":
+            # .npz holds text as fixed-width unicode (object arrays would need pickle)
+            arrays[spec.name] = np.array([s.encode() for s in arr.ravel()], dtype=object).reshape(arr.shape)
+            continue
         dtype = DATATYPE_TO_NUMPY[spec.datatype]
         arrays[spec.name] = arr if arr.dtype == dtype else arr.astype(dtype)
     return arrays

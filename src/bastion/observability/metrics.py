@@ -87,6 +87,13 @@ class Metrics:
             ["zoo", "variant", "feasible"],
             registry=r,
         )
+        self.zoo_requests = Counter(
+            "bastion_zoo_requests_total",
+            "Zoo requests by whether the serving variant met the targets: met, missed_accuracy, "
+            "missed_latency, missed_both, or rejected (no variant feasible); goodput = met / all",
+            ["zoo", "outcome"],
+            registry=r,
+        )
         self.model_ready = Gauge(
             "bastion_model_ready",
             "1 when the model version is loaded and serving",
@@ -98,6 +105,9 @@ class Metrics:
     def zoo_selection(self, zoo: str, variant: str, feasible: bool) -> None:
         # zoo and variant names come from the operator's repository, never from a request
         self.zoo_selections.labels(zoo, variant, "true" if feasible else "false").inc()
+
+    def zoo_outcome(self, zoo: str, outcome: str) -> None:
+        self.zoo_requests.labels(zoo, outcome).inc()
 
     def for_version(self, model: str, version: str) -> VersionMetrics:
         return VersionMetrics(self, model, version)

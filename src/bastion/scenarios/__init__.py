@@ -1,1 +1,18 @@
-"""scenarios"""
+"""The reference workloads: a demo repository and the four scenario zoos of the
+model-serving literature (image classification, sentiment analysis, malware detection,
+crypto-price forecasting). Each scenario module has ``ZOO`` and
+``build(out, *, small=False, seed=0, progress=None) -> list[str]``."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+SCENARIOS = ("image", "sentiment", "malware", "crypto")
+
+
+def scenario(name: str) -> ModuleType:
+    """The scenario module ``name``; ValueError for unknown names."""
+    if name not in SCENARIOS:
+        raise ValueError(f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}")
+    return importlib.import_module(f"bastion.scenarios.{name}")
