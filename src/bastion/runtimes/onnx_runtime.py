@@ -65,6 +65,7 @@ PARAMETERS = (
     "execution_mode",
     "providers",
     "allow_spinning",
+    "ort_extensions",
 )
 
 try:  # ORT's pybind exception for bad feeds (wrong shape/dtype): the client's mistake, a 400
@@ -159,6 +160,16 @@ def session_options(config: ModelConfig) -> ort.SessionOptions:
         spin = param(config, "allow_spinning", True, bool)
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin else "0")
+    if param(config, "ort_extensions", False, bool):
+        # Custom ops (e.g. BertTokenizer, domain ai.onnx.contrib) that put tokenisation in the graph.
+        try:
+            import onnxruntime_extensions
+        except ImportError:
+            raise ModelLoadError(
+                f"{config.name}: parameters.ort_extensions is true but onnxruntime-extensions is not "
+                "installed: pip install onnxruntime-extensions"
+            ) from None
+        options.register_custom_ops_library(onnxruntime_extensions.get_library_path())
     return options
 
 

@@ -1,0 +1,90 @@
+"""The image scenario: scikit-learn digits, logistic regression to CNNs and a MobileNetV2-style net."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bastion.cli.profile import profile_zoo
+from bastion.repository.config import load_model_config
+from bastion.runtimes import create_runtime
+from bastion.scenarios import image
+from bastion.zoo.pareto import pareto_front
+from bastion.zoo.profiles import ZooProfile
+from bastion.zoo.spec import load_zoo_spec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("image_repo")
+    names = image.build(out, small=True, seed=0)
+    assert names == [*image.VARIANTS, image.ZOO]
+    return out
+
+
+@pytest.fixture(scope="module")
+def profile(repo: Path) -> ZooProfile:
+    return profile_zoo(repo, image.ZOO, iterations=30)
+
+
+def test_files_and_zoo_spec(repo: Path) -> None:
+    for variant in image.VARIANTS:
+        assert (repo / variant / "config.yaml").is_file()
+        assert (repo / variant / "1" / "model.onnx").is_file()
+    spec = load_zoo_spec(repo / image.ZOO)
+    assert spec.variants == image.VARIANTS
+    assert (spec.metric, spec.latency_percentile, spec.policy, spec.on_infeasible) == (
+        "accuracy",
+        "p50",
+        "uniform-feasible",
+        "reject",
+    )
+    with np.load(repo / image.ZOO / "eval.npz") as data:
+        assert sorted(data.files) == ["image", "y"]
+        x, y = data["image"], data["y"]
+    assert x.dtype == np.float32 and x.shape[1:] == (1, 8, 8) and x.min() >= 0.0 and x.max() <= 1.0
+    # a stratified 25 % of 1,797 images, every digit present
+    assert len(x) == len(y) == 450 and set(y.tolist()) == set(range(10))
+
+
+def test_variants_share_one_signature_and_match_the_trained_models(repo: Path) -> None:
+    signatures = set()
+    with np.load(repo / image.ZOO / "eval.npz") as data:
+        rows = data["image"][:16]
+    for variant in image.VARIANTS:
+        config = load_model_config(repo / variant)
+        runtime = create_runtime(config, repo / variant / "1")
+        try:
+            signatures.add(tuple((t.name, t.datatype, tuple(t.shape)) for t in runtime.inputs))
+            assert [t.name for t in runtime.outputs][:1] == ["probabilities"]
+            # reference.npz holds the in-process (torch / scikit-learn) answers on eval rows
+            with np.load(repo / variant / "reference.npz") as ref:
+                np.testing.assert_array_equal(ref["image"], rows)
+                expected = ref["probabilities"]
+            out = runtime.predict({"image": rows})
+        finally:
+            runtime.close()
+        np.testing.assert_allclose(out["probabilities"], expected, atol=1e-4, err_msg=variant)
+        np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)
+        np.testing.assert_array_equal(out["label"], out["probabilities"].argmax(axis=1))
+    assert signatures == {(("image", "FP32", (-1, 1, 8, 8)),)}
+
+
+def test_profile_quality_and_pareto_front(profile: ZooProfile) -> None:
+    quality = {v.variant: v.quality for v in profile.variants}
+    assert all(q > 0.9 for q in quality.values()), quality
+    # the most expensive variant is the most accurate
+    assert quality[image.VARIANTS[-1]] == max(quality.values()), quality
+    front = pareto_front(profile.points("p50"))
+    assert len(front) >= 3, (quality, front)
+
+
+def test_build_is_deterministic(repo: Path, profile: ZooProfile, tmp_path: Path) -> None:
+    image.build(tmp_path, small=True, seed=0)
+    assert (tmp_path / image.ZOO / "eval.npz").read_bytes() == (repo / image.ZOO / "eval.npz").read_bytes()
+    again = profile_zoo(tmp_path, image.ZOO, iterations=5)
+    assert {v.variant: v.quality for v in again.variants} == {v.variant: v.quality for v in profile.variants}
