@@ -86,9 +86,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from bastion.runtimes.export import sklearn_to_onnx, write_bytes_atomic, write_model_config
+from bastion.scenarios.zoo_files import write_zoo
 
 __all__ = [
     "COINS",
@@ -397,31 +397,10 @@ def build_with_models(
         write_bytes_atomic(out / variant / "1" / "model.onnx", onnx_bytes)
         write_model_config(out / variant, _config())
 
-    zoo_dir = out / ZOO
-    zoo_dir.mkdir(parents=True, exist_ok=True)
-    buf = _npz_bytes(window=x_ev, y=y_ev)
-    write_bytes_atomic(zoo_dir / "eval.npz", buf)
-    spec = {
-        "task": "crypto-return-forecasting",
-        "variants": list(VARIANTS),
-        "evaluation": "eval.npz",
-        "metric": "directional_accuracy",
-        "latency_percentile": "p50",
-        "policy": "uniform-feasible",
-        "on_infeasible": "reject",
-    }
-    write_bytes_atomic(zoo_dir / "zoo.yaml", yaml.safe_dump(spec, sort_keys=False).encode("utf-8"))
+    write_zoo(out, ZOO, task="crypto-return-forecasting", variants=VARIANTS, metric="directional_accuracy",
+              evaluation={"window": x_ev, "y": y_ev})
     say(f"crypto: built {len(VARIANTS)} variants in {time.perf_counter() - start:.1f} s")
     return [*VARIANTS, ZOO], {v: p for v, (_, p) in exported.items()}
-
-
-def _npz_bytes(**arrays: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    # np.savez stamps zip members with a fixed date, so the bytes depend on the arrays only.
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 def build(out: Path, *, small: bool = False, seed: int = 0, progress: Progress | None = None) -> list[str]:

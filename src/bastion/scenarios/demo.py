@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from bastion.runtimes.export import sklearn_to_onnx, sklearn_to_skops, write_bytes_atomic, write_model_config
+from bastion.scenarios.zoo_files import npz_bytes
 
 __all__ = ["DEMO_MODELS", "build_demo_repository"]
 
@@ -52,7 +52,7 @@ def build_demo_repository(out: Path, *, progress: Callable[[str], None] | None =
     metrics = _metrics(model, onnx_bytes, x_test, y_test, seed)
     _write_model(out, "digits", onnx_bytes, _digits_config("onnx"), file="model.onnx")
     write_bytes_atomic(out / "digits" / "metrics.json", _json(metrics))
-    write_bytes_atomic(out / "digits" / "test_data.npz", _npz(X=x_test, y=y_test))
+    write_bytes_atomic(out / "digits" / "test_data.npz", npz_bytes(X=x_test, y=y_test))
     # a few rows to send from the command line (bastion infer digits --input .../sample.npy)
     write_bytes_atomic(out / "digits" / "sample.npy", _npy(x_test[:8]))
 
@@ -172,15 +172,4 @@ def _json(data: dict[str, Any]) -> bytes:
 def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _npz(**arrays: np.ndarray) -> bytes:
-    """An .npz like np.savez, but with fixed member timestamps so the bytes are stable."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        for name, array in arrays.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, _npy(array))
     return buffer.getvalue()

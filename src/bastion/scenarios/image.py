@@ -63,16 +63,15 @@ from __future__ import annotations
 
 import io
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from bastion.runtimes.export import write_bytes_atomic, write_model_config
+from bastion.scenarios.zoo_files import npz_bytes, write_zoo
 
 __all__ = ["INPUT", "VARIANTS", "ZOO", "build"]
 
@@ -120,18 +119,8 @@ def build(out: Path, *, small: bool = False, seed: int = 0, progress: Callable[[
             onnx_bytes, reference = _export(net, reference_in)
             _write_variant(out, variant, onnx_bytes, reference_in, reference)
 
-    zoo_dir = out / ZOO
-    write_bytes_atomic(zoo_dir / "eval.npz", _npz(**{INPUT: x_eval, "y": y_eval}))
-    spec = {
-        "task": "image-classification (scikit-learn digits, 8x8 grey, 10 classes)",
-        "variants": list(VARIANTS),
-        "evaluation": "eval.npz",
-        "metric": "accuracy",
-        "latency_percentile": "p50",
-        "policy": "uniform-feasible",
-        "on_infeasible": "reject",
-    }
-    write_bytes_atomic(zoo_dir / "zoo.yaml", yaml.safe_dump(spec, sort_keys=False).encode("utf-8"))
+    write_zoo(out, ZOO, task="image-classification (scikit-learn digits, 8x8 grey, 10 classes)",
+              variants=VARIANTS, metric="accuracy", evaluation={INPUT: x_eval, "y": y_eval})
     say(f"done: {len(VARIANTS)} variants, {len(y_eval)} held-out images")
     return [*VARIANTS, ZOO]
 
@@ -371,7 +360,7 @@ def _write_variant(out: Path, variant: str, onnx_bytes: bytes, reference_in: np.
     _check_export(variant, onnx_bytes, reference_in, reference)
     model_dir = out / variant
     write_bytes_atomic(model_dir / "1" / "model.onnx", onnx_bytes)
-    write_bytes_atomic(model_dir / "reference.npz", _npz(**{INPUT: reference_in, "probabilities": reference}))
+    write_bytes_atomic(model_dir / "reference.npz", npz_bytes(**{INPUT: reference_in, "probabilities": reference}))
     write_model_config(
         model_dir,
         {
@@ -398,16 +387,3 @@ def _check_export(variant: str, onnx_bytes: bytes, reference_in: np.ndarray, ref
     diff = float(np.max(np.abs(probabilities - reference)))
     if diff > _EXPORT_TOLERANCE or not np.array_equal(labels, probabilities.argmax(axis=1)):
         raise RuntimeError(f"{variant}: exported ONNX differs from the trained model (max abs diff {diff:.2e})")
-
-
-def _npz(**arrays: np.ndarray) -> bytes:
-    """An .npz with fixed member timestamps (np.savez stamps the current time, so its bytes vary)."""
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as archive:
-        for name, array in arrays.items():
-            member = io.BytesIO()
-            np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, member.getvalue())
-    return out.getvalue()

@@ -48,7 +48,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import yaml
 from onnx import helper
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -57,6 +56,7 @@ from sklearn.pipeline import FeatureUnion, Pipeline
 
 from bastion.runtimes.export import DEFAULT_ML_OPSET, DEFAULT_OPSET, write_bytes_atomic, write_model_config
 from bastion.scenarios.sentiment_corpus import Corpus, generate
+from bastion.scenarios.zoo_files import write_zoo
 
 __all__ = ["SKLEARN_VARIANTS", "VARIANTS", "ZOO", "FittedVariant", "build", "fit_variant", "make_corpora"]
 
@@ -229,35 +229,10 @@ def _write_variant(out: Path, fitted: FittedVariant) -> None:
 
 
 def _write_zoo(out: Path, evaluation: Corpus, variants: Sequence[str]) -> None:
-    zoo_dir = out / ZOO
     width = max(len(t) for t in evaluation.texts)
-    buffer = _npz_bytes(text=np.array(evaluation.texts, dtype=f"<U{width}"), y=np.array(evaluation.labels, np.int64))
-    write_bytes_atomic(zoo_dir / "eval.npz", buffer)
-    spec = {
-        "task": "sentiment-analysis",
-        "variants": list(variants),
-        "evaluation": "eval.npz",
-        "metric": "accuracy",
-        "latency_percentile": "p50",
-        "policy": "uniform-feasible",
-        "on_infeasible": "reject",
-    }
-    write_bytes_atomic(zoo_dir / "zoo.yaml", yaml.safe_dump(spec, sort_keys=False).encode("utf-8"))
-
-
-def _npz_bytes(**arrays: np.ndarray) -> bytes:
-    # np.savez stamps zip members with the current time; write the members ourselves for stable bytes
-    import io
-    import zipfile
-
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        for key, array in arrays.items():
-            member = io.BytesIO()
-            np.lib.format.write_array(member, array, allow_pickle=False)
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            archive.writestr(info, member.getvalue())
-    return buffer.getvalue()
+    # texts as fixed-width unicode: an object array would need pickle to load
+    write_zoo(out, ZOO, task="sentiment-analysis", variants=variants, metric="accuracy", evaluation={
+        "text": np.array(evaluation.texts, dtype=f"<U{width}"), "y": np.array(evaluation.labels, np.int64)})
 
 
 def build(
