@@ -162,14 +162,16 @@ def demo(ctx: click.Context, out: str, build_only: bool, seed: int, **_: Any) ->
         return
     opts = _with_models(ctx, _options(ctx, out, _FLAG_KEYS))
     base = f"http://{opts.host}:{opts.http_port}"
-    console.print(
+    # plain echo: rich would wrap the commands at the terminal width and break copy-paste
+    click.echo(
         "try:\n"
         f"  curl {base}/v2/models/simple\n"
         f"  curl -X POST {base}/v2/models/simple/infer -H 'content-type: application/json' \\\n"
         "    -d '{\"inputs\":[{\"name\":\"INPUT0\",\"datatype\":\"INT32\",\"shape\":[1,16],\"data\":"
         "[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]},{\"name\":\"INPUT1\",\"datatype\":\"INT32\",\"shape\":[1,16],"
         "\"data\":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]}]}'\n"
-        f"  bastion infer digits --url {base} --input {out}/digits/sample.npy"
+        f"  bastion infer digits --url {base} --input {out}/digits/sample.npy",
+        err=True,
     )
     sys.exit(_serve_with_progress(opts))
 
