@@ -217,7 +217,7 @@ class DataPlane:
         raise ModelNotReady(f"model '{name}' is not ready ({status.state.value}){reason}", retry_after=1)
 
     def model_ready(self, name: str, version: str | None) -> bool:
-        zoo = self.repository.zoos.get(name) if name not in self._latest else None
+        zoo = self._zoo_named(name)
         if zoo is not None:
             try:
                 self._zoo_front(zoo)
@@ -236,7 +236,7 @@ class DataPlane:
         return True
 
     def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
-        zoo = self.repository.zoos.get(name) if name not in self._latest else None
+        zoo = self._zoo_named(name)
         if zoo is not None:
             if version:
                 raise NotFound(f"'{name}' is a zoo and has no versions")
@@ -275,7 +275,7 @@ class DataPlane:
 
     def version_states(self, name: str, version: str | None) -> list[tuple[str, str, str]]:
         """(version, state, message) rows in TF-Serving's vocabulary (AVAILABLE, LOADING, …)."""
-        zoo = self.repository.zoos.get(name) if name not in self._latest else None
+        zoo = self._zoo_named(name)
         if zoo is not None:
             if version:
                 raise NotFound(f"'{name}' is a zoo and has no versions")
@@ -334,10 +334,9 @@ class DataPlane:
     # ---- inference ------------------------------------------------------------------------
     async def infer(self, request: InferenceRequest, *, transport: str = "rest") -> InferenceResponse:
         """Serve one request; every failure is a BastionError with its status."""
-        if request.model_name not in self._latest:
-            zoo = self.repository.zoos.get(request.model_name)
-            if zoo is not None:
-                return await self._infer_zoo(zoo, request, transport)
+        zoo = self._zoo_named(request.model_name)
+        if zoo is not None:
+            return await self._infer_zoo(zoo, request, transport)
         served = self._resolve(request.model_name, request.model_version)
         vm = served.metrics
         started = time.perf_counter()
@@ -359,6 +358,11 @@ class DataPlane:
         return response
 
     # ---- zoos ---------------------------------------------------------------------------------
+    def _zoo_named(self, name: str) -> LoadedZoo | None:
+        """The zoo called ``name``; a loaded model of that name wins (one dict lookup on
+        the model path)."""
+        return None if name in self._latest else self.repository.zoos.get(name)
+
     def _zoo_state(self, zoo: LoadedZoo) -> _ZooState:
         state = self._zoo_states.get(zoo.name)
         if state is None or state.loaded is not zoo:

@@ -27,9 +27,6 @@ NUMPY_TO_DATATYPE: dict[np.dtype, str] = {v: k for k, v in DATATYPE_TO_NUMPY.ite
 
 DATATYPES = frozenset(DATATYPE_TO_NUMPY)
 
-# Size in bytes of one element in the raw (binary / gRPC raw_*_contents) encoding.
-ELEMENT_SIZE: dict[str, int] = {k: v.itemsize for k, v in DATATYPE_TO_NUMPY.items() if k != "BYTES"}
-
 FLOAT_DATATYPES = frozenset({"FP16", "FP32", "FP64"})
 
 

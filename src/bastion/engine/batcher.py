@@ -100,10 +100,6 @@ class Batcher:
         # exponentially weighted compute time per row, for an honest Retry-After
         self._row_cost_s = 1e-4
 
-    @property
-    def queue_depth(self) -> int:
-        return len(self._queue)
-
     async def submit(self, inputs: Tensors, rows: int) -> Tensors:
         """Run ``inputs`` (``rows`` along the batch dim) and return all outputs."""
         if self._closed:

@@ -45,6 +45,7 @@ from typing import Any, Protocol
 from bastion.core.errors import NotFound
 from bastion.core.metadata import ModelConfig, VersionPolicy
 from bastion.repository.config import CONFIG_FILE, ConfigError, load_model_config
+from bastion.repository.stamps import Stamp, file_stamp
 from bastion.repository.zoos import ZOO_FILE, ZooCatalog
 from bastion.runtimes import create_runtime
 from bastion.runtimes.base import Runtime, RuntimeFactory
@@ -61,7 +62,6 @@ _LOAD_CONCURRENCY = max(1, min(4, os.cpu_count() or 1))
 # Longest wait for listeners to drain an unloaded version before its runtime is closed.
 DRAIN_LIMIT_S = 60.0
 
-Stamp = tuple[Any, ...]  # stat signature of a file or directory tree; compared, never interpreted
 
 
 class ModelState(str, Enum):
@@ -542,15 +542,7 @@ def _scan_model(model_dir: Path) -> _DiskModel | None:
     for item in items:
         if item.name.isdigit() and not item.name.startswith("0") and item.is_dir():
             versions[int(item.name)] = _tree_stamp(item.path)
-    return _DiskModel(_file_stamp(model_dir / CONFIG_FILE), versions)
-
-
-def _file_stamp(path: Path | str) -> Stamp | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+    return _DiskModel(file_stamp(model_dir / CONFIG_FILE), versions)
 
 
 def _tree_stamp(path: str) -> Stamp:

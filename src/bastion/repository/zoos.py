@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bastion.core.errors import BastionError
+from bastion.repository.stamps import Stamp, file_stamp
 from bastion.zoo.profiles import ZooProfile, load_profile
 from bastion.zoo.spec import ZooSpec, check_profile, load_zoo_spec
 
@@ -21,9 +22,6 @@ log = logging.getLogger("bastion.repository")
 ZOO_FILE = "zoo.yaml"
 PROFILE_FILE = "profile.json"
 
-_Stamp = tuple[int, int, int] | None
-
-
 @dataclass(frozen=True)
 class LoadedZoo:
     name: str
@@ -31,14 +29,6 @@ class LoadedZoo:
     spec: ZooSpec | None
     profile: ZooProfile | None
     error: str  # why the zoo cannot serve ("" when it can, given loaded variants)
-
-
-def _stamp(path: Path) -> _Stamp:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def load_zoo(zoo_dir: Path) -> LoadedZoo:
@@ -72,11 +62,11 @@ class ZooCatalog:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._zoos: dict[str, LoadedZoo] = {}
-        self._stamps: dict[str, tuple[_Stamp, _Stamp]] = {}
+        self._stamps: dict[str, tuple[Stamp | None, Stamp | None]] = {}
 
     def refresh(self) -> None:
         zoos: dict[str, LoadedZoo] = {}
-        stamps: dict[str, tuple[_Stamp, _Stamp]] = {}
+        stamps: dict[str, tuple[Stamp | None, Stamp | None]] = {}
         try:
             entries = list(os.scandir(self.root))
         except OSError as err:
@@ -86,7 +76,7 @@ class ZooCatalog:
             if item.name.startswith(".") or not item.is_dir():
                 continue
             zoo_dir = Path(item.path)
-            stamp = (_stamp(zoo_dir / ZOO_FILE), _stamp(zoo_dir / PROFILE_FILE))
+            stamp = (file_stamp(zoo_dir / ZOO_FILE), file_stamp(zoo_dir / PROFILE_FILE))
             if stamp[0] is None:
                 continue
             stamps[item.name] = stamp
