@@ -35,6 +35,8 @@ def _options(ctx: click.Context, repository: str | None, mapping: dict[str, str]
         source = ctx.get_parameter_source(param)
         if (source is not None and source.name != "DEFAULT") or key not in data:
             value = ctx.params[param]
+            if isinstance(value, tuple):  # multiple=True options
+                value = list(value) or None
             if value is None and key not in data:
                 continue
             data[key] = value
@@ -65,6 +67,38 @@ def _serve_flags(f: Any) -> Any:
         click.option("--log-format", default="json", show_default=True, type=click.Choice(["json", "text"])),
         click.option("--config", type=click.Path(exists=True, dir_okay=False),
                      help="YAML file with the same settings (flags win)."),
+        # security
+        click.option("--keys", "keys_db", type=click.Path(dir_okay=False), envvar="BASTION_KEYS",
+                     help="Key store (SQLite) with tenants and API keys; see `bastion keys`."),
+        click.option("--insecure-no-auth", is_flag=True, default=False,
+                     help="Serve without authentication (loopback addresses only)."),
+        click.option("--secret-file", type=click.Path(dir_okay=False),
+                     help="Master secret file (default: KEYS + '.secret')."),
+        click.option("--open-metrics", is_flag=True, default=False, help="Serve /metrics without a key."),
+        click.option("--audit/--no-audit", "audit", default=True, show_default=True,
+                     help="Write the hash-chained audit log."),
+        click.option("--audit-dir", type=click.Path(file_okay=False),
+                     help="Audit log directory (default: 'audit' beside the key store)."),
+        click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate chain."),
+        click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key."),
+        click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False),
+                     help="PEM CA bundle that client certificates must chain to (mutual TLS)."),
+        click.option("--tls-client-auth", type=click.Choice(["none", "optional", "required"]), default="none",
+                     show_default=True, help="Ask clients for a certificate."),
+        click.option("--trusted-signer", "trusted_signers", multiple=True, type=click.Path(exists=True),
+                     help="Ed25519 public key (PEM) allowed to sign sealed bundles (repeatable)."),
+        click.option("--bundle-key-provider",
+                     help="Where the bundle master key comes from: env:VAR, file:PATH or module:pkg.mod:factory."),
+        # request limits
+        click.option("--max-elements", type=int, default=1 << 26, show_default=True,
+                     help="Elements over all input tensors of one request."),
+        click.option("--max-batch-size", type=int, default=None, help="Server-wide cap on rows per request."),
+        click.option("--max-string-bytes", type=int, default=1 << 20, show_default=True,
+                     help="Bytes in one BYTES element."),
+        click.option("--max-json-depth", type=int, default=32, show_default=True,
+                     help="Nesting depth of a JSON request body."),
+        click.option("--request-timeout", type=float, default=30.0, show_default=True,
+                     help="Seconds a request may spend queued and computing; 0 disables."),
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -81,6 +115,23 @@ _FLAG_KEYS = {
     "http_impl": "http_impl",
     "log_level": "log_level",
     "log_format": "log_format",
+    "keys_db": "keys_db",
+    "insecure_no_auth": "insecure_no_auth",
+    "secret_file": "secret_file",
+    "open_metrics": "open_metrics",
+    "audit": "audit",
+    "audit_dir": "audit_dir",
+    "tls_cert": "tls_cert",
+    "tls_key": "tls_key",
+    "tls_client_ca": "tls_client_ca",
+    "tls_client_auth": "tls_client_auth",
+    "trusted_signers": "trusted_signers",
+    "bundle_key_provider": "bundle_key_provider",
+    "max_elements": "max_elements",
+    "max_batch_size": "max_batch_size",
+    "max_string_bytes": "max_string_bytes",
+    "max_json_depth": "max_json_depth",
+    "request_timeout": "request_timeout_s",
 }
 
 
@@ -439,6 +490,14 @@ def _dumps(data: Any) -> str:
     import orjson
 
     return orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+# command groups of the guard package (each module exposes one click group)
+def _add_guard_commands() -> None:
+    pass
+
+
+_add_guard_commands()
 
 
 def main() -> None:

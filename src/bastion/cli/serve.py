@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from bastion.core.limits import RequestLimits
+
 log = logging.getLogger("bastion.serve")
 
 
@@ -42,6 +44,26 @@ class ServeOptions:
     drain_timeout_s: float = 30.0
     log_level: str = "info"
     log_format: str = "json"
+    # ---- security (guard/) ----
+    keys_db: str | None = None  # SQLite key store (tenants, API keys); required unless insecure_no_auth
+    insecure_no_auth: bool = False  # serve without authentication; refused unless host is loopback
+    secret_file: str | None = None  # master secret; default: KEYS_DB + ".secret"
+    open_metrics: bool = False  # /metrics without a key (default: admin keys only)
+    audit: bool = True  # the hash-chained audit log (needs a key store or audit_dir)
+    audit_dir: str | None = None  # default: "audit" beside the key store
+    audit_fsync_interval_s: float = 0.2
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key, REST and gRPC speak TLS only
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM CA bundle for client certificates (mutual TLS)
+    tls_client_auth: str = "none"  # none | optional | required
+    trusted_signers: list[str] | None = None  # Ed25519 public keys (PEM files) allowed to sign sealed bundles
+    bundle_key_provider: str | None = None  # env:VAR | file:PATH | module:pkg.mod:factory
+    # ---- request limits (core/limits.py) ----
+    max_elements: int = 1 << 26
+    max_batch_size: int | None = None
+    max_string_bytes: int = 1 << 20
+    max_json_depth: int = 32
+    request_timeout_s: float | None = 30.0
     control_dir: str | None = field(default=None, repr=False)  # set by the supervisor
 
     @classmethod
@@ -51,6 +73,16 @@ class ServeOptions:
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**data)
+
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(
+            max_body_bytes=self.max_body_bytes,
+            max_elements=self.max_elements,
+            max_batch_size=self.max_batch_size,
+            max_string_bytes=self.max_string_bytes,
+            max_json_depth=self.max_json_depth,
+            request_timeout_s=self.request_timeout_s or None,
+        )
 
 
 def _http_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
