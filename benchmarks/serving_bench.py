@@ -504,6 +504,8 @@ class Context:
                 "0",
                 "--workers",
                 str(row.workers),
+                "--insecure-no-auth",  # the serving core alone; benchmarks/security_bench.py prices the guard
+                "--no-audit",
             ]
             return Launch(argv, base_env, port)
         if row.server == "minimal":

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,10 +24,21 @@ def free_port() -> int:
 class ServerProcess:
     """`bastion serve REPO` in a subprocess; ``stop()`` sends SIGTERM and returns the exit code."""
 
-    def __init__(self, repo: Path, *args: str, ready_timeout: float = 90.0, wait_ready: bool = True) -> None:
+    def __init__(
+        self, repo: Path, *args: str, ready_timeout: float = 90.0, wait_ready: bool = True,
+        tls_ca: Path | None = None, tls_client_cert: tuple[Path, Path] | None = None,
+    ) -> None:
+        """``tls_ca``: the server speaks TLS (pass the --tls-* flags in ``args``); the
+        readiness probe and ``self.verify`` trust this CA and, with ``tls_client_cert``
+        (cert, key), present that client certificate."""
         self.http_port = free_port()
         self.grpc_port = free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.verify: ssl.SSLContext | bool = True  # for httpx's ``verify=``
+        if tls_ca is not None:
+            self.verify = ssl.create_default_context(cafile=str(tls_ca))
+            if tls_client_cert is not None:
+                self.verify.load_cert_chain(str(tls_client_cert[0]), str(tls_client_cert[1]))
+        self.url = f"{'https' if tls_ca is not None else 'http'}://127.0.0.1:{self.http_port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.log_path = repo.parent / f"server-{self.http_port}.log"
         cmd = [
@@ -34,6 +46,8 @@ class ServerProcess:
             "--host", "127.0.0.1", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
             "--log-format", "text", *args,
         ]
+        if "--keys" not in args and "--insecure-no-auth" not in args:
+            cmd.append("--insecure-no-auth")  # the tests of features other than auth run open, on loopback
         self._log = self.log_path.open("wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -46,7 +60,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
             try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1.0).status_code == 200:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=1.0, verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

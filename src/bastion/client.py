@@ -27,8 +27,26 @@ class ClientError(Exception):
 
 
 class Client:
-    def __init__(self, url: str, *, timeout: float = 60.0, headers: dict[str, str] | None = None) -> None:
-        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers or {})
+    """``api_key`` is sent as ``Authorization: Bearer``; ``verify`` is a CA bundle path (or
+    False/True) for https URLs; ``cert`` a client certificate (path, or (cert, key)) for
+    mutual TLS."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 60.0,
+        headers: dict[str, str] | None = None,
+        api_key: str | None = None,
+        verify: str | bool = True,
+        cert: str | tuple[str, str] | None = None,
+    ) -> None:
+        headers = dict(headers or {})
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"), timeout=timeout, headers=headers, verify=verify, cert=cert
+        )
 
     def close(self) -> None:
         self._http.close()

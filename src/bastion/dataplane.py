@@ -21,10 +21,23 @@ import numpy as np
 
 import bastion
 from bastion.core.datatypes import FLOAT_DATATYPES
-from bastion.core.errors import BastionError, InternalError, InvalidInput, ModelNotReady, NotFound, Unprocessable
+from bastion.core.errors import (
+    BastionError,
+    InternalError,
+    InvalidInput,
+    ModelNotReady,
+    NotFound,
+    RequestTimeout,
+    Unauthenticated,
+    Unprocessable,
+)
+from bastion.core.limits import RequestLimits
 from bastion.core.metadata import ModelMetadata, TensorSpec
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor
 from bastion.engine.batcher import Batcher
+from bastion.guard.digest import tensors_digest
+from bastion.guard.gate import Gate
+from bastion.guard.principal import ANONYMOUS, Principal
 from bastion.observability.metrics import Metrics, VersionMetrics
 from bastion.repository.store import LoadedVersion, ModelRepository, ModelState
 from bastion.repository.zoos import LoadedZoo
@@ -87,9 +100,17 @@ class DataPlane:
         metrics: Metrics | None = None,
         executor_threads: int | None = None,
         strict_readiness: bool = True,
+        gate: Gate | None = None,
+        limits: RequestLimits | None = None,
     ) -> None:
         self.repository = repository
         self.metrics = metrics or Metrics()
+        # no gate: auth off (every caller is ANONYMOUS), no limits, no audit
+        self.gate = gate or Gate(authenticator=None, metrics=self.metrics)
+        if self.gate.metrics is None:
+            self.gate.metrics = self.metrics
+        self.limits = limits or RequestLimits()
+        self._timeout_s = self.limits.request_timeout_s
         self._executor = ThreadPoolExecutor(
             max_workers=executor_threads or 4, thread_name_prefix="bastion-predict"
         )
@@ -118,6 +139,7 @@ class DataPlane:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         self._executor.shutdown(wait=True)
+        self.gate.close()
 
     # ---- repository listener --------------------------------------------------------
     def version_loaded(self, loaded: LoadedVersion) -> None:
@@ -175,6 +197,38 @@ class DataPlane:
         else:
             self._latest.pop(model, None)
 
+    # ---- the gate ------------------------------------------------------------------------
+    def admit(
+        self, authorization: str | bytes | None, cert_fp: str | None, model: str, *, transport: str
+    ) -> Principal:
+        """Before an inference body is decoded: who is calling, may they use ``model``, and
+        are they within their rate and budget. 401 / 403 / 429 otherwise."""
+        gate = self.gate
+        principal = gate.authenticate(authorization, cert_fp, transport=transport, action="infer", model=model)
+        gate.authorize(principal, model, transport=transport)
+        return principal
+
+    def authenticate(
+        self, authorization: str | bytes | None, cert_fp: str | None, *, transport: str, action: str, model: str = ""
+    ) -> Principal:
+        """For the routes other than inference (metadata, readiness, repository, metrics)."""
+        return self.gate.authenticate(authorization, cert_fp, transport=transport, action=action, model=model)
+
+    def require_admin(self, principal: Principal | None, *, transport: str, action: str) -> None:
+        self.gate.require_admin(self._who(principal), transport=transport, action=action)
+
+    def _who(self, principal: Principal | None) -> Principal:
+        if principal is not None:
+            return principal
+        if self.gate.auth_enabled:
+            raise Unauthenticated("missing API key: send the header 'Authorization: Bearer <key>'")
+        return ANONYMOUS
+
+    def _scoped(self, principal: Principal | None, name: str, action: str) -> None:
+        who = self._who(principal)
+        if who.models is not None:
+            self.gate.check_scope(who, name, transport="", action=action)
+
     # ---- health and metadata ------------------------------------------------------------
     def live(self) -> bool:
         return not self._closing
@@ -216,7 +270,8 @@ class DataPlane:
         reason = f": {status.reason}" if status.reason else ""
         raise ModelNotReady(f"model '{name}' is not ready ({status.state.value}){reason}", retry_after=1)
 
-    def model_ready(self, name: str, version: str | None) -> bool:
+    def model_ready(self, name: str, version: str | None, *, principal: Principal | None = None) -> bool:
+        self._scoped(principal, name, "ready")
         zoo = self._zoo_named(name)
         if zoo is not None:
             try:
@@ -235,7 +290,10 @@ class DataPlane:
             raise
         return True
 
-    def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
+    def model_metadata(
+        self, name: str, version: str | None, *, principal: Principal | None = None
+    ) -> ModelMetadata:
+        self._scoped(principal, name, "metadata")
         zoo = self._zoo_named(name)
         if zoo is not None:
             if version:
@@ -264,17 +322,22 @@ class DataPlane:
             outputs=served.outputs,
         )
 
-    def model_metadata_doc(self, name: str, version: str | None) -> dict[str, Any]:
+    def model_metadata_doc(
+        self, name: str, version: str | None, *, principal: Principal | None = None
+    ) -> dict[str, Any]:
         """V2 model metadata as JSON; a model that is not serving also says why (state, reason)."""
-        doc = self.model_metadata(name, version).as_dict()
+        doc = self.model_metadata(name, version, principal=principal).as_dict()
         if not doc["versions"] and doc["platform"] != "bastion_zoo":
             status = self.repository.get(name)
             doc["state"] = status.state.value
             doc["reason"] = status.reason
         return doc
 
-    def version_states(self, name: str, version: str | None) -> list[tuple[str, str, str]]:
+    def version_states(
+        self, name: str, version: str | None, *, principal: Principal | None = None
+    ) -> list[tuple[str, str, str]]:
         """(version, state, message) rows in TF-Serving's vocabulary (AVAILABLE, LOADING, …)."""
+        self._scoped(principal, name, "metadata")
         zoo = self._zoo_named(name)
         if zoo is not None:
             if version:
@@ -298,7 +361,15 @@ class DataPlane:
         state = "LOADING" if status.state is ModelState.LOADING else "UNAVAILABLE"
         return [("", state, status.reason)]
 
-    def repository_index(self) -> list[dict[str, Any]]:
+    def repository_index(self, *, principal: Principal | None = None) -> list[dict[str, Any]]:
+        """Every model and zoo, or, for a key with a model scope, the ones it may use."""
+        who = self._who(principal)
+        rows = self._index_rows()
+        if who.models is not None:
+            rows = [r for r in rows if r["name"] in who.models]
+        return rows
+
+    def _index_rows(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         for status in self.repository.index():
             if status.versions:
@@ -319,30 +390,108 @@ class DataPlane:
             rows.append({"name": zoo.name, "version": "", "state": state, "reason": reason, "kind": "zoo"})
         return rows
 
-    async def load_model(self, name: str) -> None:
+    async def load_model(self, name: str, *, principal: Principal | None = None, transport: str = "") -> None:
+        self._admin_action(principal, transport, "load", name)
         status = await self.repository.load(name)
         if status.state is ModelState.FAILED and not status.versions:
             raise InvalidInput(f"model '{name}' failed to load: {status.reason}")
         if self.control_hook is not None:
             await self.control_hook(name, "load")
 
-    async def unload_model(self, name: str) -> None:
+    async def unload_model(self, name: str, *, principal: Principal | None = None, transport: str = "") -> None:
+        self._admin_action(principal, transport, "unload", name)
         await self.repository.unload(name)
         if self.control_hook is not None:
             await self.control_hook(name, "unload")
 
+    def _admin_action(self, principal: Principal | None, transport: str, action: str, name: str) -> None:
+        who = self._who(principal)
+        self.gate.require_admin(who, transport=transport, action=action, model=name)
+        self.gate.record(
+            {"ts": time.time(), "tenant": who.tenant, "key_id": who.key_id, "transport": transport,
+             "action": action, "model": name, "decision": "accepted", "status": 200, "reason": ""}
+        )
+
     # ---- inference ------------------------------------------------------------------------
-    async def infer(self, request: InferenceRequest, *, transport: str = "rest") -> InferenceResponse:
-        """Serve one request; every failure is a BastionError with its status."""
+    async def infer(
+        self, request: InferenceRequest, *, transport: str = "rest", principal: Principal | None = None
+    ) -> InferenceResponse:
+        """Serve one request of an admitted principal (``admit`` checked its credentials and
+        limits); every failure is a BastionError with its status. Writes the audit record
+        before returning, so a response a client received is always in the log."""
+        who = self._who(principal)
+        if who.models is not None and request.model_name not in who.models:
+            self.gate.check_scope(who, request.model_name, transport=transport, action="infer")
+        audit = self.gate.audit
+        if audit is None:
+            return (await self._infer_any(request, transport))[0]
+        ts = time.time()
+        started = time.perf_counter()
+        try:
+            response, variant, version = await self._infer_any(request, transport)
+        except BastionError as err:
+            audit.append(self._audit_fields(who, transport, request, ts, started, None, None, None, err))
+            raise
+        audit.append(self._audit_fields(who, transport, request, ts, started, response, variant, version, None))
+        return response
+
+    @staticmethod
+    def _audit_fields(
+        who: Principal,
+        transport: str,
+        request: InferenceRequest,
+        ts: float,
+        started: float,
+        response: InferenceResponse | None,
+        variant: str | None,
+        version: str | None,
+        err: BastionError | None,
+    ) -> dict[str, Any]:
+        return {
+            "ts": ts,
+            "tenant": who.tenant,
+            "key_id": who.key_id,
+            "transport": transport,
+            "action": "infer",
+            "model": request.model_name,
+            "variant": variant,
+            "version": version,
+            "request_id": request.id,
+            "input_digest": tensors_digest(request.inputs),
+            "output_digest": tensors_digest(response.outputs) if response is not None else None,
+            "decision": "served" if err is None else "rejected",
+            "status": 200 if err is None else err.http_status,
+            "reason": "" if err is None else f"{type(err).__name__}: {err.message}"[:300],
+            "latency_ms": round((time.perf_counter() - started) * 1000.0, 3),
+        }
+
+    async def _infer_any(
+        self, request: InferenceRequest, transport: str
+    ) -> tuple[InferenceResponse, str, str | None]:
+        """(response, the model that served, its version): a zoo picks a variant first."""
         zoo = self._zoo_named(request.model_name)
         if zoo is not None:
             return await self._infer_zoo(zoo, request, transport)
+        response = await self._infer_model(request)
+        return response, request.model_name, response.model_version
+
+    async def _infer_model(self, request: InferenceRequest) -> InferenceResponse:
         served = self._resolve(request.model_name, request.model_version)
         vm = served.metrics
         started = time.perf_counter()
         try:
             arrays, rows = self._validate(served, request)
-            outputs = await served.batcher.submit(arrays, rows)
+            if self._timeout_s is None:
+                outputs = await served.batcher.submit(arrays, rows)
+            else:
+                try:
+                    async with asyncio.timeout(self._timeout_s):
+                        outputs = await served.batcher.submit(arrays, rows)
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"model '{request.model_name}' did not answer within the request timeout of "
+                        f"{self._timeout_s:g} s"
+                    ) from None
             response = self._response(served, request, outputs)
         except BastionError as err:
             status = err.http_status
@@ -387,7 +536,9 @@ class DataPlane:
             front = state.fronts[loaded] = pareto_front(state.points[n] for n in loaded)
         return state, front
 
-    async def _infer_zoo(self, zoo: LoadedZoo, request: InferenceRequest, transport: str) -> InferenceResponse:
+    async def _infer_zoo(
+        self, zoo: LoadedZoo, request: InferenceRequest, transport: str
+    ) -> tuple[InferenceResponse, str, str | None]:
         if request.model_version:
             raise InvalidInput(f"'{zoo.name}' is a zoo and has no versions; call /v2/models/{zoo.name}/infer")
         started = time.perf_counter()
@@ -405,7 +556,8 @@ class DataPlane:
         variant_request = InferenceRequest(
             choice.variant, None, request.inputs, request.id, request.outputs, params
         )
-        response = await self.infer(variant_request, transport=transport)
+        response = await self._infer_model(variant_request)
+        version = response.model_version
         # goodput, judged by the server: the chosen variant's measured quality against the
         # accuracy target, and this request's own time in the server against the latency one
         elapsed_ms = (time.perf_counter() - started) * 1000.0
@@ -417,7 +569,7 @@ class DataPlane:
         response.model_version = None
         if zoo.spec is not None and zoo.spec.expose_variant:
             response.parameters = {**response.parameters, "variant": choice.variant, "selection": choice.reason}
-        return response
+        return response, choice.variant, version
 
     def _zoo_metadata(self, zoo: LoadedZoo) -> ModelMetadata:
         """A zoo's signature is its variants' (they must share one); no versions."""

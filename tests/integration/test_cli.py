@@ -89,6 +89,56 @@ def test_serve_config_file_and_unknown_setting(demo_repo: Path, tmp_path: Path) 
 
 def test_serve_refuses_a_taken_port(demo_server: ServerProcess, demo_repo: Path) -> None:
     out = bastion("serve", str(demo_repo), "--http-port", str(demo_server.http_port), "--grpc-port", "-1",
+                  "--insecure-no-auth",
                   check=False)
     assert out.returncode != 0
     assert "address" in out.stderr.lower() or "in use" in out.stderr.lower()
+
+
+def test_demo_serves_with_a_fresh_key_and_its_examples_work(tmp_path: Path) -> None:
+    """`bastion demo` turns auth on: it creates a key, prints it with examples, and the
+    printed curl command works while the same call without the key is refused."""
+    import re
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.serverproc import free_port
+
+    port = free_port()
+    out = tmp_path / "repo"
+    log = tmp_path / "demo.log"
+    with log.open("wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bastion.cli.main", "demo", "--out", str(out), "--http-port", str(port),
+             "--grpc-port", "-1", "--poll-interval", "0", "--log-format", "text"],
+            stdout=f, stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        text = log.read_text()
+        token = re.search(r"export BASTION_API_KEY=(\S+)", text).group(1)  # type: ignore[union-attr]
+        assert httpx.get(f"{url}/v2/models/simple").status_code == 401
+        curl = next(line for line in text.splitlines() if line.strip().startswith("curl") and "infer" in line)
+        data = text.split(curl, 1)[1].splitlines()[1].strip()
+        argv = [*shlex.split(curl.strip().rstrip("\\").replace("$BASTION_API_KEY", token)), *shlex.split(data)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert '"OUTPUT0"' in done.stdout, done.stdout + done.stderr
+        assert (out.parent / "repo.keys" / "keys.db").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0

@@ -91,3 +91,33 @@ def test_sigterm_drains_in_flight_then_exits_zero(slow_repo: Path) -> None:
         server.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/v2/health/live", timeout=2)
+
+
+def test_request_timeout_is_504_and_the_server_keeps_serving(slow_repo: Path) -> None:
+    """--request-timeout bounds queue + compute: requests queued behind a ~100 ms call with a
+    50 ms budget get 504 (gRPC DEADLINE_EXCEEDED), and the server goes on serving."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    write_slow_model(slow_repo, max_queue_size=16)
+    with ServerProcess(slow_repo, "--poll-interval", "0", "--request-timeout", "0.05") as server:
+        results = asyncio.run(_burst(server.url, 6))
+        codes = [r[0] for r in results]
+        assert codes.count(504) >= 4, results
+        assert all(c in (200, 504) for c in codes), results
+        r = httpx.post(f"{server.url}/v2/models/slow/infer", json=BODY)
+        assert r.status_code == 504 and "request timeout of 0.05 s" in r.json()["error"]
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            x = grpcclient.InferInput("x", [1, 1], "FP32")
+            x.set_data_from_numpy(np.array([[0.5]], dtype=np.float32))
+            with pytest.raises(InferenceServerException) as err:
+                client.infer("slow", [x])
+            assert str(err.value.status()) == "StatusCode.DEADLINE_EXCEEDED"
+        finally:
+            client.close()
+        # a fast model on the same server is unaffected
+        body = {"inputs": [{"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": [0] * 16},
+                           {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "data": [1] * 16}]}
+        assert httpx.post(f"{server.url}/v2/models/simple/infer", json=body).status_code == 200

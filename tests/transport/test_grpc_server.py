@@ -20,6 +20,7 @@ import pytest
 from bastion.core.errors import InvalidInput, NotFound, Overloaded
 from bastion.core.metadata import ModelMetadata, TensorSpec
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor
+from bastion.guard.principal import ANONYMOUS, Principal
 from bastion.protocol import v2_grpc
 from bastion.protocol.grpc_v2 import grpc_service_pb2 as pb2
 from bastion.protocol.grpc_v2 import grpc_service_pb2_grpc as pb2_grpc
@@ -59,10 +60,20 @@ class FakeDataPlane:
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "bastion", "version": "0.1.0", "extensions": ["model_repository"]}
 
-    def model_ready(self, name: str, version: str | None) -> bool:
+    # auth is the data plane's business (tested over a real server); the fake lets everyone in
+    def admit(self, authorization: str | None, cert_fp: str | None, model: str, *, transport: str) -> Principal:
+        return ANONYMOUS
+
+    def authenticate(self, authorization: str | None, cert_fp: str | None, **_: Any) -> Principal:
+        return ANONYMOUS
+
+    def require_admin(self, principal: Principal | None, **_: Any) -> None:
+        pass
+
+    def model_ready(self, name: str, version: str | None, **_: Any) -> bool:
         return self._state(name) == "READY"
 
-    def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
+    def model_metadata(self, name: str, version: str | None, **_: Any) -> ModelMetadata:
         self._state(name)
         return ModelMetadata(
             name=name,
@@ -72,7 +83,7 @@ class FakeDataPlane:
             outputs=(TensorSpec("OUTPUT0", "FP32", (-1, 4)),),
         )
 
-    async def infer(self, request: InferenceRequest, *, transport: str) -> InferenceResponse:
+    async def infer(self, request: InferenceRequest, *, transport: str, **_: Any) -> InferenceResponse:
         self.transports.append(transport)
         self._state(request.model_name)
         if request.model_name == "busy":
@@ -90,17 +101,17 @@ class FakeDataPlane:
         ]
         return InferenceResponse(request.model_name, "1", outputs, parameters={"echoed": len(outputs)})
 
-    def repository_index(self) -> list[dict[str, Any]]:
+    def repository_index(self, **_: Any) -> list[dict[str, Any]]:
         return [
             {"name": n, "version": "1", "state": s, "reason": "" if s == "READY" else "unloaded"}
             for n, s in sorted(self.models.items())
         ]
 
-    async def load_model(self, name: str) -> None:
+    async def load_model(self, name: str, **_: Any) -> None:
         self._state(name)
         self.models[name] = "READY"
 
-    async def unload_model(self, name: str) -> None:
+    async def unload_model(self, name: str, **_: Any) -> None:
         self._state(name)
         self.models[name] = "UNAVAILABLE"
 

@@ -171,9 +171,35 @@ def _serve_with_progress(opts: ServeOptions) -> int:
         bar.stop()
 
 
+def _remember(name: str) -> Any:
+    def callback(ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        ctx.meta[f"bastion.{name}"] = value
+        return value
+
+    return callback
+
+
 def _url_option(f: Any) -> Any:
+    """--url, plus the credentials every client command needs (kept in ctx.meta, see _client)."""
+    f = click.option("--ca-cert", envvar="BASTION_CA_CERT", expose_value=False, callback=_remember("ca_cert"),
+                     type=click.Path(exists=True, dir_okay=False),
+                     help="CA bundle to verify an https server with.")(f)
+    f = click.option("--api-key", envvar="BASTION_API_KEY", expose_value=False, callback=_remember("api_key"),
+                     help="API key, sent as 'Authorization: Bearer' [env: BASTION_API_KEY].")(f)
     return click.option("--url", default=DEFAULT_URL, show_default=True, envvar="BASTION_URL",
                         help="Server REST address.")(f)
+
+
+def _client(url: str) -> Any:
+    from bastion.client import Client
+
+    meta = click.get_current_context().meta
+    return Client(url, api_key=meta.get("bastion.api_key"), verify=meta.get("bastion.ca_cert") or True)
+
+
+def _auth_headers() -> dict[str, str]:
+    key = click.get_current_context().meta.get("bastion.api_key")
+    return {"authorization": f"Bearer {key}"} if key else {}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -212,19 +238,52 @@ def demo(ctx: click.Context, out: str, build_only: bool, seed: int, **_: Any) ->
     if build_only:
         return
     opts = _with_models(ctx, _options(ctx, out, _FLAG_KEYS))
-    base = f"http://{opts.host}:{opts.http_port}"
+    token = None
+    if opts.keys_db is None and not opts.insecure_no_auth:
+        opts.keys_db, token = _demo_key(Path(out))
+    scheme = "https" if opts.tls_cert else "http"
+    base = f"{scheme}://{opts.host}:{opts.http_port}"
+    auth = ' -H "Authorization: Bearer $BASTION_API_KEY"' if opts.keys_db else ""
+    lines = []
+    if token:
+        lines += [
+            f"API key of tenant 'demo' (admin role), shown once; store: {opts.keys_db}",
+            f"  export BASTION_API_KEY={token}",
+            "",
+        ]
     # plain echo: rich would wrap the commands at the terminal width and break copy-paste
-    click.echo(
-        "try:\n"
-        f"  curl {base}/v2/models/simple\n"
-        f"  curl -X POST {base}/v2/models/simple/infer -H 'content-type: application/json' \\\n"
+    lines += [
+        "try:",
+        f"  curl{auth} {base}/v2/models/simple",
+        f"  curl{auth} -X POST {base}/v2/models/simple/infer -H 'content-type: application/json' \\",
         "    -d '{\"inputs\":[{\"name\":\"INPUT0\",\"datatype\":\"INT32\",\"shape\":[1,16],\"data\":"
         "[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15]},{\"name\":\"INPUT1\",\"datatype\":\"INT32\",\"shape\":[1,16],"
-        "\"data\":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]}]}'\n"
+        "\"data\":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]}]}'",
         f"  bastion infer digits --url {base} --input {out}/digits/sample.npy",
-        err=True,
-    )
+        "  python - <<'EOF'",
+        "import os, numpy as np, tritonclient.http as httpclient",
+        f"c = httpclient.InferenceServerClient('{opts.host}:{opts.http_port}')",
+        "a = httpclient.InferInput('INPUT0', [1, 16], 'INT32'); "
+        "a.set_data_from_numpy(np.arange(16, dtype=np.int32).reshape(1, 16))",
+        "b = httpclient.InferInput('INPUT1', [1, 16], 'INT32'); b.set_data_from_numpy(np.ones((1, 16), np.int32))",
+        "r = c.infer('simple', [a, b], headers={'authorization': 'Bearer ' + os.environ['BASTION_API_KEY']})"
+        if opts.keys_db else "r = c.infer('simple', [a, b])",
+        "print(r.as_numpy('OUTPUT0'))",
+        "EOF",
+    ]
+    click.echo("\n".join(lines), err=True)
     sys.exit(_serve_with_progress(opts))
+
+
+def _demo_key(repository: Path) -> tuple[str, str]:
+    """A key store beside the demo repository with a fresh admin key for tenant 'demo'."""
+    from bastion.guard.keystore import KeyStore
+
+    db = repository.with_name(repository.name + ".keys") / "keys.db"
+    with KeyStore(db) as store:
+        token, _ = store.create_key("demo", role="admin", description="created by bastion demo")
+    assert token is not None
+    return str(db), token
 
 
 @cli.command()
@@ -391,7 +450,7 @@ def zoo_goodput(name: str, url: str, workload: str | None, n: int, acc_range: st
         described = {"random": n, "accuracy": acc, "latency_ms": lat, "seed": seed}
     try:
         report = asyncio.run(run_goodput(url, name, targets, sample=Path(sample) if sample else None,
-                                         concurrency=concurrency, seed=seed))
+                                         concurrency=concurrency, seed=seed, headers=_auth_headers()))
     except Exception as err:  # httpx errors, a zoo the server does not know
         raise click.ClickException(f"goodput run failed: {err}") from None
     report.workload = described
@@ -416,9 +475,8 @@ def models() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def models_list(url: str, as_json: bool) -> None:
     """Show every model of the repository and its state."""
-    from bastion.client import Client
 
-    rows = Client(url).repository_index()
+    rows = _client(url).repository_index()
     if as_json:
         click.echo(_dumps(rows))
         return
@@ -437,9 +495,8 @@ def models_list(url: str, as_json: bool) -> None:
 @click.argument("name")
 def models_load(url: str, name: str) -> None:
     """Load (or reload) model NAME."""
-    from bastion.client import Client
 
-    Client(url).load(name)
+    _client(url).load(name)
     click.echo(f"loaded {name}")
 
 
@@ -448,9 +505,8 @@ def models_load(url: str, name: str) -> None:
 @click.argument("name")
 def models_unload(url: str, name: str) -> None:
     """Unload model NAME (it stays unloaded until `models load`)."""
-    from bastion.client import Client
 
-    Client(url).unload(name)
+    _client(url).unload(name)
     click.echo(f"unloaded {name}")
 
 
@@ -467,9 +523,9 @@ def models_unload(url: str, name: str) -> None:
 def infer(url: str, model: str, inputs: tuple[str, ...], model_version: str | None, as_json: bool,
           binary: bool) -> None:
     """Call MODEL on a running server with inputs from files."""
-    from bastion.client import Client, ClientError
+    from bastion.client import ClientError
 
-    client = Client(url)
+    client = _client(url)
     try:
         response = client.infer_files(model, list(inputs), version=model_version, binary=binary)
     except ClientError as err:
@@ -494,7 +550,18 @@ def _dumps(data: Any) -> str:
 
 # command groups of the guard package (each module exposes one click group)
 def _add_guard_commands() -> None:
-    pass
+    from bastion.cli.tls import tls
+
+    cli.add_command(tls)
+    from bastion.cli.keys import keys
+
+    cli.add_command(keys)
+    from bastion.cli.audit import audit
+
+    cli.add_command(audit)
+    from bastion.cli.bundle import bundle
+
+    cli.add_command(bundle)
 
 
 _add_guard_commands()

@@ -65,14 +65,42 @@ class ServeOptions:
     max_json_depth: int = 32
     request_timeout_s: float | None = 30.0
     control_dir: str | None = field(default=None, repr=False)  # set by the supervisor
+    worker_index: int = field(default=0, repr=False)  # set by the supervisor
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], source: str = "config") -> ServeOptions:
-        known = {f.name for f in fields(cls)} - {"control_dir"}
+        known = {f.name for f in fields(cls)} - {"control_dir", "worker_index"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**data)
+
+    def check_security(self) -> None:
+        """Refuse settings that would serve unprotected by accident (ValueError says why)."""
+        if self.keys_db is None and not self.insecure_no_auth:
+            raise ValueError(
+                "refusing to serve without authentication: pass --keys PATH (a key store made with "
+                "`bastion keys create --keys PATH --tenant NAME`), or --insecure-no-auth on a loopback address"
+            )
+        if self.keys_db is not None and self.insecure_no_auth:
+            raise ValueError("--keys and --insecure-no-auth contradict each other; pass one")
+        if self.insecure_no_auth and not _is_loopback(self.host):
+            raise ValueError(
+                f"--insecure-no-auth is allowed on loopback addresses only (127.0.0.1, ::1, localhost), "
+                f"not {self.host!r}"
+            )
+        from bastion.guard.tls import server_ssl_context, tls_files
+
+        tls = tls_files(self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_client_auth)
+        if tls is not None:
+            server_ssl_context(*tls)  # loads the files: a bad one stops the start, not the first handshake
+        if not 4 <= self.max_json_depth <= 250:
+            # every V2 JSON body is 4 deep; orjson parses 1024 levels but writes only ~254
+            raise ValueError(f"max_json_depth must be between 4 and 250, got {self.max_json_depth}")
+        if self.bundle_key_provider:
+            from bastion.guard.keyproviders import load_key_provider
+
+            load_key_provider(self.bundle_key_provider)
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(
@@ -83,6 +111,56 @@ class ServeOptions:
             max_json_depth=self.max_json_depth,
             request_timeout_s=self.request_timeout_s or None,
         )
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def build_gate(opts: ServeOptions, metrics: Any) -> Any:
+    """The guard for this process: key store, limiter and audit log, as the options say."""
+    from bastion.guard.gate import Gate
+    from bastion.guard.limits import Limiter, SqliteLedger
+
+    authenticator = None
+    limiter = None
+    master: bytes | None = None
+    if opts.keys_db is not None:
+        from bastion.guard.keystore import KeyStore
+
+        store = KeyStore(
+            Path(opts.keys_db),
+            secret_file=Path(opts.secret_file) if opts.secret_file else None,
+            create=False,
+        )
+        authenticator = store
+        master = store.master_secret
+        limiter = Limiter(SqliteLedger(store.connect), workers=opts.workers)
+    audit = None
+    if opts.audit and (opts.keys_db is not None or opts.audit_dir is not None):
+        from bastion.guard.audit import AuditLog
+        from bastion.guard.secrets import derive_key, load_or_create_secret
+
+        audit_dir = Path(opts.audit_dir) if opts.audit_dir else Path(opts.keys_db).parent / "audit"  # type: ignore[arg-type]
+        if master is None:  # no key store: the secret lives beside the audit directory
+            default_secret = audit_dir.with_name(audit_dir.name + ".secret")
+            secret_path = Path(opts.secret_file) if opts.secret_file else default_secret
+            master = load_or_create_secret(secret_path)
+        audit = AuditLog(
+            audit_dir,
+            derive_key(master, "audit-chain"),
+            writer_id=str(opts.worker_index),
+            fsync_interval_s=opts.audit_fsync_interval_s,
+        )
+    return Gate(authenticator=authenticator, limiter=limiter, audit=audit, metrics=metrics,
+                open_metrics=opts.open_metrics)
 
 
 def _http_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -105,10 +183,13 @@ class _BastionHttp:
         self._server: Any = None
 
     async def start(self) -> None:
+        from bastion.guard.tls import server_ssl_context, tls_files
         from bastion.transport.http_server import HttpServer
 
-        self._server = HttpServer(self._app, max_body_bytes=self._opts.max_body_bytes)
-        await self._server.start([self._sock])
+        o = self._opts
+        tls = tls_files(o.tls_cert, o.tls_key, o.tls_client_ca, o.tls_client_auth)
+        self._server = HttpServer(self._app, max_body_bytes=o.max_body_bytes)
+        await self._server.start([self._sock], ssl=server_ssl_context(*tls) if tls is not None else None)
 
     async def shutdown(self, timeout_s: float) -> None:
         await self._server.shutdown(timeout_s)
@@ -147,9 +228,47 @@ class _UvicornHttp:
             def capture_signals(self) -> Iterator[None]:
                 yield
 
+        import ssl
+
+        from bastion.guard.tls import CIPHERS, CLIENT_CERT_FP_SCOPE_KEY, fingerprint_der, server_ssl_context, tls_files
+
+        def _client_cert_protocol() -> type:
+            """uvicorn's httptools protocol, plus the client certificate's fingerprint in
+            every scope of the connection, under the key Bastion's own HTTP server uses."""
+            from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+            class ClientCertProtocol(HttpToolsProtocol):  # type: ignore[misc]
+                _bastion_fp: str | None = None
+
+                def connection_made(self, transport: Any) -> None:
+                    super().connection_made(transport)
+                    ssl_object = transport.get_extra_info("ssl_object")
+                    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+                    self._bastion_fp = fingerprint_der(der) if der else None
+
+                def on_message_begin(self) -> None:
+                    super().on_message_begin()
+                    if self._bastion_fp is not None:
+                        self.scope[CLIENT_CERT_FP_SCOPE_KEY] = self._bastion_fp  # type: ignore[literal-required]
+
+            return ClientCertProtocol
+
+        tls = tls_files(opts.tls_cert, opts.tls_key, opts.tls_client_ca, opts.tls_client_auth)
+        http: Any = "httptools"
+        ssl_config: dict[str, Any] = {}
+        if tls is not None:
+            # uvicorn loads the files itself when it starts serving, in a task nobody awaits
+            # until shutdown: loading them here first turns a bad file into a startup error
+            server_ssl_context(*tls)
+            ssl_config = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key), "ssl_ciphers": CIPHERS}
+            if tls.client_auth != "none":
+                ssl_config["ssl_ca_certs"] = str(tls.client_ca)
+                ssl_config["ssl_cert_reqs"] = ssl.CERT_REQUIRED if tls.client_auth == "required" else ssl.CERT_OPTIONAL
+                http = _client_cert_protocol()
+
         config = uvicorn.Config(
             app,
-            http="httptools",
+            http=http,
             loop="none",
             lifespan="off",
             access_log=False,
@@ -160,6 +279,7 @@ class _UvicornHttp:
             date_header=False,
             proxy_headers=False,  # a middleware per request; Bastion is not behind a trusted proxy by default
             ws="none",
+            **ssl_config,
         )
         return Server(config)
 
@@ -185,15 +305,34 @@ async def serve_async(
         poll_interval_s=opts.poll_interval_s or None,
         explicit=opts.explicit_models is not None,
         initial_models=opts.explicit_models,
+        trusted_signers=[Path(p) for p in opts.trusted_signers or []],
+        key_provider=opts.bundle_key_provider,
     )
-    dataplane = DataPlane(repo, executor_threads=opts.executor_threads, strict_readiness=opts.strict_readiness)
+    from bastion.observability.metrics import Metrics
+
+    metrics = Metrics()
+    dataplane = DataPlane(
+        repo,
+        metrics=metrics,
+        executor_threads=opts.executor_threads,
+        strict_readiness=opts.strict_readiness,
+        gate=build_gate(opts, metrics),
+        limits=opts.request_limits(),
+    )
     grpc_server = None
     if opts.grpc_port is not None:
+        from bastion.guard.tls import grpc_server_credentials, tls_files
+
+        tls = tls_files(opts.tls_cert, opts.tls_key, opts.tls_client_ca, opts.tls_client_auth)
         grpc_server = create_grpc_server(
-            dataplane, opts.host, opts.grpc_port, max_message_bytes=opts.max_body_bytes, reuse_port=reuse_port
+            dataplane, opts.host, opts.grpc_port, max_message_bytes=opts.max_body_bytes, reuse_port=reuse_port,
+            credentials=grpc_server_credentials(*tls) if tls is not None else None,
+            limits=opts.request_limits(),
+            # gRPC only sees client certificates when it requires them (see guard/tls.py)
+            client_certs=tls is not None and opts.tls_client_auth == "required",
         )
         await grpc_server.start()
-    app = RestApp(dataplane, max_body_bytes=opts.max_body_bytes)
+    app = RestApp(dataplane, limits=opts.request_limits())
     stopping = asyncio.Event()
     if opts.http_impl == "uvicorn":
         http = _UvicornHttp(app, opts, http_sock)
@@ -264,6 +403,14 @@ def run(opts: ServeOptions, *, progress: Callable[[str, int, int], None] | None 
     from bastion.observability.logs import configure_logging
 
     configure_logging(opts.log_level, opts.log_format)
+    from bastion.core.errors import BastionError
+
+    try:
+        opts.check_security()
+    except (ValueError, OSError, BastionError) as err:
+        log.error("cannot serve: %s", err)
+        print(f"bastion serve: {err}", file=sys.stderr)
+        return 2
     if opts.workers > 1:
         from bastion.cli.workers import supervise
 
@@ -271,8 +418,12 @@ def run(opts: ServeOptions, *, progress: Callable[[str, int, int], None] | None 
     _install_uvloop()
     try:
         asyncio.run(serve_async(opts, progress=progress))
-    except OSError as err:
+    except (OSError, ValueError, BastionError) as err:
+        # a port in use, an unreadable key store or secret, a bad signer key: the operator's
+        # setup, so a message and exit 2 rather than a traceback
+        log.debug("cannot serve", exc_info=True)
         log.error("cannot serve: %s", err)
+        print(f"bastion serve: {err}", file=sys.stderr)
         return 2
     return 0
 

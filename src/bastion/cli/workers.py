@@ -105,7 +105,9 @@ def _worker_main(opts: ServeOptions, index: int) -> None:
     # the supervisor owns Ctrl-C; a worker drains on the SIGTERM the supervisor forwards
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _install_uvloop()
-    asyncio.run(serve_async(opts))
+    from dataclasses import replace
+
+    asyncio.run(serve_async(replace(opts, worker_index=index)))
 
 
 def supervise(opts: ServeOptions) -> int:

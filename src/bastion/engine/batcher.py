@@ -120,7 +120,18 @@ class Batcher:
             # thread hand-off serves them all
             self._tick_pending = True
             loop.call_soon(self._on_tick, loop)
-        return await item.future
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            # a timed-out or abandoned request must not cost a model run: drop it if still queued
+            try:
+                self._queue.remove(item)
+            except ValueError:
+                pass  # already in a running batch; its result is discarded
+            else:
+                self._queued_rows -= item.rows
+                self._observer.queue_depth(len(self._queue))
+            raise
 
     def _on_tick(self, loop: asyncio.AbstractEventLoop) -> None:
         self._tick_pending = False

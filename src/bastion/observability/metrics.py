@@ -94,6 +94,25 @@ class Metrics:
             ["zoo", "outcome"],
             registry=r,
         )
+        # security events: rare by nature, so counted directly (no tally)
+        self.auth_failures = Counter(
+            "bastion_auth_failures_total",
+            "Requests refused for missing or invalid credentials (401)",
+            ["transport", "reason"],
+            registry=r,
+        )
+        self.forbidden = Counter(
+            "bastion_forbidden_total",
+            "Requests refused because the key's scope or role does not allow them (403)",
+            ["tenant"],
+            registry=r,
+        )
+        self.limited = Counter(
+            "bastion_rate_limited_total",
+            "Requests refused with 429 by tenant; limit=rate (token bucket) or quota (budget exhausted)",
+            ["tenant", "limit"],
+            registry=r,
+        )
         self.model_ready = Gauge(
             "bastion_model_ready",
             "1 when the model version is loaded and serving",
@@ -108,6 +127,16 @@ class Metrics:
 
     def zoo_outcome(self, zoo: str, outcome: str) -> None:
         self.zoo_requests.labels(zoo, outcome).inc()
+
+    def auth_failure(self, transport: str, reason: str) -> None:
+        self.auth_failures.labels(transport, reason).inc()
+
+    def forbidden_request(self, tenant: str) -> None:
+        # tenant names come from the operator's key store, never from a request
+        self.forbidden.labels(tenant).inc()
+
+    def rate_limited(self, tenant: str, limit: str) -> None:
+        self.limited.labels(tenant, limit).inc()
 
     def for_version(self, model: str, version: str) -> VersionMetrics:
         return VersionMetrics(self, model, version)

@@ -29,10 +29,11 @@ import numpy as np
 import orjson
 
 from bastion.core.datatypes import DATATYPE_TO_NUMPY
-from bastion.core.errors import InvalidInput
+from bastion.core.errors import InvalidInput, PayloadTooLarge
+from bastion.core.limits import RequestLimits
 from bastion.core.metadata import ModelMetadata, TensorSpec
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor
-from bastion.protocol.v2_rest import DEFAULT_MAX_ELEMENTS, array_from_json
+from bastion.protocol.v2_rest import DEFAULT_LIMITS, array_from_json, check_json_depth
 
 __all__ = [
     "DEFAULT_SIGNATURE",
@@ -45,6 +46,11 @@ DEFAULT_SIGNATURE = "serving_default"
 _NUMPY_OPTS = orjson.OPT_SERIALIZE_NUMPY
 _FLOAT_KINDS = "fc"
 _MAX_DIMS = 32
+_ORJSON_MAX_DEPTH = 1024
+_REQUEST_KEYS = frozenset({"instances", "inputs", "signature_name"})
+# {"instances": [{"name": [...]}]}: the deepest skeleton around the input values. Smaller
+# depth limits get a walk of the whole body, so the checks below can take these as allowed.
+_SKELETON_DEPTH = 3
 
 
 def _show(value: Any) -> str:
@@ -61,12 +67,21 @@ def _is_b64(value: Any) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _load(body: bytes) -> tuple[dict, bool]:
+def _too_deep(limit: int, what: str = "request body:") -> InvalidInput:
+    return InvalidInput(
+        f"{what} nested deeper than max_json_depth ({limit} levels, counting the request body object as 1)"
+    )
+
+
+def _load(body: bytes, max_depth: int) -> tuple[dict, bool]:
     """The body's JSON object, and whether it may hold explicit NaN/Infinity."""
     try:
         obj, extended = orjson.loads(body), False
     except orjson.JSONDecodeError as exc:
         if b"NaN" not in body and b"Infinity" not in body:
+            # orjson stops at 1024 levels on its own; a smaller configured limit is the one to name
+            if max_depth < _ORJSON_MAX_DEPTH and "depth limit" in str(exc):
+                raise _too_deep(max_depth) from None
             raise InvalidInput(f"request body is not valid JSON: {exc}") from None
         try:
             obj, extended = json.loads(body), True
@@ -116,71 +131,117 @@ def _named_instances(instances: list, specs: dict[str, TensorSpec]) -> dict[str,
     return {name: [inst[name] for inst in instances] for name in keys}
 
 
-def _row_values(instances: Any, specs: dict[str, TensorSpec]) -> dict[str, Any]:
+# Each returns the input values and how many body levels enclose a value's list of rows:
+# the row list of named instances is built here, and stands at the level of the instance
+# objects, its members (the values) one level below.
+
+
+def _row_values(instances: Any, specs: dict[str, TensorSpec]) -> tuple[dict[str, Any], int]:
     if type(instances) is not list or not instances:
         raise InvalidInput(f"instances: expected a non-empty list (one entry per row), got {_show(instances)}")
     first = instances[0]
     if type(first) is dict and not _is_b64(first):
-        return _named_instances(instances, specs)
+        return _named_instances(instances, specs), 2  # {"instances": [{"x": value}]}
     if len(specs) != 1:
         raise InvalidInput(
             f"instances[0]: the model has {len(specs)} inputs ({_names(tuple(specs.values()))}); "
             "each instance must be an object mapping input names to values"
         )
-    return {next(iter(specs)): instances}
+    return {next(iter(specs)): instances}, 1  # {"instances": [value]}
 
 
-def _columnar_values(inputs: Any, specs: dict[str, TensorSpec]) -> dict[str, Any]:
+def _columnar_values(inputs: Any, specs: dict[str, TensorSpec]) -> tuple[dict[str, Any], int]:
     if type(inputs) is dict and not _is_b64(inputs):
         if not inputs:
             raise InvalidInput("inputs: expected at least one input")
         _check_known(inputs, specs, "inputs")
-        return inputs
+        return inputs, 2  # {"inputs": {"x": value}}
     if len(specs) != 1:
         raise InvalidInput(
             f"inputs: the model has {len(specs)} inputs ({_names(tuple(specs.values()))}); "
             "expected an object mapping input names to values"
         )
-    return {next(iter(specs)): inputs}
+    return {next(iter(specs)): inputs}, 1  # {"inputs": value}
 
 
-def _b64_or_utf8(item: Any, label: str) -> bytes:
+def _b64_or_utf8(item: Any, label: str, max_string_bytes: int) -> bytes:
     if type(item) is str:
         try:
-            return item.encode()
+            raw = item.encode()
         except UnicodeEncodeError:
             raise InvalidInput(f"{label}: holds a string that is not valid Unicode") from None
-    if _is_b64(item) and type(item["b64"]) is str:
+    elif _is_b64(item) and type(item["b64"]) is str:
+        text = item["b64"]
+        # decoded size is at most 3/4 of the text: refuse before decoding what cannot fit
+        if len(text) // 4 * 3 - 2 > max_string_bytes:
+            raise PayloadTooLarge(
+                f'{label}: a "b64" value of {len(text)} characters decodes to more than '
+                f"max_string_bytes ({max_string_bytes}) bytes"
+            )
         try:
-            return base64.b64decode(item["b64"], validate=True)
+            raw = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidInput(f'{label}: a "b64" value is not valid base64') from None
-    raise InvalidInput(f'{label}: datatype BYTES expects strings or {{"b64": ...}} objects, got {_show(item)}')
+    else:
+        raise InvalidInput(f'{label}: datatype BYTES expects strings or {{"b64": ...}} objects, got {_show(item)}')
+    if len(raw) > max_string_bytes:
+        raise PayloadTooLarge(
+            f"{label}: a BYTES value is {len(raw)} bytes, more than max_string_bytes ({max_string_bytes})"
+        )
+    return raw
 
 
-def _bytes_array(value: Any, label: str) -> np.ndarray:
+def _bytes_array(value: Any, label: str, json_level: int, limits: RequestLimits) -> np.ndarray:
+    """BYTES from strings and ``{"b64": ...}`` objects; the value sits below ``json_level`` levels."""
     try:
         # With dtype=object numpy keeps ragged rows as list cells instead of refusing them.
         cells = np.array(value, dtype=object)
     except ValueError:  # nested deeper than numpy's dimension limit
         raise InvalidInput(f"{label}: values are nested too deeply") from None
+    max_depth = limits.max_json_depth
+    # numpy stops at its dimension limit and keeps what is deeper as list cells (refused below)
+    if json_level + cells.ndim > max_depth:
+        raise _too_deep(max_depth, f"{label}: values are")
     if cells.ndim > _MAX_DIMS:
         raise InvalidInput(f"{label}: values are nested deeper than {_MAX_DIMS} levels")
     items = cells.reshape(-1).tolist()
-    if list in set(map(type, items)):
+    types = set(map(type, items))
+    if list in types:
         raise InvalidInput(f"{label}: values are not a rectangular array (rows differ in shape)")
+    if dict in types and json_level + cells.ndim + 1 > max_depth:  # {"b64": ...} is one more level
+        raise _too_deep(max_depth, f"{label}: values are")
     out = np.empty(len(items), dtype=object)
-    out[:] = [_b64_or_utf8(item, label) for item in items]
+    out[:] = [_b64_or_utf8(item, label, limits.max_string_bytes) for item in items]
     return out.reshape(cells.shape)
 
 
-def _to_array(value: Any, spec: TensorSpec, label: str, extended: bool) -> np.ndarray:
-    """A TF-Serving JSON value (scalar or nested list) as an array of the input's datatype."""
+def _to_array(
+    value: Any, spec: TensorSpec, label: str, extended: bool, json_level: int, limits: RequestLimits
+) -> np.ndarray:
+    """A TF-Serving JSON value (scalar or nested list) as an array of the input's datatype.
+
+    ``json_level``: how many body levels enclose ``value`` (bounded by ``max_json_depth``).
+    """
     if spec.datatype == "BYTES":
-        return _bytes_array(value, label)
+        return _bytes_array(value, label, json_level, limits)
     if type(value) is list:
-        return array_from_json(value, spec.datatype, label, check_overflow=not extended)
-    return array_from_json([value], spec.datatype, label, check_overflow=not extended).reshape(())
+        return array_from_json(
+            value,
+            spec.datatype,
+            label,
+            check_overflow=not extended,
+            max_json_depth=limits.max_json_depth,
+            json_level=json_level,
+        )
+    # a scalar is wrapped into a list that stands in for the level enclosing it
+    return array_from_json(
+        [value],
+        spec.datatype,
+        label,
+        check_overflow=not extended,
+        max_json_depth=limits.max_json_depth,
+        json_level=json_level - 1,
+    ).reshape(())
 
 
 def decode_predict_request(
@@ -188,16 +249,34 @@ def decode_predict_request(
     model_name: str,
     model_version: str | None,
     signature: ModelMetadata,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_elements: int | None = None,
+    *,
+    limits: RequestLimits = DEFAULT_LIMITS,
 ) -> tuple[InferenceRequest, bool]:
     """Parse a TF-Serving ``:predict`` body into an ``InferenceRequest`` and its ``row_format``.
 
     ``row_format`` is True for ``instances`` and False for ``inputs``; the response must use the
     same format. Datatypes come from ``signature``; shapes from the JSON nesting. Raises
-    ``InvalidInput`` naming the field for any malformed request or more than ``max_elements``
-    elements in total.
+    ``InvalidInput`` naming the field for any malformed request.
+
+    ``limits`` bounds the request's shape: ``max_elements`` over all inputs,
+    ``max_batch_size`` for every input's first dimension (the number of instances in row
+    format) and ``max_json_depth`` (all ``InvalidInput``), ``max_string_bytes`` per string or
+    decoded ``b64`` value (``PayloadTooLarge``). ``max_elements``, when given, overrides
+    ``limits.max_elements`` (the older spelling).
     """
-    obj, extended = _load(body)
+    if max_elements is None:
+        max_elements = limits.max_elements
+    max_depth = limits.max_json_depth
+    max_batch = limits.max_batch_size
+    obj, extended = _load(body, max_depth)
+    if max_depth < _SKELETON_DEPTH:
+        check_json_depth(obj, 1, max_depth, "request body")
+    elif not obj.keys() <= _REQUEST_KEYS:
+        # members the decoder ignores are still part of the body and bounded like the rest
+        for key, value in obj.items():
+            if key not in _REQUEST_KEYS:
+                check_json_depth(value, 2, max_depth, f"request body field {_show(key)}")
     _check_signature(obj)
     has_rows, has_columns = "instances" in obj, "inputs" in obj
     if has_rows == has_columns:
@@ -207,15 +286,23 @@ def decode_predict_request(
     specs = {spec.name: spec for spec in signature.inputs}
     if not specs:
         raise InvalidInput(f"model '{model_name}' declares no inputs; cannot map a TF-Serving request")
-    values = _row_values(obj["instances"], specs) if has_rows else _columnar_values(obj["inputs"], specs)
+    values, json_level = _row_values(obj["instances"], specs) if has_rows else _columnar_values(obj["inputs"], specs)
     tensors = []
     total = 0
     for name, value in values.items():
         spec = specs[name]
-        arr = _to_array(value, spec, f"input '{name}'", extended)
+        label = f"input '{name}'"
+        # a list's length is the tensor's first dimension: refuse before converting anything
+        if max_batch is not None and type(value) is list and len(value) > max_batch:
+            rows = "instances" if has_rows else "rows"
+            raise InvalidInput(
+                f"{label}: batch size {len(value)} ({rows}, the first dimension) is more than "
+                f"max_batch_size ({max_batch})"
+            )
+        arr = _to_array(value, spec, label, extended, json_level, limits)
         total += arr.size
         if total > max_elements:
-            raise InvalidInput(f"request holds more than {max_elements} elements in total")
+            raise InvalidInput(f"request holds more than {max_elements} elements in total, the max_elements limit")
         tensors.append(InferTensor(name, spec.datatype, arr.shape, arr))
     return InferenceRequest(model_name, model_version, tensors), has_rows
 

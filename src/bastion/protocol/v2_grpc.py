@@ -29,12 +29,14 @@ from typing import Any
 import numpy as np
 
 from bastion.core.datatypes import DATATYPE_TO_NUMPY, DATATYPES
-from bastion.core.errors import BastionError, InternalError, InvalidInput
+from bastion.core.errors import BastionError, InternalError, InvalidInput, PayloadTooLarge
+from bastion.core.limits import RequestLimits
 from bastion.core.metadata import ModelMetadata, TensorSpec
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor, RequestedOutput
 from bastion.protocol.grpc_v2 import grpc_service_pb2 as pb2
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "DEFAULT_MAX_ELEMENTS",
     "MAX_DIMS",
     "decode_infer_request",
@@ -52,8 +54,11 @@ __all__ = [
     "response_uses_raw",
 ]
 
-# Refuse absurd element counts before anything is allocated for them.
-DEFAULT_MAX_ELEMENTS = 1 << 26
+# The limits a decoder applies when its caller passes none.
+DEFAULT_LIMITS = RequestLimits()
+# Refuse absurd element counts before anything is allocated for them (kept for callers
+# that predate RequestLimits).
+DEFAULT_MAX_ELEMENTS = DEFAULT_LIMITS.max_elements
 # numpy 1.x cannot hold more dims than this; a deeper shape is never a real tensor.
 MAX_DIMS = 32
 
@@ -199,18 +204,26 @@ def _check_shape(label: str, dims: Iterable[int], max_elements: int) -> tuple[tu
         if dim > max_elements:
             raise InvalidInput(
                 f"{label}: shape {_fmt_shape(shape)} has dimension {dim}, "
-                f"more than the limit of {max_elements} elements"
+                f"more than the limit of {max_elements} elements (max_elements)"
             )
     count = math.prod(shape)
     if count > max_elements:
         raise InvalidInput(
-            f"{label}: shape {_fmt_shape(shape)} has {count} elements, more than the limit of {max_elements}"
+            f"{label}: shape {_fmt_shape(shape)} has {count} elements, more than the limit of {max_elements} "
+            "(max_elements)"
         )
     return shape, count
 
 
-def _split_bytes(label: str, raw: bytes, count: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Raw BYTES content (4-byte LE length + data, per element) -> object array of bytes."""
+def _string_too_long(label: str, where: str, index: int, size: int, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"{label}: {where} element {index} is {size} bytes, more than max_string_bytes ({limit})")
+
+
+def _split_bytes(label: str, raw: bytes, count: int, shape: tuple[int, ...], max_string_bytes: int) -> np.ndarray:
+    """Raw BYTES content (4-byte LE length + data, per element) -> object array of bytes.
+
+    ``max_string_bytes`` bounds each element's length (the prefix's value).
+    """
     size = len(raw)
     # Every element costs at least its 4-byte prefix: refuse before allocating `count` slots.
     if count * 4 > size:
@@ -233,6 +246,8 @@ def _split_bytes(label: str, raw: bytes, count: int, shape: tuple[int, ...]) -> 
             raise InvalidInput(
                 f"{label}: raw BYTES element {i} declares {length} bytes but only {size - offset} remain"
             )
+        if length > max_string_bytes:
+            raise _string_too_long(label, "raw BYTES", i, length, max_string_bytes)
         out[i] = raw[offset : offset + length]
         offset += length
     if offset != size:
@@ -243,9 +258,11 @@ def _split_bytes(label: str, raw: bytes, count: int, shape: tuple[int, ...]) -> 
     return out
 
 
-def _decode_raw(label: str, datatype: str, raw: bytes, shape: tuple[int, ...], count: int) -> np.ndarray:
+def _decode_raw(
+    label: str, datatype: str, raw: bytes, shape: tuple[int, ...], count: int, max_string_bytes: int
+) -> np.ndarray:
     if datatype == "BYTES":
-        return _split_bytes(label, raw, count, shape)
+        return _split_bytes(label, raw, count, shape, max_string_bytes)
     wire = _WIRE_DTYPE[datatype]
     needed = count * wire.itemsize
     if len(raw) != needed:
@@ -273,6 +290,7 @@ def _decode_typed(
     count: int,
     shape: tuple[int, ...],
     raw_field: str,
+    max_string_bytes: int,
 ) -> np.ndarray:
     expected = CONTENTS_FIELD.get(datatype)
     present = [field.name for field, _ in contents.ListFields()]
@@ -302,8 +320,12 @@ def _decode_typed(
             f"{label}: contents.{expected} has {len(values)} values but shape {_fmt_shape(shape)} needs {count}"
         )
     if datatype == "BYTES":
+        items = list(values)
+        if count and max(map(len, items)) > max_string_bytes:  # in C; the index only words the error
+            index = next(i for i, item in enumerate(items) if len(item) > max_string_bytes)
+            raise _string_too_long(label, f"contents.{expected}", index, len(items[index]), max_string_bytes)
         array = np.empty(count, dtype=object)
-        array[:] = list(values)
+        array[:] = items
         return array
     # upb containers convert to numpy in C: no per-element Python work.
     wide = np.asarray(values, dtype=_FIELD_DTYPE[expected])
@@ -319,27 +341,32 @@ def _decode_typed(
     return wide.astype(dtype, copy=False)
 
 
+def _tensor_shape(label: str, datatype: str, dims: Iterable[int], max_elements: int) -> tuple[tuple[int, ...], int]:
+    """The datatype checked, then the shape and its element count."""
+    if datatype not in DATATYPES:
+        raise InvalidInput(f"{label}: unsupported datatype {_q(datatype, 16)}; expected one of {_DATATYPE_LIST}")
+    return _check_shape(label, dims, max_elements)
+
+
 def _decode_tensor(
     label: str,
     datatype: str,
-    dims: Iterable[int],
+    shape: tuple[int, ...],
+    count: int,
     contents: pb2.InferTensorContents,
     raw: bytes | None,
     raw_field: str,
-    max_elements: int,
-) -> tuple[tuple[int, ...], np.ndarray]:
-    if datatype not in DATATYPES:
-        raise InvalidInput(f"{label}: unsupported datatype {_q(datatype, 16)}; expected one of {_DATATYPE_LIST}")
-    shape, count = _check_shape(label, dims, max_elements)
+    max_string_bytes: int,
+) -> np.ndarray:
     if raw is not None:
         if contents.ListFields():
             raise InvalidInput(
                 f"{label}: contents must be empty when {raw_field} is used; send each tensor in one form"
             )
-        flat = _decode_raw(label, datatype, raw, shape, count)
+        flat = _decode_raw(label, datatype, raw, shape, count, max_string_bytes)
     else:
-        flat = _decode_typed(label, datatype, contents, count, shape, raw_field)
-    return shape, flat.reshape(shape)
+        flat = _decode_typed(label, datatype, contents, count, shape, raw_field, max_string_bytes)
+    return flat.reshape(shape)
 
 
 def _raw_entries(entries: Any, tensors: int, raw_field: str, tensor_field: str) -> list[bytes] | None:
@@ -353,12 +380,27 @@ def _raw_entries(entries: Any, tensors: int, raw_field: str, tensor_field: str) 
     return list(entries)
 
 
-def decode_infer_request(msg: pb2.ModelInferRequest, max_elements: int = DEFAULT_MAX_ELEMENTS) -> InferenceRequest:
+def decode_infer_request(
+    msg: pb2.ModelInferRequest,
+    max_elements: int | None = None,
+    *,
+    limits: RequestLimits = DEFAULT_LIMITS,
+) -> InferenceRequest:
     """``ModelInferRequest`` -> ``InferenceRequest``; ``InvalidInput`` for any malformed field.
 
     Numeric tensors sent raw are read-only zero-copy views of the message's bytes.
     Whether the tensors fit the model's signature is the data plane's business.
+
+    ``limits`` bounds the request's shape, each checked before the tensor's data is
+    touched: ``max_elements`` over all inputs and ``max_batch_size`` for every input's first
+    dimension (``InvalidInput``), ``max_string_bytes`` per BYTES element, typed or raw
+    (``PayloadTooLarge``). The message size is the transport's (gRPC's receive limit).
+    ``max_elements``, when given, overrides ``limits.max_elements`` (the older spelling).
     """
+    if max_elements is None:
+        max_elements = limits.max_elements
+    max_batch = limits.max_batch_size
+    total = 0
     if not msg.model_name:
         raise InvalidInput("model_name: must not be empty")
     raw = _raw_entries(msg.raw_input_contents, len(msg.inputs), "raw_input_contents", "inputs")
@@ -374,14 +416,28 @@ def decode_infer_request(msg: pb2.ModelInferRequest, max_elements: int = DEFAULT
         seen.add(name)
         params = decode_parameters(tensor.parameters, f"{label}: ")
         _refuse_shared_memory(params, f"{label}: ", "send the data in raw_input_contents")
-        shape, data = _decode_tensor(
+        shape, count = _tensor_shape(label, tensor.datatype, tensor.shape, max_elements)
+        total += count
+        if total > max_elements:
+            raise InvalidInput(
+                f"inputs: with {label} the tensors hold {total} elements in total, more than the limit of "
+                f"{max_elements} (max_elements)"
+            )
+        # server-wide cap, before any data is read; the model's own cap is the data plane's
+        if max_batch is not None and shape and shape[0] > max_batch:
+            raise InvalidInput(
+                f"{label}: batch size {shape[0]} (first dimension of shape {_fmt_shape(shape)}) is more than "
+                f"max_batch_size ({max_batch})"
+            )
+        data = _decode_tensor(
             label,
             tensor.datatype,
-            tensor.shape,
+            shape,
+            count,
             tensor.contents,
             None if raw is None else raw[i],
             "raw_input_contents",
-            max_elements,
+            limits.max_string_bytes,
         )
         inputs.append(InferTensor(name, tensor.datatype, shape, data, params))
 
@@ -555,14 +611,16 @@ def decode_infer_response(msg: pb2.ModelInferResponse, max_elements: int = DEFAU
     for i, tensor in enumerate(msg.outputs):
         label = f"output {_q(tensor.name)}"
         params = decode_parameters(tensor.parameters, f"{label}: ")
-        shape, data = _decode_tensor(
+        shape, count = _tensor_shape(label, tensor.datatype, tensor.shape, max_elements)
+        data = _decode_tensor(
             label,
             tensor.datatype,
-            tensor.shape,
+            shape,
+            count,
             tensor.contents,
             None if raw is None else raw[i],
             "raw_output_contents",
-            max_elements,
+            sys.maxsize,  # client side: a response's strings are as long as the server made them
         )
         outputs.append(InferTensor(tensor.name, tensor.datatype, shape, data, params))
     return InferenceResponse(

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import reprlib
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,12 +46,15 @@ import numpy as np
 import orjson
 
 from bastion.core.datatypes import DATATYPE_TO_NUMPY, numpy_dtype
-from bastion.core.errors import InternalError, InvalidInput
+from bastion.core.errors import InternalError, InvalidInput, PayloadTooLarge
+from bastion.core.limits import RequestLimits
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor, RequestedOutput
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "DEFAULT_MAX_ELEMENTS",
     "array_from_json",
+    "check_json_depth",
     "decode_infer_request",
     "decode_infer_response",
     "encode_error",
@@ -58,8 +62,11 @@ __all__ = [
     "encode_infer_response",
 ]
 
-DEFAULT_MAX_ELEMENTS = 1 << 26
-"""Total tensor elements accepted in one request (a memory guard; bytes are the transport's job)."""
+DEFAULT_LIMITS = RequestLimits()
+"""The limits a decoder applies when its caller passes none."""
+
+DEFAULT_MAX_ELEMENTS = DEFAULT_LIMITS.max_elements
+"""Total tensor elements accepted in one request (kept for callers that predate ``RequestLimits``)."""
 
 # NumPy 1 supports 32 dimensions, NumPy 2 64; the lower bound keeps both safe.
 _MAX_DIMS = 32
@@ -69,6 +76,7 @@ _NUMPY_OPTS = orjson.OPT_SERIALIZE_NUMPY
 _LEN_PREFIX = struct.Struct("<I")
 
 _FLOATS = frozenset({"FP16", "FP32", "FP64"})
+_ORJSON_MAX_DEPTH = 1024
 
 
 def _overflow_threshold(dtype: np.dtype) -> float:
@@ -135,20 +143,100 @@ def _expected(field: str, what: str, got: Any) -> InvalidInput:
 
 
 # --------------------------------------------------------------------------------------------
+# Request limits
+# --------------------------------------------------------------------------------------------
+
+
+def _too_deep(field: str, limit: int) -> InvalidInput:
+    return InvalidInput(
+        f"{field}: nested deeper than max_json_depth ({limit} levels, counting the request body object as 1)"
+    )
+
+
+def check_json_depth(value: Any, level: int, limit: int, field: str) -> None:
+    """Refuse ``value`` when its arrays/objects reach past nesting level ``limit``.
+
+    ``value`` itself sits at ``level`` (the body's top object is level 1). Iterative, so no
+    input depth can exhaust Python's stack; each container's members are type-scanned in C
+    and only nested containers are visited one by one, so flat ones cost one scan.
+    """
+    kind = type(value)
+    if kind is dict:
+        members: Any = value.values()
+    elif kind is list:
+        members = value
+    else:
+        return
+    if level > limit:
+        raise _too_deep(field, limit)
+    types = set(map(type, members))
+    if list not in types and dict not in types:
+        return
+    stack = [(value, level)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise _too_deep(field, limit)
+        members = node.values() if type(node) is dict else node
+        types = set(map(type, members))
+        if list in types or dict in types:
+            for member in members:
+                if type(member) is list or type(member) is dict:
+                    stack.append((member, depth + 1))
+
+
+def _check_unknown_depth(obj: dict, known: frozenset[str], level: int, limit: int, where: str) -> None:
+    """Members the decoder ignores are still part of the body and bounded like the rest."""
+    for key, value in obj.items():
+        if key not in known:
+            check_json_depth(value, level, limit, f"{where}{_show(key)}")
+
+
+def _data_too_deep(label: str, json_limit: int | None) -> InvalidInput:
+    if json_limit is None:
+        return InvalidInput(f"{label}: data is nested deeper than {_MAX_DIMS} levels")
+    return InvalidInput(
+        f"{label}: data is nested deeper than max_json_depth ({json_limit} levels, counting the request body object "
+        "as 1)"
+    )
+
+
+def _string_too_long(label: str, index: int, size: int, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"{label}: BYTES element {index} is {size} bytes, more than max_string_bytes ({limit})")
+
+
+def _check_string_sizes(items: list[bytes], label: str, limit: int | None) -> None:
+    if limit is None or not items:
+        return
+    if max(map(len, items)) > limit:  # in C; the index is looked for only to word the error
+        index = next(i for i, item in enumerate(items) if len(item) > limit)
+        raise _string_too_long(label, index, len(items[index]), limit)
+
+
+# --------------------------------------------------------------------------------------------
 # JSON data -> numpy
 # --------------------------------------------------------------------------------------------
 
 
-def _leaf_types(data: list, types: set[type], label: str, depth: int = 1) -> set[type]:
-    """Python types of the scalars of a nested list; ``types`` are those of ``data`` itself."""
+def _leaf_types(
+    data: list, types: set[type], label: str, levels: int, json_limit: int | None, depth: int = 1
+) -> set[type]:
+    """Python types of the scalars of a nested list; ``types`` are those of ``data`` itself.
+
+    ``data`` may nest ``levels`` lists deep (``json_limit`` is the body limit when that is
+    what bounds it, for the error message).
+    """
     if len(types) > 1:
         raise InvalidInput(f"{label}: data mixes arrays and scalars at nesting level {depth}")
-    if depth >= _MAX_DIMS:
-        raise InvalidInput(f"{label}: data is nested deeper than {_MAX_DIMS} levels")
+    if depth >= levels:
+        raise _data_too_deep(label, json_limit)
     leaves: set[type] = set()
     for row in data:
         row_types = set(map(type, row))
-        leaves |= _leaf_types(row, row_types, label, depth + 1) if list in row_types else row_types
+        if list in row_types:
+            leaves |= _leaf_types(row, row_types, label, levels, json_limit, depth + 1)
+        else:
+            leaves |= row_types
     return leaves
 
 
@@ -202,7 +290,7 @@ def _numbers_to_array(data: list, dtype: np.dtype, datatype: str, label: str, ch
         raise InvalidInput(f"{label}: data is not a rectangular array (nested lists of different lengths)") from None
 
 
-def _strings_to_array(data: list, label: str, nested: bool) -> np.ndarray:
+def _strings_to_array(data: list, label: str, nested: bool, max_string_bytes: int | None) -> np.ndarray:
     """BYTES from JSON strings: an object array of the strings' UTF-8 bytes, nesting kept."""
     if nested:
         # With dtype=object numpy keeps ragged rows as list cells instead of refusing them.
@@ -213,11 +301,13 @@ def _strings_to_array(data: list, label: str, nested: bool) -> np.ndarray:
         shape = cells.shape
     else:
         flat, shape = data, (len(data),)
-    out = np.empty(len(flat), dtype=object)
     try:
-        out[:] = [s.encode() for s in flat]
+        items = [s.encode() for s in flat]
     except UnicodeEncodeError:
         raise InvalidInput(f"{label}: data holds a string that is not valid Unicode") from None
+    _check_string_sizes(items, label, max_string_bytes)
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
     return out.reshape(shape)
 
 
@@ -228,6 +318,9 @@ def array_from_json(
     *,
     allow_null: bool = False,
     check_overflow: bool = True,
+    max_json_depth: int | None = None,
+    json_level: int = 0,
+    max_string_bytes: int | None = None,
 ) -> np.ndarray:
     """Convert a JSON (possibly nested) list into an array of ``datatype``, keeping its nesting.
 
@@ -235,26 +328,40 @@ def array_from_json(
     for float datatypes (responses written by JSON encoders that have no NaN). ``check_overflow``
     refuses finite values too large for FP16/FP32; callers whose JSON may hold explicit
     Infinity turn it off. Shared with the TF-Serving codec.
+
+    Request limits: ``data`` sits inside ``json_level`` levels of the body and the body may
+    nest ``max_json_depth`` levels (None: only numpy's dimension limit applies); a BYTES
+    element longer than ``max_string_bytes`` raises ``PayloadTooLarge``.
     """
     if type(data) is not list:
         raise _expected(f"{label}: data", "an array", data)
+    levels, json_limit = _MAX_DIMS, None
+    if max_json_depth is not None and max_json_depth - json_level < _MAX_DIMS:
+        levels, json_limit = max_json_depth - json_level, max_json_depth
+        if levels < 1:
+            raise _data_too_deep(label, json_limit)
     types = set(map(type, data))
     nested = list in types
     if nested:
-        types = _leaf_types(data, types, label)
+        types = _leaf_types(data, types, label, levels, json_limit)
     allowed, what = _ALLOWED[datatype]
     if allow_null and datatype in _FLOATS:
         allowed = _NULLABLE_NUMBERS
     if not types <= allowed:
         raise _bad_elements(label, datatype, types - allowed, what)
     if datatype == "BYTES":
-        return _strings_to_array(data, label, nested)
+        return _strings_to_array(data, label, nested, max_string_bytes)
     return _numbers_to_array(data, DATATYPE_TO_NUMPY[datatype], datatype, label, check_overflow)
 
 
 # --------------------------------------------------------------------------------------------
 # Tensor headers
 # --------------------------------------------------------------------------------------------
+
+
+_TENSOR_KEYS = frozenset({"name", "datatype", "shape", "parameters", "data"})
+_OUTPUT_KEYS = frozenset({"name", "parameters"})
+_REQUEST_KEYS = frozenset({"inputs", "outputs", "parameters", "id"})
 
 
 @dataclass(slots=True)
@@ -298,7 +405,9 @@ def _tensor_parameters(raw: dict, field: str, label: str) -> tuple[dict[str, Any
     return params, size
 
 
-def _parse_head(raw: Any, field: str, kind: str) -> _Head:
+def _parse_head(raw: Any, field: str, kind: str, max_batch: int | None, max_depth: int | None) -> _Head:
+    """One tensor object; ``max_depth`` (None: unchecked) bounds its parameters and unknown keys
+    (the object sits at level 3 of the body; its data is bounded when converted)."""
     if type(raw) is not dict:
         raise _expected(field, "an object", raw)
     name = raw.get("name", _MISSING)
@@ -314,8 +423,22 @@ def _parse_head(raw: Any, field: str, kind: str) -> _Head:
         what = f"a list of at most {_MAX_DIMS} non-negative integers"
         raise _expected(f"{field}.shape", what, shape)
     label = f"{kind} '{name}'"
-    params, binary_size = _tensor_parameters(raw, field, label) if "parameters" in raw else ({}, None)
+    # Server-wide cap, checked before any data is converted; the model's own cap is the data plane's.
+    if max_batch is not None and shape and shape[0] > max_batch:
+        raise InvalidInput(
+            f"{label}: batch size {shape[0]} (first dimension of shape {shape}) is more than "
+            f"max_batch_size ({max_batch})"
+        )
+    has_params = "parameters" in raw
+    params, binary_size = _tensor_parameters(raw, field, label) if has_params else ({}, None)
     data = raw.get("data", _MISSING)
+    if max_depth is not None:
+        if params:
+            check_json_depth(params, 4, max_depth, f"{field}.parameters")
+        # name, datatype and shape are present by now: counting finds unknown keys cheaply
+        # (4 keys, the usual count, can hold none: one of parameters and data must be there)
+        if len(raw) > 4 and len(raw) > 3 + has_params + (data is not _MISSING):
+            _check_unknown_depth(raw, _TENSOR_KEYS, 4, max_depth, f"{field}.")
     if (binary_size is None) == (data is _MISSING):
         if data is _MISSING:
             raise InvalidInput(f"{label}: no data; expected 'data' or parameters.binary_data_size")
@@ -323,21 +446,23 @@ def _parse_head(raw: Any, field: str, kind: str) -> _Head:
     return _Head(name, label, datatype, tuple(shape), math.prod(shape), params, data, binary_size)
 
 
-def _parse_heads(raw: Any, field: str, kind: str, max_elements: int) -> list[_Head]:
+def _parse_heads(
+    raw: Any, field: str, kind: str, max_elements: int, max_batch: int | None, max_depth: int | None
+) -> list[_Head]:
     if type(raw) is not list or not raw:
         raise _expected(field, "a non-empty list of tensor objects", raw)
     heads = []
     seen: set[str] = set()
     total = 0
     for i, item in enumerate(raw):
-        head = _parse_head(item, f"{field}[{i}]", kind)
+        head = _parse_head(item, f"{field}[{i}]", kind, max_batch, max_depth)
         if head.name in seen:
             raise InvalidInput(f"{field}: duplicate {kind} name '{head.name}'")
         seen.add(head.name)
         total += head.count
         if total > max_elements:
             raise InvalidInput(
-                f"{field}: tensors hold more than {max_elements} elements in total "
+                f"{field}: tensors hold more than {max_elements} elements in total, the max_elements limit "
                 f"({head.label} has shape {list(head.shape)})"
             )
         heads.append(head)
@@ -373,9 +498,14 @@ def _fixed_from_buffer(buf: Any, offset: int, head: _Head) -> np.ndarray:
     return arr.reshape(head.shape)
 
 
-def _bytes_from_buffer(buf: Any, offset: int, head: _Head) -> np.ndarray:
-    """BYTES elements: each a 4-byte little-endian length followed by that many bytes."""
+def _bytes_from_buffer(buf: Any, offset: int, head: _Head, max_string_bytes: int | None) -> np.ndarray:
+    """BYTES elements: each a 4-byte little-endian length followed by that many bytes.
+
+    ``max_string_bytes`` bounds each element's length (the prefix's value, not counting the
+    prefix itself, as for a JSON string's bytes).
+    """
     label = head.label
+    cap = sys.maxsize if max_string_bytes is None else max_string_bytes
     if head.count * 4 > head.binary_size:  # refuse before allocating the element array
         raise InvalidInput(
             f"binary_data_size of {label} is {head.binary_size} but {head.count} BYTES elements "
@@ -393,6 +523,8 @@ def _bytes_from_buffer(buf: Any, offset: int, head: _Head) -> np.ndarray:
         pos += 4
         if pos + length > end:
             raise InvalidInput(f"{label}: BYTES element {i} declares {length} bytes past the end of its data")
+        if length > cap:
+            raise _string_too_long(label, i, length, cap)
         out[i] = bytes(view[pos : pos + length])
         pos += length
     if pos != end:
@@ -417,8 +549,17 @@ def _check_binary_section(heads: list[_Head], field: str, available: int, has_se
         raise InvalidInput(f"binary section is {available} bytes but {field} declare {declared}")
 
 
-def _json_tensor(head: _Head, allow_null: bool) -> np.ndarray:
-    arr = array_from_json(head.data, head.datatype, head.label, allow_null=allow_null)
+def _json_tensor(head: _Head, allow_null: bool, max_string_bytes: int | None, max_json_depth: int | None) -> np.ndarray:
+    # data sits at level 4 of the body: {"inputs": [{"data": [...]}]}
+    arr = array_from_json(
+        head.data,
+        head.datatype,
+        head.label,
+        allow_null=allow_null,
+        max_json_depth=max_json_depth,
+        json_level=3,
+        max_string_bytes=max_string_bytes,
+    )
     if arr.size != head.count:
         raise InvalidInput(
             f"{head.label}: data has {arr.size} elements but shape {list(head.shape)} needs {head.count}"
@@ -427,7 +568,14 @@ def _json_tensor(head: _Head, allow_null: bool) -> np.ndarray:
 
 
 def _build_tensors(
-    heads: list[_Head], field: str, body: Any, start: int, has_section: bool, allow_null: bool
+    heads: list[_Head],
+    field: str,
+    body: Any,
+    start: int,
+    has_section: bool,
+    allow_null: bool,
+    max_string_bytes: int | None = None,
+    max_json_depth: int | None = None,
 ) -> list[InferTensor]:
     """Convert every tensor's data; binary ones are read in order from ``body[start:]``."""
     _check_binary_section(heads, field, len(body) - start, has_section)
@@ -435,10 +583,12 @@ def _build_tensors(
     offset = start
     for head in heads:
         if head.binary_size is None:
-            arr = _json_tensor(head, allow_null)
+            arr = _json_tensor(head, allow_null, max_string_bytes, max_json_depth)
         else:
-            read = _bytes_from_buffer if head.datatype == "BYTES" else _fixed_from_buffer
-            arr = read(body, offset, head)
+            if head.datatype == "BYTES":
+                arr = _bytes_from_buffer(body, offset, head, max_string_bytes)
+            else:
+                arr = _fixed_from_buffer(body, offset, head)
             offset += head.binary_size
         tensors.append(InferTensor(head.name, head.datatype, head.shape, arr, head.parameters))
     return tensors
@@ -460,10 +610,13 @@ def _split_body(body: Any, header_length: int | None) -> tuple[Any, int]:
     return body[:header_length], header_length
 
 
-def _load_object(header: Any, what: str) -> dict:
+def _load_object(header: Any, what: str, max_json_depth: int | None = None) -> dict:
     try:
         obj = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
+        # orjson stops at 1024 levels on its own; a smaller configured limit is the one to name
+        if max_json_depth is not None and max_json_depth < _ORJSON_MAX_DEPTH and "depth limit" in str(exc):
+            raise _too_deep(what, max_json_depth) from None
         raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
     if type(obj) is not dict:
         raise _expected(what, "a JSON object", obj)
@@ -491,7 +644,8 @@ def _check_bool_param(params: dict, key: str, field: str) -> None:
         raise _expected(f"{field}.{key}", "true or false", value)
 
 
-def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
+def _requested_outputs(raw: Any, max_depth: int) -> list[RequestedOutput] | None:
+    """The requested outputs; each object sits at level 3 of the body, its parameters at 4."""
     if raw is None:
         return None
     if type(raw) is not list:
@@ -509,12 +663,18 @@ def _requested_outputs(raw: Any) -> list[RequestedOutput] | None:
             raise InvalidInput(f"outputs: duplicate output name '{name}'")
         seen.add(name)
         params = item.get("parameters")
+        known = 1  # the name; counting finds unknown keys (null parameters only cost a needless look)
         if params is None:
             params = {}
         elif type(params) is not dict:
             raise _expected(f"{field}.parameters", "an object", params)
         else:
+            known = 2
             _check_bool_param(params, "binary_data", f"{field}.parameters")
+            if len(params) > 1 or "binary_data" not in params:  # tritonclient's usual one is flat
+                check_json_depth(params, 4, max_depth, f"{field}.parameters")
+        if len(item) > known:
+            _check_unknown_depth(item, _OUTPUT_KEYS, 4, max_depth, f"{field}.")
         outputs.append(RequestedOutput(name, params))
     return outputs
 
@@ -533,10 +693,14 @@ _FAST_TYPES: dict[str, tuple[np.dtype, frozenset[type]]] = {
     "INT64": (DATATYPE_TO_NUMPY["INT64"], frozenset({int})),
 }
 _FP32_LIMIT = _FLOAT_LIMITS["FP32"]
+# Every body the fast path accepts nests exactly this deep ({"inputs": [{"data": [1.0]}]}:
+# keys and types are checked exactly and data must be flat), so max_json_depth costs it one
+# comparison per request instead of a walk.
+_FAST_DEPTH = 4
 
 
 def _fast_request(
-    obj: dict, model_name: str, model_version: str | None, max_elements: int
+    obj: dict, model_name: str, model_version: str | None, max_elements: int, max_batch: int | None
 ) -> InferenceRequest | None:
     keys = obj.keys()
     if keys != _FAST_TOP[0] and keys != _FAST_TOP[1]:
@@ -567,6 +731,8 @@ def _fast_request(
         total += count
         if count != len(data) or total > max_elements or not set(map(type, data)) <= fast[1]:
             return None
+        if max_batch is not None and shape and shape[0] > max_batch:
+            return None
         dtype = fast[0]
         # Python's max/min on the parsed list beat a float64 detour through numpy; values at
         # or past the threshold would round to inf in FP32 (the full decoder words that error)
@@ -588,7 +754,8 @@ def decode_infer_request(
     model_version: str | None,
     header_length: int | None = None,
     *,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    limits: RequestLimits = DEFAULT_LIMITS,
+    max_elements: int | None = None,
 ) -> InferenceRequest:
     """Parse a V2 REST inference request body into an ``InferenceRequest``.
 
@@ -596,21 +763,49 @@ def decode_infer_request(
     is JSON); binary tensors follow the JSON in input order. The model name and version come
     from the URL. Tensors are arrays of their datatype's dtype in their declared shape; binary
     ones may be read-only views of ``body``. Raises ``InvalidInput`` for any malformed or
-    inconsistent request, including more than ``max_elements`` elements in total.
+    inconsistent request.
+
+    ``limits`` bounds the request's shape: ``max_elements`` over all inputs,
+    ``max_batch_size`` for every input's first dimension and ``max_json_depth`` (all
+    ``InvalidInput``), ``max_string_bytes`` per BYTES element (``PayloadTooLarge``). The body
+    size is the transport's. ``max_elements``, when given, overrides ``limits.max_elements``
+    (the older spelling).
     """
+    if max_elements is None:
+        max_elements = limits.max_elements
+    max_depth = limits.max_json_depth
     header, start = _split_body(body, header_length)
-    obj = _load_object(header, "request body")
-    if header_length is None:
-        fast = _fast_request(obj, model_name, model_version, max_elements)
+    obj = _load_object(header, "request body", max_depth)
+    if header_length is None and max_depth >= _FAST_DEPTH:
+        fast = _fast_request(obj, model_name, model_version, max_elements, limits.max_batch_size)
         if fast is not None:
             return fast
-    heads = _parse_heads(obj.get("inputs", _MISSING), "inputs", "input", max_elements)
-    parameters = _parameters(obj.get("parameters"), "parameters")
+    raw_inputs = obj.get("inputs", _MISSING)
+    raw_parameters = obj.get("parameters")
+    raw_outputs = obj.get("outputs")
+    request_id = obj.get("id")
+    if max_depth < _FAST_DEPTH:
+        # Limits this small are never practical; walking everything keeps the checks below
+        # free to assume the fixed levels of a request's skeleton (4 deep) are allowed.
+        check_json_depth(obj, 1, max_depth, "request body")
+    # counting the known keys finds unknown ones cheaper than a set comparison (a known key
+    # set to null counts as unknown, which only costs a needless look; a lone key is either
+    # "inputs" or refused below for the missing inputs)
+    elif len(obj) > 1 and len(obj) > (raw_inputs is not _MISSING) + (raw_parameters is not None) + (
+        raw_outputs is not None
+    ) + (request_id is not None):
+        _check_unknown_depth(obj, _REQUEST_KEYS, 2, max_depth, "request body field ")
+    heads = _parse_heads(raw_inputs, "inputs", "input", max_elements, limits.max_batch_size, max_depth)
+    parameters = _parameters(raw_parameters, "parameters")
     if parameters:
         _check_bool_param(parameters, "binary_data_output", "parameters")
-    request_id = _optional_str(obj, "id")
-    outputs = _requested_outputs(obj.get("outputs"))
-    inputs = _build_tensors(heads, "inputs", body, start, header_length is not None, False)
+        check_json_depth(parameters, 2, max_depth, "parameters")
+    if request_id is not None and type(request_id) is not str:
+        raise _expected("id", "a string", request_id)
+    outputs = _requested_outputs(raw_outputs, max_depth)
+    inputs = _build_tensors(
+        heads, "inputs", body, start, header_length is not None, False, limits.max_string_bytes, max_depth
+    )
     return InferenceRequest(model_name, model_version, inputs, request_id, outputs, parameters)
 
 
@@ -627,7 +822,7 @@ def decode_infer_response(
     if type(model_name) is not str:
         raise _expected("model_name", "a string", model_name)
     model_version = _optional_str(obj, "model_version")
-    heads = _parse_heads(obj.get("outputs", _MISSING), "outputs", "output", max_elements)
+    heads = _parse_heads(obj.get("outputs", _MISSING), "outputs", "output", max_elements, None, None)
     outputs = _build_tensors(heads, "outputs", body, start, header_length is not None, True)
     parameters = _parameters(obj.get("parameters"), "parameters")
     return InferenceResponse(model_name, model_version, outputs, _optional_str(obj, "id"), parameters)

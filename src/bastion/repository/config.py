@@ -25,7 +25,7 @@ from bastion.core.datatypes import DATATYPES
 from bastion.core.metadata import BatchingConfig, ModelConfig, TensorSpec, VersionPolicy
 from bastion.runtimes import RUNTIME_NAMES, ModelLoadError
 
-__all__ = ["CONFIG_FILE", "ConfigError", "load_model_config", "parse_model_config"]
+__all__ = ["CONFIG_FILE", "ConfigError", "load_model_config", "parse_model_config", "parse_model_config_yaml"]
 
 CONFIG_FILE = "config.yaml"
 
@@ -61,6 +61,16 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         raise ConfigError(f"{source}: missing; every model directory needs a {CONFIG_FILE}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: cannot read: {exc}") from None
+    return parse_model_config_yaml(name, text, source=source)
+
+
+def parse_model_config_yaml(name: str, text: str | bytes, *, source: str) -> ModelConfig:
+    """Parse config.yaml content that is not in a model directory (a sealed bundle's, in memory)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{source}: not UTF-8: {exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

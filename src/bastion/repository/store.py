@@ -4,6 +4,17 @@ Layout (Triton's): ``<root>/<model>/config.yaml`` and ``<root>/<model>/<version>
 versions being positive integer directory names without leading zeros. Other entries
 (``metrics.json``, test data, hidden temp files) are ignored.
 
+A sealed bundle ``<root>/<model>.bundle`` (``bastion bundle seal``) stands for model
+``<model>``: its config.yaml and versions are inside, encrypted and signed. It is
+verified against ``trusted_signers`` before anything is decrypted, its data key is
+unwrapped by ``key_provider``, and its files are decrypted into memory only and handed
+to the runtime as bytes. A bundle whose file name disagrees with the model name sealed
+inside it is refused (so a signed bundle cannot be served under another name), and so
+is a model present both as a directory and as a bundle. Replace a bundle atomically
+(``seal --out`` writes a hidden temp file and renames it): its file stamp changing
+reloads it; versions whose content (SHA-256 in the signed manifest) did not change are
+not reloaded.
+
 Threading: every state change and every listener call happens on the event loop
 thread; only disk scans, config parsing and runtime creation run in worker threads.
 Listeners therefore never race each other or the repository.
@@ -20,7 +31,8 @@ Reload semantics (what operators can rely on):
   If a reload fails, the previous runtime keeps serving and ``reason`` says so; if
   none of the versions the policy selects can be loaded, older loaded versions that
   still exist on disk keep serving rather than leaving the model empty.
-* An invalid config.yaml keeps the loaded versions serving with the previous config.
+* An invalid config.yaml keeps the loaded versions serving with the previous config; so
+  does a replacement bundle that is refused (bad signature, wrong key, ...).
 * ``unload()`` sticks: the poller leaves the model alone until ``load()``.
 * A repository root that cannot be read during a poll changes nothing (an unmounted
   volume must not unload every model); a model directory that disappears is unloaded.
@@ -44,7 +56,9 @@ from typing import Any, Protocol
 
 from bastion.core.errors import NotFound
 from bastion.core.metadata import ModelConfig, VersionPolicy
-from bastion.repository.config import CONFIG_FILE, ConfigError, load_model_config
+from bastion.guard.bundles import BUNDLE_SUFFIX, CONFIG_PATH, BundleError, OpenBundle, load_public_key, verify_bundle
+from bastion.guard.keyproviders import KeyProvider, load_key_provider
+from bastion.repository.config import CONFIG_FILE, ConfigError, load_model_config, parse_model_config_yaml
 from bastion.repository.stamps import Stamp, file_stamp
 from bastion.repository.zoos import ZOO_FILE, ZooCatalog
 from bastion.runtimes import create_runtime
@@ -112,10 +126,13 @@ class RepositoryListener(Protocol):
 
 @dataclass
 class _DiskModel:
-    """What one scan saw of a model directory."""
+    """What one scan saw of a model directory, or of a sealed bundle (``bundle`` set; its
+    versions are only known once it is opened, so ``versions`` is empty then)."""
 
     config_stamp: Stamp | None
     versions: dict[int, Stamp]
+    bundle: Path | None = None
+    conflict: str | None = None  # why this model cannot be served as it stands on disk
 
 
 @dataclass
@@ -147,6 +164,8 @@ class _Entry:
     slots: dict[int, _Slot] = field(default_factory=dict)
     failed: dict[int, _Failure] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # versions of the last bundle opened, stamped with their files' manifest digests
+    bundle_versions: dict[int, Stamp] = field(default_factory=dict)
 
 
 class ModelRepository:
@@ -157,6 +176,10 @@ class ModelRepository:
     UNAVAILABLE. The poller keeps loaded models in sync in both modes. Without
     ``explicit``, ``initial_models`` limits what ``start()`` loads; directories that
     appear later are loaded by the poller.
+
+    ``trusted_signers`` (Ed25519 public key PEM files) and ``key_provider`` (a provider,
+    or its spec such as ``env:VAR``) are needed only to serve sealed bundles; without
+    them a bundle's model is FAILED with a reason saying what to configure.
     """
 
     def __init__(
@@ -167,8 +190,14 @@ class ModelRepository:
         runtime_factory: RuntimeFactory = create_runtime,
         explicit: bool = False,
         initial_models: list[str] | None = None,
+        trusted_signers: list[Path] | None = None,
+        key_provider: KeyProvider | str | None = None,
     ) -> None:
         self.root = Path(root)
+        # Read now, so a bad key file or an unset key variable stops the server at start
+        # rather than failing every bundle.
+        self._trusted = [load_public_key(Path(p)) for p in trusted_signers or []]
+        self._key_provider = load_key_provider(key_provider) if isinstance(key_provider, str) else key_provider
         self._poll_interval_s = poll_interval_s
         self._factory = runtime_factory
         self._explicit = explicit
@@ -265,7 +294,7 @@ class ModelRepository:
 
     async def load(self, name: str) -> ModelStatus:
         """Load, or reload from disk, one model; it is served (and polled) from now on."""
-        snapshot = await asyncio.to_thread(_scan_model, self.root / name) if _plain_name(name) else None
+        snapshot = await asyncio.to_thread(_scan_named, self.root, name) if _plain_name(name) else None
         if snapshot is None:
             if name in self._models:
                 await self._remove(name)
@@ -335,25 +364,35 @@ class ModelRepository:
 
     async def _sync_locked(self, entry: _Entry, disk: _DiskModel, *, force: bool) -> None:
         name = entry.name
+        opened: OpenBundle | None = None  # a bundle's plaintext stays in memory for this sync only
         if force or not entry.config_read or disk.config_stamp != entry.config_stamp:
             entry.config_read, entry.config_stamp = True, disk.config_stamp
             try:
-                entry.config = await asyncio.to_thread(load_model_config, self.root / name)
+                if disk.conflict is not None:
+                    raise ConfigError(disk.conflict)
+                if disk.bundle is None:
+                    entry.config = await asyncio.to_thread(load_model_config, self.root / name)
+                else:
+                    opened, entry.config = await asyncio.to_thread(self._open_bundle, name, disk.bundle)
+                    entry.bundle_versions = _bundle_versions(opened)
                 entry.config_error = None
-            except ConfigError as exc:
+            except (ConfigError, BundleError) as exc:
                 entry.config_error = str(exc)
                 log.error("invalid model config", extra={"model": name, "error": entry.config_error})
         if entry.config_error is not None:
             if entry.slots:
                 entry.state = ModelState.READY
+                previous = "the previously loaded bundle" if disk.bundle is not None else "the previous config"
                 entry.reason = (
-                    f"{entry.config_error}; still serving version(s) {_versions(entry.slots)} with the previous config"
+                    f"{entry.config_error}; still serving version(s) {_versions(entry.slots)} with {previous}"
                 )
             else:
                 entry.state, entry.reason = ModelState.FAILED, entry.config_error
             return
         config = entry.config
         assert config is not None  # read successfully above, now or earlier
+        if disk.bundle is not None:
+            disk = dataclasses.replace(disk, versions=dict(entry.bundle_versions))
 
         wanted = _select(config.version_policy, disk.versions)
         to_load = [v for v in wanted if force or self._stale(entry, v, disk.versions[v], config)]
@@ -363,7 +402,12 @@ class ModelRepository:
         loaded: dict[int, Runtime] = {}
         for version in to_load:
             try:
-                loaded[version] = await asyncio.to_thread(self._factory, config, self.root / name / str(version))
+                if disk.bundle is None:
+                    loaded[version] = await asyncio.to_thread(self._factory, config, self.root / name / str(version))
+                else:
+                    if opened is None:  # the bundle is unchanged but a version still has to load
+                        opened, _ = await asyncio.to_thread(self._open_bundle, name, disk.bundle)
+                    loaded[version] = await asyncio.to_thread(self._load_sealed, config, opened, disk.bundle, version)
                 entry.failed.pop(version, None)
             except Exception as exc:  # any runtime's failure is this version's, not the server's
                 error = str(exc) or repr(exc)
@@ -392,6 +436,38 @@ class ModelRepository:
         entry.failed = {v: f for v, f in entry.failed.items() if v in disk.versions}
         entry.state = ModelState.READY if entry.slots else ModelState.FAILED
         entry.reason = _reason(entry, config, wanted, disk, fallback)
+
+    def _open_bundle(self, name: str, path: Path) -> tuple[OpenBundle, ModelConfig]:
+        """Verify (signature first), unwrap and read the config of a sealed bundle. Worker thread."""
+        source = path.name
+        missing = [
+            what
+            for what, present in (
+                ("trusted signers (--trusted-signer PUBLIC_KEY.pem)", self._trusted),
+                ("key provider (--bundle-key-provider env:VAR, file:PATH or module:pkg.mod:factory)",
+                 self._key_provider is not None),
+            )
+            if not present
+        ]
+        if missing:
+            raise BundleError(f"{source}: a sealed bundle, but the server has no {' and no '.join(missing)}")
+        assert self._key_provider is not None
+        try:
+            data = path.read_bytes()  # once: what is verified is exactly what is decrypted
+        except OSError as exc:
+            raise BundleError(f"{source}: cannot read: {exc.strerror or exc}") from None
+        opened = verify_bundle(data, self._trusted, source=source).unseal(self._key_provider)
+        if opened.header.model != name:
+            raise BundleError(
+                f"{source}: sealed for model {opened.header.model!r}; a bundle is served under the name "
+                f"it was sealed with, so name the file {opened.header.model}{BUNDLE_SUFFIX}"
+            )
+        config = parse_model_config_yaml(name, opened.read(CONFIG_PATH), source=f"{source}:{CONFIG_FILE}")
+        return opened, config
+
+    def _load_sealed(self, config: ModelConfig, opened: OpenBundle, path: Path, version: int) -> Runtime:
+        # version_dir names the version in messages only: the runtime gets the bytes.
+        return self._factory(config, path / str(version), files=opened.read_version(version))
 
     @staticmethod
     def _stale(entry: _Entry, version: int, stamp: Stamp, config: ModelConfig) -> bool:
@@ -487,7 +563,8 @@ def _select(policy: VersionPolicy, on_disk: dict[int, Stamp]) -> list[int]:
 def _reason(entry: _Entry, config: ModelConfig, wanted: list[int], disk: _DiskModel, fallback: list[int]) -> str:
     parts: list[str] = []
     if not disk.versions:
-        parts.append(f"no version directories (positive integers such as 1/) in {entry.name}/")
+        where = disk.bundle.name if disk.bundle is not None else f"{entry.name}/"
+        parts.append(f"no version directories (positive integers such as 1/) in {where}")
     elif not wanted:
         parts.append(f"no version on disk ({_versions(disk.versions)}) matches the version policy")
     if config.version_policy.kind == "specific":
@@ -521,14 +598,48 @@ def _plain_name(name: str) -> bool:
 
 def _scan_root(root: Path) -> dict[str, _DiskModel]:
     models: dict[str, _DiskModel] = {}
+    bundles: dict[str, Path] = {}
     with os.scandir(root) as it:
         for item in it:
-            if item.name.startswith(".") or not item.is_dir():
+            if item.name.startswith("."):
                 continue
-            snapshot = _scan_model(Path(item.path))
-            if snapshot is not None:
-                models[item.name] = snapshot
+            if item.is_dir():
+                snapshot = _scan_model(Path(item.path))
+                if snapshot is not None:
+                    models[item.name] = snapshot
+            elif item.name.endswith(BUNDLE_SUFFIX) and item.is_file():
+                bundles[item.name[: -len(BUNDLE_SUFFIX)]] = Path(item.path)
+    for name, path in bundles.items():
+        models[name] = _bundle_model(name, path, models.get(name))
     return models
+
+
+def _scan_named(root: Path, name: str) -> _DiskModel | None:
+    """One model of the root, as ``_scan_root`` would see it."""
+    plain = _scan_model(root / name)
+    path = root / f"{name}{BUNDLE_SUFFIX}"
+    return _bundle_model(name, path, plain) if path.is_file() else plain
+
+
+def _bundle_model(name: str, path: Path, plain: _DiskModel | None) -> _DiskModel:
+    stamp = file_stamp(path)
+    if plain is None:
+        return _DiskModel(stamp, {}, bundle=path)
+    return _DiskModel(
+        (stamp, plain.config_stamp, tuple(sorted(plain.versions.items()))),
+        {},
+        bundle=path,
+        conflict=f"both {name}/ and {path.name} exist; remove one of them (which to serve is ambiguous)",
+    )
+
+
+def _bundle_versions(opened: OpenBundle) -> dict[int, Stamp]:
+    """Each version of a bundle stamped by its files' manifest digests (config.yaml is compared apart)."""
+    stamps: dict[int, list[tuple[str, str]]] = {}
+    for f in opened.header.files:
+        if f.version is not None:
+            stamps.setdefault(f.version, []).append((f.path, f.sha256))
+    return {v: tuple(sorted(items)) for v, items in stamps.items()}
 
 
 def _scan_model(model_dir: Path) -> _DiskModel | None:

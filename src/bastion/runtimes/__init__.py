@@ -20,10 +20,11 @@ from typing import Any
 
 from bastion.core.errors import BastionError
 from bastion.core.metadata import ModelConfig, TensorSpec
-from bastion.runtimes.base import Runtime, RuntimeFactory
+from bastion.runtimes.base import ModelFiles, Runtime, RuntimeFactory
 
 __all__ = [
     "RUNTIME_NAMES",
+    "ModelFiles",
     "ModelLoadError",
     "Runtime",
     "RuntimeFactory",
@@ -32,6 +33,7 @@ __all__ = [
     "check_signature",
     "create_runtime",
     "merge_shape",
+    "model_bytes",
     "model_file",
     "param",
 ]
@@ -76,8 +78,9 @@ _SAFE_ALTERNATIVES = (
 )
 
 
-def create_runtime(config: ModelConfig, version_dir: Path) -> Runtime:
-    """Load the model version in ``version_dir`` with the runtime named by ``config.runtime``."""
+def create_runtime(config: ModelConfig, version_dir: Path, files: ModelFiles | None = None) -> Runtime:
+    """Load the model version in ``version_dir`` (or held in ``files``, from a sealed bundle)
+    with the runtime named by ``config.runtime``."""
     canonical = _ALIASES.get(config.runtime, config.runtime)
     target = _RUNTIMES.get(canonical)
     if target is None:
@@ -86,7 +89,7 @@ def create_runtime(config: ModelConfig, version_dir: Path) -> Runtime:
         )
     module_name, class_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(config, Path(version_dir))
+    return cls(config, Path(version_dir), files)
 
 
 def model_file(config: ModelConfig, version_dir: Path, default: str) -> Path:
@@ -96,15 +99,7 @@ def model_file(config: ModelConfig, version_dir: Path, default: str) -> Path:
     directory (``file: ../../secret``), since config.yaml may come from a less trusted
     source than the server's own filesystem.
     """
-    name = config.parameters.get("file", default)
-    if not isinstance(name, str) or not name:
-        raise ModelLoadError(f"{config.name}: parameters.file: expected a file name, got {name!r}")
-    # Checked on the name, not the resolved path: a symlink the operator placed in the
-    # version directory (e.g. to shared storage) is theirs to make.
-    relative = os.path.normpath(name)
-    if os.path.isabs(relative) or relative == ".." or relative.startswith(".." + os.sep):
-        raise ModelLoadError(f"{config.name}: parameters.file: {name!r} is outside the version directory")
-    path = version_dir / relative
+    path = version_dir / _file_name(config, default)
     _refuse_pickle(config.name, path)
     if not path.is_file():
         # A missing model file next to a pickle is the classic "I saved it with joblib"
@@ -113,6 +108,32 @@ def model_file(config: ModelConfig, version_dir: Path, default: str) -> Path:
             _refuse_pickle(config.name, other)
         raise ModelLoadError(f"{config.name}: model file {path.name!r} not found in {version_dir}")
     return path
+
+
+def model_bytes(config: ModelConfig, files: ModelFiles, version_dir: Path, default: str) -> tuple[str, bytes]:
+    """``model_file`` for a version held in memory: (file name, content), same checks and messages."""
+    name = _file_name(config, default).replace(os.sep, "/")
+    _refuse_pickle(config.name, Path(name))
+    data = files.get(name)
+    if data is None:
+        for other in sorted(files):
+            _refuse_pickle(config.name, Path(other))
+        names = sorted(files)
+        held = ", ".join(names[:10]) + (f", ... ({len(names)} files)" if len(names) > 10 else "") or "no files"
+        raise ModelLoadError(f"{config.name}: model file {name!r} not found in {version_dir} (it holds {held})")
+    return name, data
+
+
+def _file_name(config: ModelConfig, default: str) -> str:
+    name = config.parameters.get("file", default)
+    if not isinstance(name, str) or not name:
+        raise ModelLoadError(f"{config.name}: parameters.file: expected a file name, got {name!r}")
+    # Checked on the name, not the resolved path: a symlink the operator placed in the
+    # version directory (e.g. to shared storage) is theirs to make.
+    relative = os.path.normpath(name)
+    if os.path.isabs(relative) or relative == ".." or relative.startswith(".." + os.sep):
+        raise ModelLoadError(f"{config.name}: parameters.file: {name!r} is outside the version directory")
+    return relative
 
 
 def _refuse_pickle(model: str, path: Path) -> None:

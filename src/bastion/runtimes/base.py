@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -33,5 +34,13 @@ class Runtime(Protocol):
     def close(self) -> None: ...
 
 
+# A version's files held in memory (a decrypted sealed bundle): path inside the version
+# directory ("model.onnx") -> content. Never written to disk.
+ModelFiles = Mapping[str, bytes]
+
+
 class RuntimeFactory(Protocol):
-    def __call__(self, config: ModelConfig, version_dir: Path) -> Runtime: ...
+    """Loads one model version from ``version_dir``, or from ``files`` when given (then
+    ``version_dir`` only names the version in messages and nothing is read from disk)."""
+
+    def __call__(self, config: ModelConfig, version_dir: Path, files: ModelFiles | None = None) -> Runtime: ...

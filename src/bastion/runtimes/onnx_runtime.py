@@ -25,9 +25,11 @@ from bastion.runtimes import (
     check_parameters,
     check_signature,
     merge_shape,
+    model_bytes,
     model_file,
     param,
 )
+from bastion.runtimes.base import ModelFiles
 
 log = logging.getLogger("bastion.runtimes")
 
@@ -79,15 +81,20 @@ class OnnxRuntime:
 
     platform = "onnxruntime_onnx"
 
-    def __init__(self, config: ModelConfig, version_dir: Path) -> None:
+    def __init__(self, config: ModelConfig, version_dir: Path, files: ModelFiles | None = None) -> None:
         check_parameters(config, PARAMETERS)
-        path = model_file(config, version_dir, "model.onnx")
+        source: str | bytes
+        if files is None:
+            path = model_file(config, version_dir, "model.onnx")
+            source, label = str(path), path.name
+        else:  # a sealed bundle: ORT parses the bytes, nothing touches the disk
+            label, source = model_bytes(config, files, version_dir, "model.onnx")
         options = session_options(config)
         providers = _providers(config)
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            session = ort.InferenceSession(source, sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises several unrelated pybind types (Fail, InvalidGraph, ...)
-            raise ModelLoadError(f"{config.name}: ONNX Runtime cannot load {path.name}: {exc}") from exc
+            raise ModelLoadError(f"{config.name}: ONNX Runtime cannot load {label}: {exc}") from exc
 
         model_inputs = {a.name: _spec(config, a, "input") for a in session.get_inputs()}
         model_outputs = {a.name: _spec(config, a, "output") for a in session.get_outputs()}

@@ -29,7 +29,8 @@ import numpy as np
 from bastion.core.datatypes import numpy_dtype
 from bastion.core.errors import InvalidInput, ModelNotReady
 from bastion.core.metadata import ModelConfig, TensorSpec
-from bastion.runtimes import ModelLoadError, UnsafeModelFormat, check_parameters, model_file, param
+from bastion.runtimes import ModelLoadError, UnsafeModelFormat, check_parameters, model_bytes, model_file, param
+from bastion.runtimes.base import ModelFiles
 
 PARAMETERS = ("file", "method", "trusted_types")
 
@@ -37,7 +38,7 @@ PARAMETERS = ("file", "method", "trusted_types")
 class SkopsRuntime:
     platform = "sklearn_skops"
 
-    def __init__(self, config: ModelConfig, version_dir: Path) -> None:
+    def __init__(self, config: ModelConfig, version_dir: Path, files: ModelFiles | None = None) -> None:
         check_parameters(config, PARAMETERS)
         if len(config.inputs) != 1 or len(config.outputs) not in (1, 2):
             raise ModelLoadError(
@@ -51,8 +52,11 @@ class SkopsRuntime:
                 f"{config.name}: inputs[0] ({spec.name}): scikit-learn takes [batch, features]; "
                 f"got shape {list(spec.shape)}"
             )
-        path = model_file(config, version_dir, "model.skops")
-        model = load_trusted(config, path)
+        if files is None:
+            model = load_trusted(config, model_file(config, version_dir, "model.skops"))
+        else:  # a sealed bundle: skops reads the zip from memory
+            name, data = model_bytes(config, files, version_dir, "model.skops")
+            model = load_trusted(config, data, name=name)
 
         methods = ["predict"] if len(config.outputs) == 2 else []
         default = "predict_proba" if hasattr(model, "predict_proba") else "predict"
@@ -99,8 +103,9 @@ class SkopsRuntime:
         self._model = None
 
 
-def load_trusted(config: ModelConfig, path: Path) -> Any:
-    """Load a skops file, trusting skops' defaults plus ``parameters.trusted_types`` only."""
+def load_trusted(config: ModelConfig, source: Path | bytes, *, name: str | None = None) -> Any:
+    """Load a skops file (a path, or its bytes named ``name``), trusting skops' defaults plus
+    ``parameters.trusted_types`` only."""
     try:
         import skops.io as sio
     except ImportError:
@@ -110,21 +115,23 @@ def load_trusted(config: ModelConfig, path: Path) -> Any:
     trusted = param(config, "trusted_types", [], list)
     if not all(isinstance(t, str) for t in trusted):
         raise ModelLoadError(f"{config.name}: parameters.trusted_types: expected a list of type names")
+    in_memory = isinstance(source, bytes)
+    label = name or (source.name if isinstance(source, Path) else "model.skops")
     try:
-        untrusted = sio.get_untrusted_types(file=path)
+        untrusted = sio.get_untrusted_types(data=source) if in_memory else sio.get_untrusted_types(file=source)
     except Exception as exc:  # a zip that is not a skops dump, a newer protocol, ...
-        raise ModelLoadError(f"{config.name}: {path.name} is not a readable skops file: {exc}") from exc
+        raise ModelLoadError(f"{config.name}: {label} is not a readable skops file: {exc}") from exc
     refused = sorted(set(untrusted) - set(trusted))
     if refused:
         raise UnsafeModelFormat(
-            f"{config.name}: refusing to load {path.name}: it contains types skops does not trust by "
+            f"{config.name}: refusing to load {label}: it contains types skops does not trust by "
             f"default: {', '.join(refused)}. Review them; if you trust this file, list them in "
             "config.yaml parameters.trusted_types"
         )
     try:
-        return sio.load(path, trusted=trusted)
+        return sio.loads(source, trusted=trusted) if in_memory else sio.load(source, trusted=trusted)
     except Exception as exc:
-        raise ModelLoadError(f"{config.name}: skops cannot load {path.name}: {exc}") from exc
+        raise ModelLoadError(f"{config.name}: skops cannot load {label}: {exc}") from exc
 
 
 def _cast(values: np.ndarray, spec: TensorSpec, dtype: np.dtype) -> np.ndarray:

@@ -15,6 +15,7 @@ wide: the last model loaded sets it for all torch models in the process.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ import numpy as np
 from bastion.core.datatypes import numpy_dtype
 from bastion.core.errors import InternalError, ModelNotReady
 from bastion.core.metadata import ModelConfig, TensorSpec
-from bastion.runtimes import ModelLoadError, check_parameters, model_file, param
+from bastion.runtimes import ModelLoadError, check_parameters, model_bytes, model_file, param
+from bastion.runtimes.base import ModelFiles
 
 PARAMETERS = ("file", "intra_op_threads")
 # Default file per runtime name; plain "torch" takes whichever format is present.
@@ -46,7 +48,7 @@ def _import_torch(config: ModelConfig) -> Any:
 
 
 class TorchRuntime:
-    def __init__(self, config: ModelConfig, version_dir: Path) -> None:
+    def __init__(self, config: ModelConfig, version_dir: Path, files: ModelFiles | None = None) -> None:
         check_parameters(config, PARAMETERS)
         if not config.inputs or not config.outputs:
             raise ModelLoadError(
@@ -58,7 +60,12 @@ class TorchRuntime:
                 if spec.datatype == "BYTES":
                     raise ModelLoadError(f"{config.name}: {kind}[{i}] ({spec.name}): torch has no BYTES tensors")
         # The file first: a pickle is refused for what it is, with or without torch installed.
-        path = _find_file(config, version_dir)
+        if files is None:
+            path = _find_file(config, version_dir)
+            source: Any = str(path)
+        else:  # a sealed bundle: torch's loaders read from a BytesIO, nothing touches the disk
+            name, data = _find_bytes(config, version_dir, files)
+            path, source = Path(name), io.BytesIO(data)
         torch = _import_torch(config)
         if "intra_op_threads" in config.parameters:
             threads = param(config, "intra_op_threads", 1, int)
@@ -67,10 +74,10 @@ class TorchRuntime:
             torch.set_num_threads(threads)
         try:
             if path.suffix == ".pt2":
-                module = torch.export.load(str(path)).module()
+                module = torch.export.load(source).module()
                 self.platform = "pytorch_export"
             else:
-                module = torch.jit.load(str(path), map_location="cpu")
+                module = torch.jit.load(source, map_location="cpu")
                 module.eval()
                 self.platform = "pytorch_libtorch"  # Triton's name for TorchScript
         except Exception as exc:
@@ -135,3 +142,13 @@ def _find_file(config: ModelConfig, version_dir: Path) -> Path:
             return model_file(config, version_dir, name)
     # Let model_file produce the error (and name a stray pickle if there is one).
     return model_file(config, version_dir, candidates[-1])
+
+
+def _find_bytes(config: ModelConfig, version_dir: Path, files: ModelFiles) -> tuple[str, bytes]:
+    if "file" in config.parameters:
+        return model_bytes(config, files, version_dir, "")
+    candidates = _DEFAULT_FILES.get(config.runtime, _DEFAULT_FILES["torch"])
+    for name in candidates:
+        if name in files:
+            return model_bytes(config, files, version_dir, name)
+    return model_bytes(config, files, version_dir, candidates[-1])

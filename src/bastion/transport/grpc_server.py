@@ -21,8 +21,10 @@ import grpc.aio
 from google.protobuf.message import DecodeError, Message
 
 from bastion.core.errors import BastionError
+from bastion.core.limits import RequestLimits
 from bastion.core.metadata import ModelMetadata
 from bastion.core.tensors import InferenceRequest, InferenceResponse
+from bastion.guard.principal import Principal
 from bastion.protocol import v2_grpc
 from bastion.protocol.grpc_v2 import grpc_service_pb2 as pb2
 from bastion.protocol.grpc_v2 import grpc_service_pb2_grpc as pb2_grpc
@@ -52,17 +54,29 @@ class DataPlaneAPI(Protocol):
 
     def server_metadata(self) -> dict[str, Any]: ...
 
-    def model_ready(self, name: str, version: str | None) -> bool: ...
+    def admit(self, authorization: str | None, cert_fp: str | None, model: str, *, transport: str) -> Principal: ...
 
-    def model_metadata(self, name: str, version: str | None) -> ModelMetadata: ...
+    def authenticate(
+        self, authorization: str | None, cert_fp: str | None, *, transport: str, action: str, model: str = ""
+    ) -> Principal: ...
 
-    async def infer(self, request: InferenceRequest, *, transport: str) -> InferenceResponse: ...
+    def require_admin(self, principal: Principal | None, *, transport: str, action: str) -> None: ...
 
-    def repository_index(self) -> list[dict[str, Any]]: ...
+    def model_ready(self, name: str, version: str | None, *, principal: Principal | None = None) -> bool: ...
 
-    async def load_model(self, name: str) -> None: ...
+    def model_metadata(
+        self, name: str, version: str | None, *, principal: Principal | None = None
+    ) -> ModelMetadata: ...
 
-    async def unload_model(self, name: str) -> None: ...
+    async def infer(
+        self, request: InferenceRequest, *, transport: str, principal: Principal | None = None
+    ) -> InferenceResponse: ...
+
+    def repository_index(self, *, principal: Principal | None = None) -> list[dict[str, Any]]: ...
+
+    async def load_model(self, name: str, *, principal: Principal | None = None, transport: str = "") -> None: ...
+
+    async def unload_model(self, name: str, *, principal: Principal | None = None, transport: str = "") -> None: ...
 
 
 def _retry_after_metadata(err: BastionError) -> tuple[tuple[str, str], ...]:
@@ -84,9 +98,35 @@ async def _abort(context: grpc.aio.ServicerContext, err: BastionError) -> NoRetu
 class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` on top of a data plane."""
 
-    def __init__(self, dataplane: DataPlaneAPI, *, max_elements: int = v2_grpc.DEFAULT_MAX_ELEMENTS) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlaneAPI,
+        *,
+        limits: RequestLimits | None = None,
+        client_certs: bool = False,
+    ) -> None:
         self._dataplane = dataplane
-        self._max_elements = max_elements
+        self._limits = limits or RequestLimits()
+        # mutual TLS: a client certificate may stand for an API key
+        self._client_certs = client_certs
+
+    def _credentials(self, context: grpc.aio.ServicerContext) -> tuple[str | None, str | None]:
+        """The ``authorization`` metadata value and the client certificate's fingerprint."""
+        token = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                token = value if isinstance(value, str) else value.decode("latin-1")
+                break
+        cert_fp = None
+        if self._client_certs:
+            from bastion.guard.tls import grpc_peer_fingerprint
+
+            cert_fp = grpc_peer_fingerprint(context)
+        return token, cert_fp
+
+    def _who(self, context: grpc.aio.ServicerContext, action: str, model: str = "") -> Principal:
+        token, cert_fp = self._credentials(context)
+        return self._dataplane.authenticate(token, cert_fp, transport="grpc", action=action, model=model)
 
     async def _serve(
         self, context: grpc.aio.ServicerContext, method: str, work: Callable[[], Awaitable[T]]
@@ -129,7 +169,8 @@ class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     ) -> pb2.ModelReadyResponse:
         async def work() -> pb2.ModelReadyResponse:
             name, version = v2_grpc.decode_model_ref(request)
-            return pb2.ModelReadyResponse(ready=bool(self._dataplane.model_ready(name, version)))
+            who = self._who(context, "ready", name)
+            return pb2.ModelReadyResponse(ready=bool(self._dataplane.model_ready(name, version, principal=who)))
 
         return await self._serve(context, "ModelReady", work)
 
@@ -148,7 +189,8 @@ class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     ) -> pb2.ModelMetadataResponse:
         async def work() -> pb2.ModelMetadataResponse:
             name, version = v2_grpc.decode_model_ref(request)
-            return v2_grpc.encode_model_metadata(self._dataplane.model_metadata(name, version))
+            who = self._who(context, "metadata", name)
+            return v2_grpc.encode_model_metadata(self._dataplane.model_metadata(name, version, principal=who))
 
         return await self._serve(context, "ModelMetadata", work)
 
@@ -158,8 +200,11 @@ class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb2.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb2.ModelInferResponse:
         async def work() -> pb2.ModelInferResponse:
-            decoded = v2_grpc.decode_infer_request(request, self._max_elements)
-            response = await self._dataplane.infer(decoded, transport="grpc")
+            token, cert_fp = self._credentials(context)
+            # credentials, scope and limits before the tensors are decoded
+            principal = self._dataplane.admit(token, cert_fp, request.model_name, transport="grpc")
+            decoded = v2_grpc.decode_infer_request(request, limits=self._limits)
+            response = await self._dataplane.infer(decoded, transport="grpc", principal=principal)
             if response.id is None:
                 response.id = decoded.id  # the protocol echoes the request id
             return v2_grpc.encode_infer_response(response, raw=v2_grpc.response_uses_raw(request))
@@ -173,7 +218,8 @@ class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     ) -> pb2.RepositoryIndexResponse:
         async def work() -> pb2.RepositoryIndexResponse:
             # repository_name is ignored: Bastion serves a single repository.
-            return v2_grpc.encode_repository_index(self._dataplane.repository_index(), request.ready)
+            who = self._who(context, "index")
+            return v2_grpc.encode_repository_index(self._dataplane.repository_index(principal=who), request.ready)
 
         return await self._serve(context, "RepositoryIndex", work)
 
@@ -181,7 +227,9 @@ class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb2.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb2.RepositoryModelLoadResponse:
         async def work() -> pb2.RepositoryModelLoadResponse:
-            await self._dataplane.load_model(v2_grpc.decode_model_load_request(request))
+            name = v2_grpc.decode_model_load_request(request)
+            who = self._who(context, "load", name)
+            await self._dataplane.load_model(name, principal=who, transport="grpc")
             return pb2.RepositoryModelLoadResponse()
 
         return await self._serve(context, "RepositoryModelLoad", work)
@@ -190,7 +238,9 @@ class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb2.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb2.RepositoryModelUnloadResponse:
         async def work() -> pb2.RepositoryModelUnloadResponse:
-            await self._dataplane.unload_model(v2_grpc.decode_model_unload_request(request))
+            name = v2_grpc.decode_model_unload_request(request)
+            who = self._who(context, "unload", name)
+            await self._dataplane.unload_model(name, principal=who, transport="grpc")
             return pb2.RepositoryModelUnloadResponse()
 
         return await self._serve(context, "RepositoryModelUnload", work)
@@ -256,7 +306,8 @@ def create_grpc_server(
     reuse_port: bool = True,
     max_concurrent_rpcs: int | None = None,
     credentials: grpc.ServerCredentials | None = None,
-    max_elements: int = v2_grpc.DEFAULT_MAX_ELEMENTS,
+    limits: RequestLimits | None = None,
+    client_certs: bool = False,
 ) -> grpc.aio.Server:
     """A grpc.aio server serving ``inference.GRPCInferenceService``, bound but not started.
 
@@ -272,6 +323,8 @@ def create_grpc_server(
       port and the kernel spreads connections between them.
     - ``max_concurrent_rpcs``: RPCs beyond it are refused with RESOURCE_EXHAUSTED.
     - ``credentials``: TLS (``grpc.ssl_server_credentials``); plaintext when None.
+    - ``client_certs``: mutual TLS; the client certificate's fingerprint is passed to
+      authentication, so a registered certificate can stand for an API key.
     """
     # grpc.aio binds the server to the loop running now; created without one it would
     # bind to a loop that never runs it.
@@ -285,7 +338,8 @@ def create_grpc_server(
         ("grpc.max_send_message_length", max_message_bytes),
     ]
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
-    add_servicer_to_server(GrpcInferenceServicer(dataplane, max_elements=max_elements), server)
+    servicer = GrpcInferenceServicer(dataplane, limits=limits, client_certs=client_certs)
+    add_servicer_to_server(servicer, server)
     address = _address(host, port)
     try:
         if credentials is None:

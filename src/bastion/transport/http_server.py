@@ -19,10 +19,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from ssl import SSLContext
 from typing import Any
 from urllib.parse import unquote
 
 import httptools
+
+from bastion.guard.tls import CLIENT_CERT_FP_SCOPE_KEY, fingerprint_der
 
 log = logging.getLogger("bastion.http")
 
@@ -38,6 +41,9 @@ _ASGI = {"version": "3.0", "spec_version": "2.3"}
 _DISCONNECT = {"type": "http.disconnect"}
 # pipelined requests held per connection before the server stops reading from it
 _MAX_PIPELINED = 16
+# a peer that opens a TCP connection and stalls the handshake is dropped after this long
+# (the idle sweep only sees connections once the handshake is done)
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 def _status_line(status: int) -> bytes:
@@ -381,6 +387,29 @@ class _HttpProtocol(asyncio.Protocol):
             self.close()
 
 
+class _HttpsProtocol(_HttpProtocol):
+    """A connection over TLS. A subclass, so that plaintext connections pay nothing for it:
+    what TLS adds to each request's scope is worked out once, when the handshake is done."""
+
+    def __init__(self, server: HttpServer) -> None:
+        super().__init__(server)
+        self._tls_scope: dict[str, Any] = {"scheme": "https"}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio calls this after the handshake, so the peer certificate is known here
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if der:  # present only if the client sent one and it verified against the client CA
+            self._tls_scope[CLIENT_CERT_FP_SCOPE_KEY] = fingerprint_der(der)
+        super().connection_made(transport)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        ex = self.parsing
+        if ex is not None:  # None when the request was refused (413) before its body
+            ex.scope.update(self._tls_scope)
+
+
 class HttpServer:
     """Serve an ASGI app on already-bound sockets until ``shutdown()``."""
 
@@ -394,10 +423,24 @@ class HttpServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def start(self, sockets: list[Any]) -> None:
-        for sock in sockets:
-            server = await self.loop.create_server(lambda: _HttpProtocol(self), sock=sock, backlog=2048)
-            self._servers.append(server)
+    async def start(self, sockets: list[Any], ssl: SSLContext | None = None) -> None:
+        """Serve on ``sockets``; with ``ssl``, TLS only (``guard.tls.server_ssl_context``).
+
+        Over TLS each request's scope has ``scheme`` "https" and, when the client presented
+        a certificate that verified, ``scope["bastion.client_cert_fp"]``: the lowercase hex
+        SHA-256 of its DER (``guard.tls.fingerprint_der``). Absent otherwise.
+        """
+        if ssl is None:
+            for sock in sockets:
+                server = await self.loop.create_server(lambda: _HttpProtocol(self), sock=sock, backlog=2048)
+                self._servers.append(server)
+        else:
+            for sock in sockets:
+                server = await self.loop.create_server(
+                    lambda: _HttpsProtocol(self), sock=sock, backlog=2048,
+                    ssl=ssl, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
+                )
+                self._servers.append(server)
         self._sweeper = self.loop.create_task(self._sweep_idle())
 
     async def _sweep_idle(self) -> None:

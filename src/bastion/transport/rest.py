@@ -9,6 +9,7 @@ body is read straight off the ASGI channel.
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,7 +25,9 @@ from bastion.core.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from bastion.core.limits import RequestLimits
 from bastion.dataplane import DataPlane
+from bastion.guard.principal import Principal
 from bastion.protocol import tfserving, v2_rest
 
 log = logging.getLogger("bastion.rest")
@@ -40,7 +43,9 @@ _OK = b"{}"
 class _Request:
     """The few header values the routes need, read in one pass over the ASGI headers."""
 
-    __slots__ = ("accept_encoding", "body", "content_encoding", "content_length", "header_length")
+    __slots__ = (
+        "accept_encoding", "authorization", "body", "cert_fp", "content_encoding", "content_length", "header_length",
+    )
 
     def __init__(self, scope: Scope, body: bytes | None = None) -> None:
         self.body = body
@@ -48,8 +53,13 @@ class _Request:
         self.content_encoding = b""
         self.accept_encoding = b""
         self.header_length: int | None = None
+        self.authorization: bytes | None = None
+        # set by the HTTP server on a mutual-TLS connection: SHA-256 of the client certificate
+        self.cert_fp: str | None = scope.get("bastion.client_cert_fp")
         for key, value in scope["headers"]:
-            if key == b"content-length":
+            if key == b"authorization":
+                self.authorization = value
+            elif key == b"content-length":
                 self.content_length = _int_header(value, "Content-Length")
             elif key == b"inference-header-content-length":
                 self.header_length = _int_header(value, "Inference-Header-Content-Length")
@@ -129,11 +139,13 @@ class RestApp:
         self,
         dataplane: DataPlane,
         *,
-        max_body_bytes: int = 64 << 20,
+        max_body_bytes: int | None = None,
         metrics_render: Callable[[], bytes] | None = None,
+        limits: RequestLimits | None = None,
     ) -> None:
         self.dataplane = dataplane
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits or dataplane.limits
+        self.max_body_bytes = max_body_bytes if max_body_bytes is not None else self.limits.max_body_bytes
         self._metrics_render = metrics_render or dataplane.metrics.render
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -212,6 +224,10 @@ class RestApp:
             return await self._v1(method, parts, req, receive)
         if path == "/metrics":
             _expect(method, "GET")
+            dp = self.dataplane
+            if not dp.gate.open_metrics:
+                who = self._who(req, "metrics", "")
+                dp.require_admin(who, transport="rest", action="metrics")
             return 200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")], self._metrics_render()
         raise NotFound(f"no route for {method} {path}")
 
@@ -227,9 +243,11 @@ class RestApp:
                 rest = rest[2:]
             if rest == ["infer"]:
                 _expect(method, "POST")
+                # credentials, scope and limits before the body is even read
+                principal = dp.admit(req.authorization, req.cert_fp, name, transport="rest")
                 body = await self._read_body(req, receive)
-                request = v2_rest.decode_infer_request(body, name, version, req.header_length)
-                response = await dp.infer(request, transport="rest")
+                request = v2_rest.decode_infer_request(body, name, version, req.header_length, limits=self.limits)
+                response = await dp.infer(request, transport="rest", principal=principal)
                 out, header_len = v2_rest.encode_infer_response(response, request)
                 if header_len is None:
                     return 200, JSON_HEADERS, out
@@ -243,10 +261,12 @@ class RestApp:
                 )
             if not rest:
                 _expect(method, "GET")
-                return 200, JSON_HEADERS, orjson.dumps(dp.model_metadata_doc(name, version))
+                who = self._who(req, "metadata", name)
+                return 200, JSON_HEADERS, orjson.dumps(dp.model_metadata_doc(name, version, principal=who))
             if rest == ["ready"]:
                 _expect(method, "GET")
-                return (200 if dp.model_ready(name, version) else 503), JSON_HEADERS, _OK
+                who = self._who(req, "ready", name)
+                return (200 if dp.model_ready(name, version, principal=who) else 503), JSON_HEADERS, _OK
         elif n == 1:
             _expect(method, "GET")
             return 200, JSON_HEADERS, orjson.dumps(dp.server_metadata())
@@ -267,14 +287,18 @@ class RestApp:
         dp = self.dataplane
         if parts[2] == "index" and len(parts) == 3:
             _expect(method, "POST", "GET")
-            return 200, JSON_HEADERS, orjson.dumps(dp.repository_index())
+            who = self._who(req, "index", "")
+            return 200, JSON_HEADERS, orjson.dumps(dp.repository_index(principal=who))
         if len(parts) == 5 and parts[2] == "models" and parts[4] in ("load", "unload"):
             _expect(method, "POST")
+            action = parts[4]
+            who = self._who(req, action, parts[3])
+            dp.require_admin(who, transport="rest", action=action)
             await self._read_body(req, receive)  # parameters (config overrides) are not supported yet
-            if parts[4] == "load":
-                await dp.load_model(parts[3])
+            if action == "load":
+                await dp.load_model(parts[3], principal=who, transport="rest")
             else:
-                await dp.unload_model(parts[3])
+                await dp.unload_model(parts[3], principal=who, transport="rest")
             return 200, JSON_HEADERS, _OK
         raise NotFound(f"no route for {method} /{'/'.join(parts)}")
 
@@ -294,15 +318,22 @@ class RestApp:
             raise NotFound(f"no route for {method} /{'/'.join(parts)}")
         if verb == "predict":
             _expect(method, "POST")
+            principal = dp.admit(req.authorization, req.cert_fp, name, transport="tfserving")
             body = await self._read_body(req, receive)
-            signature = dp.model_metadata(name, version)
-            request, row_format = tfserving.decode_predict_request(body, name, version, signature)
-            response = await dp.infer(request, transport="tfserving")
+            signature = dp.model_metadata(name, version, principal=principal)
+            request, row_format = tfserving.decode_predict_request(body, name, version, signature, limits=self.limits)
+            response = await dp.infer(request, transport="tfserving", principal=principal)
             return 200, JSON_HEADERS, tfserving.encode_predict_response(response, row_format)
         if verb:
             raise NotFound(f"TF-Serving method ':{verb}' is not supported; use ':predict'")
         _expect(method, "GET")
-        return 200, JSON_HEADERS, tfserving.encode_model_status(dp.version_states(name, version))
+        who = self._who(req, "metadata", name, transport="tfserving")
+        return 200, JSON_HEADERS, tfserving.encode_model_status(dp.version_states(name, version, principal=who))
+
+    def _who(self, req: _Request, action: str, model: str, transport: str = "rest") -> Principal:
+        return self.dataplane.authenticate(
+            req.authorization, req.cert_fp, transport=transport, action=action, model=model
+        )
 
 
 def _expect(method: str, *allowed: str) -> None:
@@ -313,7 +344,9 @@ def _expect(method: str, *allowed: str) -> None:
 def _error(err: BastionError) -> tuple[int, list, bytes]:
     headers = list(JSON_HEADERS)
     if err.retry_after is not None:
-        headers.append((b"retry-after", str(max(1, round(err.retry_after))).encode()))
+        headers.append((b"retry-after", str(max(1, math.ceil(err.retry_after))).encode()))
+    if err.http_status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="bastion"'))
     return err.http_status, headers, v2_rest.encode_error(err.message)
 
 

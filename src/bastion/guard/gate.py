@@ -1,0 +1,153 @@
+"""The gate every request passes, below the transports: authenticate, authorize, limit,
+and write the audit record.
+
+Transports only extract credentials (the ``Authorization`` header, gRPC metadata
+``authorization``, the client certificate's fingerprint) and call ``DataPlane.admit``
+before they decode a body, so an unauthenticated client never makes the server parse
+its payload; everything else is decided here, once, for REST, gRPC and TF-Serving REST.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from bastion.core.errors import BastionError, PermissionDenied, Unauthenticated
+from bastion.guard.limits import Limiter, QuotaExhausted
+from bastion.guard.principal import ANONYMOUS, Authenticator, Principal
+from bastion.observability.metrics import Metrics
+
+log = logging.getLogger("bastion.guard")
+
+_MISSING = "missing API key: send the header 'Authorization: Bearer <key>' (gRPC: metadata 'authorization')"
+
+
+def bearer_token(value: str | bytes | None) -> str | None:
+    """The key in an ``Authorization: Bearer <key>`` value; None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        if value[:7] == b"Bearer " and b" " not in value[7:] and value.isascii() and len(value) > 7:
+            return value[7:].decode("ascii")  # the usual form, parsed without the general path
+        value = value.decode("latin-1")
+    value = value.strip()
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        raise Unauthenticated("malformed Authorization header: expected 'Bearer <key>'")
+    return token
+
+
+class Gate:
+    """Auth, scopes, limits and audit for one server process.
+
+    ``authenticator`` None means auth is off (``--insecure-no-auth``): every caller is
+    ``ANONYMOUS`` (admin, unlimited), but requests are still audited when a log is set.
+    """
+
+    def __init__(
+        self,
+        *,
+        authenticator: Authenticator | None,
+        limiter: Limiter | None = None,
+        audit: Any = None,  # guard.audit.AuditLog: append(dict) / close()
+        metrics: Metrics | None = None,
+        open_metrics: bool = False,
+    ) -> None:
+        self.authenticator = authenticator
+        self.limiter = limiter
+        self.audit = audit
+        self.metrics = metrics
+        self.open_metrics = open_metrics or authenticator is None
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.authenticator is not None
+
+    def authenticate(
+        self, authorization: str | bytes | None, cert_fp: str | None, *, transport: str, action: str, model: str
+    ) -> Principal:
+        """The caller, or ``Unauthenticated`` (counted and audited)."""
+        auth = self.authenticator
+        if auth is None:
+            return ANONYMOUS
+        try:
+            token = bearer_token(authorization)
+            if token is None and cert_fp is None:
+                raise Unauthenticated(_MISSING)
+            return auth.authenticate(token, cert_fp)
+        except Unauthenticated as err:
+            reason = "missing" if err.message == _MISSING else "invalid"
+            if self.metrics is not None:
+                self.metrics.auth_failure(transport, reason)
+            self.record_rejection(None, transport, action, model, err)
+            raise
+
+    def check_scope(self, principal: Principal, model: str, *, transport: str, action: str) -> None:
+        """403 unless the key may use ``model``; says nothing about whether it exists."""
+        if not principal.may_use(model):
+            err = PermissionDenied(f"this API key (tenant '{principal.tenant}') may not use model '{model}'")
+            if self.metrics is not None:
+                self.metrics.forbidden_request(principal.tenant)
+            self.record_rejection(principal, transport, action, model, err)
+            raise err
+
+    def authorize(self, principal: Principal, model: str, *, transport: str, action: str = "infer") -> None:
+        """Scope, then the tenant's rate limit and query budget (429)."""
+        self.check_scope(principal, model, transport=transport, action=action)
+        limiter = self.limiter
+        if limiter is not None and not principal.limits.unlimited:
+            try:
+                limiter.admit(principal)
+            except QuotaExhausted as err:
+                if self.metrics is not None:
+                    self.metrics.rate_limited(principal.tenant, "quota")
+                self.record_rejection(principal, transport, action, model, err)
+                raise
+            except BastionError as err:
+                if self.metrics is not None:
+                    self.metrics.rate_limited(principal.tenant, "rate")
+                self.record_rejection(principal, transport, action, model, err)
+                raise
+
+    def require_admin(self, principal: Principal, *, transport: str, action: str, model: str = "") -> None:
+        if not principal.is_admin:
+            err = PermissionDenied(f"'{action}' needs an API key with the admin role")
+            if self.metrics is not None:
+                self.metrics.forbidden_request(principal.tenant)
+            self.record_rejection(principal, transport, action, model, err)
+            raise err
+
+    # ---- audit --------------------------------------------------------------------------
+    def record(self, fields: dict[str, Any]) -> None:
+        audit = self.audit
+        if audit is not None:
+            audit.append(fields)
+
+    def record_rejection(
+        self, principal: Principal | None, transport: str, action: str, model: str, err: BastionError
+    ) -> None:
+        if self.audit is None:
+            return
+        self.audit.append(
+            {
+                "ts": time.time(),
+                "tenant": principal.tenant if principal else None,
+                "key_id": principal.key_id if principal else None,
+                "transport": transport,
+                "action": action,
+                "model": model[:200],
+                "decision": "rejected",
+                "status": err.http_status,
+                "reason": f"{type(err).__name__}: {err.message}"[:300],
+            }
+        )
+
+    def close(self) -> None:
+        if self.limiter is not None:
+            self.limiter.close()
+        if self.audit is not None:
+            self.audit.close()
