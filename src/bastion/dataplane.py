@@ -391,7 +391,7 @@ class DataPlane:
         return rows
 
     async def load_model(self, name: str, *, principal: Principal | None = None, transport: str = "") -> None:
-        self._admin_action(principal, transport, "load", name)
+        self.admin_action(principal, transport, "load", name)
         status = await self.repository.load(name)
         if status.state is ModelState.FAILED and not status.versions:
             raise InvalidInput(f"model '{name}' failed to load: {status.reason}")
@@ -399,12 +399,14 @@ class DataPlane:
             await self.control_hook(name, "load")
 
     async def unload_model(self, name: str, *, principal: Principal | None = None, transport: str = "") -> None:
-        self._admin_action(principal, transport, "unload", name)
+        self.admin_action(principal, transport, "unload", name)
         await self.repository.unload(name)
         if self.control_hook is not None:
             await self.control_hook(name, "unload")
 
-    def _admin_action(self, principal: Principal | None, transport: str, action: str, name: str) -> None:
+    def admin_action(self, principal: Principal | None, transport: str, action: str, name: str) -> None:
+        """Refuse unless the caller is an admin, then audit the action (before it happens:
+        an attempt that then fails is still on record)."""
         who = self._who(principal)
         self.gate.require_admin(who, transport=transport, action=action, model=name)
         self.gate.record(

@@ -373,3 +373,63 @@ def test_acknowledged_requests_survive_sigkill(demo_repo: Path, tmp_path: Path) 
     assert not missing, f"{len(missing)} acknowledged requests missing from the audit log: {missing[:5]}"
     report = verify(db.parent / "audit", key)
     assert report.ok, report.problems
+
+
+def test_admin_api_manages_keys_and_tenants(guarded) -> None:  # type: ignore[no-untyped-def]
+    server, keys, _ = guarded
+    url = f"{server.url}/v2/admin"
+    admin = bearer(keys.admin)
+    # only admins, and without a key nothing at all
+    assert httpx.get(f"{url}/keys").status_code == 401
+    assert httpx.get(f"{url}/keys", headers=bearer(keys.alice)).status_code == 403
+    assert httpx.post(f"{url}/keys", json={"tenant": "x"}, headers=bearer(keys.alice)).status_code == 403
+    r = httpx.post(f"{url}/keys", headers=admin, json={
+        "tenant": "grace", "models": ["simple"], "limits": {"rate_per_s": 0.01, "burst": 2},
+        "description": "made over the API",
+    })
+    assert r.status_code == 200, r.text
+    made = r.json()
+    token, key_id = made["key"], made["key_id"]
+    assert made["tenant"] == "grace" and made["models"] == ["simple"] and made["limits"]["burst"] == 2
+    deadline = time.monotonic() + 5
+    while rest_infer(server, token).status_code == 401:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    # the loop's 200 spent one token of the burst of 2
+    assert [rest_infer(server, token).status_code for _ in range(2)] == [200, 429]
+    listed = httpx.get(f"{url}/keys", headers=admin)
+    assert listed.status_code == 200 and token not in listed.text and token.rsplit("_", 1)[1] not in listed.text
+    assert any(k["key_id"] == key_id for k in listed.json())
+    tenants = {t["name"]: t for t in httpx.get(f"{url}/tenants", headers=admin).json()}
+    assert tenants["grace"]["limits"]["burst"] == 2
+    r = httpx.put(f"{url}/tenants/grace/limits", headers=admin, json={"rate_per_s": 1000, "burst": 1000})
+    assert r.status_code == 200 and r.json()["limits"]["rate_per_s"] == 1000
+    # bad input is a 4xx naming the field; unknown ids are 404
+    for body in ({"tenant": "bad name!"}, {"tenant": "g", "role": "root"}, {"tenant": "g", "oops": 1},
+                 {"tenant": "g", "limits": {"burst": 5}}):
+        r = httpx.post(f"{url}/keys", headers=admin, json=body)
+        assert r.status_code == 400, (body, r.text)
+    assert httpx.post(f"{url}/keys", headers=admin, content=b"{nope").status_code == 400
+    assert httpx.delete(f"{url}/keys/ffffffffffff", headers=admin).status_code == 404
+    assert httpx.put(f"{url}/tenants/nobody/limits", headers=admin, json={}).status_code == 404
+    assert httpx.patch(f"{url}/keys", headers=admin).status_code == 405
+    r = httpx.delete(f"{url}/keys/{key_id}", headers=admin)
+    assert r.status_code == 200 and r.json()["revoked_at"]
+    deadline = time.monotonic() + 5
+    while rest_infer(server, token).status_code != 401:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_every_transport_is_audited(guarded) -> None:  # type: ignore[no-untyped-def]
+    server, keys, db = guarded
+    grpc_infer(server, keys.alice)
+    tfs_predict(server, keys.alice)
+    grpc_status(server, None)
+    from bastion.guard.audit import iter_records
+
+    records = list(iter_records(db.parent / "audit"))
+    assert any(r["transport"] == "grpc" and r["decision"] == "served" and r["tenant"] == "alice" for r in records)
+    assert any(r["transport"] == "tfserving" and r["decision"] == "served" for r in records)
+    assert any(r["transport"] == "grpc" and r["status"] == 401 for r in records)
+    assert any(r.get("action") == "keys.create" and r["tenant"] == "ops" for r in records)

@@ -278,6 +278,8 @@ class RestApp:
                 return (200 if dp.ready() else 503), JSON_HEADERS, _OK
         elif n >= 3 and parts[1] == "repository":
             return await self._repository(method, parts, req, receive)
+        elif n >= 3 and parts[1] == "admin":
+            return await self._admin(method, parts, req, receive)
         raise NotFound(f"no route for {method} /{'/'.join(parts)}")
 
     async def _repository(
@@ -301,6 +303,38 @@ class RestApp:
                 await dp.unload_model(parts[3], principal=who, transport="rest")
             return 200, JSON_HEADERS, _OK
         raise NotFound(f"no route for {method} /{'/'.join(parts)}")
+
+    async def _admin(self, method: str, parts: list[str], req: _Request, receive: Receive) -> tuple[int, list, bytes]:
+        """Key management (guard/admin.py): /v2/admin/keys[/{id}], /v2/admin/tenants[/{t}/limits]."""
+        from bastion.guard.admin import key_admin
+
+        dp = self.dataplane
+        rest = parts[2:]
+        route = "/" + "/".join(parts)
+        who = self._who(req, "admin", "")
+        if rest == ["keys"] and method in ("GET", "POST"):
+            if method == "GET":
+                dp.require_admin(who, transport="rest", action="keys.list")
+                return 200, JSON_HEADERS, orjson.dumps(key_admin(dp.gate.authenticator).list_keys(True))
+            dp.admin_action(who, "rest", "keys.create", "")
+            doc = _json_body(await self._read_body(req, receive))
+            return 200, JSON_HEADERS, orjson.dumps(key_admin(dp.gate.authenticator).create(doc))
+        if len(rest) == 2 and rest[0] == "keys" and method == "DELETE":
+            dp.admin_action(who, "rest", "keys.revoke", rest[1])
+            return 200, JSON_HEADERS, orjson.dumps(key_admin(dp.gate.authenticator).revoke(rest[1]))
+        if rest == ["tenants"] and method == "GET":
+            dp.require_admin(who, transport="rest", action="tenants.list")
+            return 200, JSON_HEADERS, orjson.dumps(key_admin(dp.gate.authenticator).tenants())
+        if len(rest) == 3 and rest[0] == "tenants" and rest[2] == "limits" and method == "PUT":
+            dp.admin_action(who, "rest", "tenants.set_limits", rest[1])
+            doc = _json_body(await self._read_body(req, receive))
+            return 200, JSON_HEADERS, orjson.dumps(key_admin(dp.gate.authenticator).set_limits(rest[1], doc))
+        dp.require_admin(who, transport="rest", action="admin")
+        if rest in (["keys"], ["tenants"]) or (rest[:1] == ["keys"] and len(rest) == 2) or (
+            len(rest) == 3 and rest[0] == "tenants" and rest[2] == "limits"
+        ):
+            raise MethodNotAllowed(f"method {method} not allowed on {route}")
+        raise NotFound(f"no route for {method} {route}")
 
     async def _v1(self, method: str, parts: list[str], req: _Request, receive: Receive) -> tuple[int, list, bytes]:
         """TF-Serving REST: /v1/models/{m}[/versions/{v}][:predict]."""
@@ -334,6 +368,13 @@ class RestApp:
         return self.dataplane.authenticate(
             req.authorization, req.cert_fp, transport=transport, action=action, model=model
         )
+
+
+def _json_body(body: bytes) -> object:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as err:
+        raise InvalidInput(f"request body is not valid JSON: {err}") from None
 
 
 def _expect(method: str, *allowed: str) -> None:
