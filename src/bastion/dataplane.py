@@ -87,6 +87,13 @@ class _ZooState:
     fronts: dict[frozenset[str], list[Point]]
 
 
+def _version_number(version: str) -> int:
+    # digits only: int() would also take "+1", " 1", "1_0" and non-ASCII digits
+    if not (version.isascii() and version.isdigit()):
+        raise InvalidInput(f"model version must be a non-negative integer (digits only), got {version!r}")
+    return int(version)
+
+
 class DataPlane:
     """Orchestrates one inference: validate → batch → runtime → select outputs.
 
@@ -252,10 +259,7 @@ class DataPlane:
         if version:
             versions = self._served.get(name)
             if versions is not None:
-                try:
-                    served = versions.get(int(version))
-                except ValueError:
-                    raise InvalidInput(f"model version must be an integer, got {version!r}") from None
+                served = versions.get(_version_number(version))
                 if served is not None:
                     return served
                 available = ", ".join(str(v) for v in sorted(versions))
@@ -349,10 +353,7 @@ class DataPlane:
             return [("", "AVAILABLE", "")]
         status = self.repository.get(name)
         if version:
-            try:
-                loaded = int(version) in status.versions
-            except ValueError:
-                raise InvalidInput(f"model version must be an integer, got {version!r}") from None
+            loaded = _version_number(version) in status.versions
             if loaded:
                 return [(version, "AVAILABLE", "")]
             return [(version, "UNAVAILABLE", f"version {version} is not loaded")]

@@ -51,6 +51,10 @@ class MethodNotAllowed(BastionError):
     http_status = 405
     grpc_code = "UNIMPLEMENTED"
 
+    def __init__(self, message: str, *, allow: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.allow = allow  # the methods the resource takes: HTTP's Allow header
+
 
 class PayloadTooLarge(BastionError):
     http_status = 413

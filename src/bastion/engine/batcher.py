@@ -20,7 +20,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from bastion.core.errors import BastionError, InternalError, Overloaded
+from bastion.core.errors import BastionError, InternalError, ModelNotReady, Overloaded, Unprocessable
 from bastion.core.metadata import BatchingConfig
 from bastion.runtimes.base import Runtime
 
@@ -81,6 +81,7 @@ class Batcher:
         dtypes and non-batch dims (a signature without variable dims beyond the batch dim),
         so the per-request compatibility check can be skipped."""
         self._runtime = runtime
+        self._name = getattr(runtime, "name", "") or "model"
         self._predict: Callable[[Tensors], Tensors] = runtime.predict
         self._executor = executor
         self._max_rows = max_batch_size if batching.enabled and max_batch_size > 0 else 0
@@ -218,7 +219,43 @@ class Batcher:
             outputs, exc = self._predict(merged), None
         except BaseException as err:
             outputs, exc = None, err
+            if len(batch) > 1 and not isinstance(err, ModelNotReady):
+                # one client's input must not fail the others merged with it: run each alone
+                loop.call_soon_threadsafe(self._complete_each, loop, batch, started, self._one_by_one(batch))
+                return
         loop.call_soon_threadsafe(self._complete, loop, batch, started, outputs, exc)
+
+    def _one_by_one(self, batch: list[_Pending]) -> list[tuple[Tensors | None, BaseException | None]]:
+        results: list[tuple[Tensors | None, BaseException | None]] = []
+        for p in batch:
+            try:
+                results.append((self._predict(p.inputs), None))
+            except BaseException as err:
+                results.append((None, err))
+        return results
+
+    def _complete_each(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[_Pending],
+        started: float,
+        results: list[tuple[Tensors | None, BaseException | None]],
+    ) -> None:
+        for p, (outputs, exc) in zip(batch, results, strict=True):
+            self._finish([p], outputs, exc, p.rows)
+        self._account(loop, batch, started)
+
+    def _failure(self, exc: BaseException) -> BastionError:
+        if isinstance(exc, BastionError):
+            return exc
+        # the runtime raised on this input (a value it cannot convert, a value out of range
+        # for the estimator...): the client's data, not a server bug, and the runtime's
+        # text names the model's internals, so it stays in the log
+        log.warning("predict failed on a request's input", exc_info=exc, extra={"model": self._name})
+        return Unprocessable(
+            f"model '{self._name}' could not compute on this input ({type(exc).__name__}); "
+            "check the values against the model's expected range"
+        )
 
     def _complete(
         self,
@@ -228,12 +265,10 @@ class Batcher:
         outputs: Tensors | None,
         exc: BaseException | None,
     ) -> None:
-        self._running -= 1
-        done = time.perf_counter()
-        compute_s = done - started
-        rows = sum(p.rows for p in batch)
-        self._running_rows -= rows
-        self._row_cost_s = 0.9 * self._row_cost_s + 0.1 * (compute_s / max(rows, 1))
+        self._finish(batch, outputs, exc, sum(p.rows for p in batch))
+        self._account(loop, batch, started)
+
+    def _finish(self, batch: list[_Pending], outputs: Tensors | None, exc: BaseException | None, rows: int) -> None:
         if exc is None:
             try:
                 self._deliver(batch, outputs, rows)  # type: ignore[arg-type]
@@ -241,14 +276,21 @@ class Batcher:
                 exc = err
             except Exception as err:  # a runtime returning outputs that cannot be split is a bug
                 log.exception("splitting batch outputs failed")
-                exc = err
+                exc = InternalError(f"model '{self._name}' returned outputs that cannot be split by request")
+                exc.__cause__ = err
         if exc is not None:
-            if not isinstance(exc, BastionError):
-                log.error("predict failed", exc_info=exc)
-                exc = InternalError(f"model execution failed: {type(exc).__name__}: {exc}")
+            failure = self._failure(exc)
             for p in batch:
                 if not p.future.done():
-                    p.future.set_exception(exc)
+                    p.future.set_exception(failure)
+
+    def _account(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], started: float) -> None:
+        self._running -= 1
+        done = time.perf_counter()
+        compute_s = done - started
+        rows = sum(p.rows for p in batch)
+        self._running_rows -= rows
+        self._row_cost_s = 0.9 * self._row_cost_s + 0.1 * (compute_s / max(rows, 1))
         self._observer.batch_done(rows, len(batch), [started - p.enqueued for p in batch], compute_s)
         if self._queue:
             self._schedule(loop)

@@ -590,7 +590,11 @@ def _versions(versions: Iterable[int]) -> str:
 
 def _plain_name(name: str) -> bool:
     """A model name that is one directory inside the root (no path tricks)."""
-    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
+    # 200 bytes leaves room for the ".bundle" suffix under the usual 255-byte name limit;
+    # a longer name cannot be on disk, and asking the file system would be an OSError
+    return (
+        bool(name) and len(name.encode()) <= 200 and not name.startswith(".") and not any(c in name for c in "/\\\0")
+    )
 
 
 # Disk scans run in worker threads: stat only, nothing is read.

@@ -44,15 +44,17 @@ class _Request:
     """The few header values the routes need, read in one pass over the ASGI headers."""
 
     __slots__ = (
-        "accept_encoding", "authorization", "body", "cert_fp", "content_encoding", "content_length", "header_length",
+        "_content_length", "_header_length", "accept_encoding", "authorization", "body", "cert_fp", "content_encoding",
     )
 
     def __init__(self, scope: Scope, body: bytes | None = None) -> None:
         self.body = body
-        self.content_length: int | None = None
+        # kept raw and parsed when used: a malformed header must not be reported before
+        # the caller is authenticated (a 400 would tell an anonymous client more than 401)
+        self._content_length: bytes | None = None
+        self._header_length: bytes | None = None
         self.content_encoding = b""
         self.accept_encoding = b""
-        self.header_length: int | None = None
         self.authorization: bytes | None = None
         # set by the HTTP server on a mutual-TLS connection: SHA-256 of the client certificate
         self.cert_fp: str | None = scope.get("bastion.client_cert_fp")
@@ -60,13 +62,24 @@ class _Request:
             if key == b"authorization":
                 self.authorization = value
             elif key == b"content-length":
-                self.content_length = _int_header(value, "Content-Length")
+                self._content_length = value
             elif key == b"inference-header-content-length":
-                self.header_length = _int_header(value, "Inference-Header-Content-Length")
+                self._header_length = value
             elif key == b"content-encoding":
                 self.content_encoding = value.strip().lower()
             elif key == b"accept-encoding":
                 self.accept_encoding = value.lower()
+
+
+    @property
+    def content_length(self) -> int | None:
+        raw = self._content_length
+        return None if raw is None else _int_header(raw, "Content-Length")
+
+    @property
+    def header_length(self) -> int | None:
+        raw = self._header_length
+        return None if raw is None else _int_header(raw, "Inference-Header-Content-Length")
 
 
 def _int_header(value: bytes, name: str) -> int:
@@ -216,6 +229,8 @@ class RestApp:
     async def _route(self, scope: Scope, req: _Request, receive: Receive) -> tuple[int, list, bytes]:
         path: str = scope["path"]
         method: str = scope["method"]
+        if method == "HEAD":
+            method = "GET"  # the HTTP server sends the headers only
         parts = path.strip("/").split("/")
         head = parts[0]
         if head == "v2":
@@ -330,10 +345,17 @@ class RestApp:
             doc = _json_body(await self._read_body(req, receive))
             return 200, JSON_HEADERS, orjson.dumps(key_admin(dp.gate.authenticator).set_limits(rest[1], doc))
         dp.require_admin(who, transport="rest", action="admin")
-        if rest in (["keys"], ["tenants"]) or (rest[:1] == ["keys"] and len(rest) == 2) or (
-            len(rest) == 3 and rest[0] == "tenants" and rest[2] == "limits"
-        ):
-            raise MethodNotAllowed(f"method {method} not allowed on {route}")
+        allow: tuple[str, ...] = ()
+        if rest == ["keys"]:
+            allow = ("GET", "HEAD", "POST")
+        elif rest == ["tenants"]:
+            allow = ("GET", "HEAD")
+        elif rest[:1] == ["keys"] and len(rest) == 2:
+            allow = ("DELETE",)
+        elif len(rest) == 3 and rest[0] == "tenants" and rest[2] == "limits":
+            allow = ("PUT",)
+        if allow:
+            raise MethodNotAllowed(f"method {method} not allowed on {route}; use {' or '.join(allow)}", allow=allow)
         raise NotFound(f"no route for {method} {route}")
 
     async def _v1(self, method: str, parts: list[str], req: _Request, receive: Receive) -> tuple[int, list, bytes]:
@@ -379,7 +401,8 @@ def _json_body(body: bytes) -> object:
 
 def _expect(method: str, *allowed: str) -> None:
     if method not in allowed:
-        raise MethodNotAllowed(f"method {method} not allowed here; use {' or '.join(allowed)}")
+        allow = (*allowed, "HEAD") if "GET" in allowed else allowed
+        raise MethodNotAllowed(f"method {method} not allowed here; use {' or '.join(allowed)}", allow=allow)
 
 
 def _error(err: BastionError) -> tuple[int, list, bytes]:
@@ -388,6 +411,8 @@ def _error(err: BastionError) -> tuple[int, list, bytes]:
         headers.append((b"retry-after", str(max(1, math.ceil(err.retry_after))).encode()))
     if err.http_status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="bastion"'))
+    elif isinstance(err, MethodNotAllowed) and err.allow:
+        headers.append((b"allow", ", ".join(err.allow).encode()))
     return err.http_status, headers, v2_rest.encode_error(err.message)
 
 
