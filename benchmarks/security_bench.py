@@ -8,7 +8,8 @@ connections). "guarded" runs with a key store: every request carries an API key
 (authenticated by keyed hash), its tenant has a rate limit and a daily quota that the
 load never reaches (so both are counted on every request, never refused), and each
 request is written to the hash-chained audit log. "open" runs with
-``--insecure-no-auth --no-audit``. Rounds alternate open/guarded so drift on this noisy
+``--insecure-no-auth --no-audit``; "auth-only" is "guarded" with ``--no-audit``, to show
+which part costs what. Rounds alternate the order so drift on this noisy
 machine hits both alike; the figures are medians over rounds and the ratios are
 guarded / open. Results go to BENCHMARKS.md between this script's markers.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serving_bench as sb  # noqa: E402
+import serving_bench as sb
 
 MD_START = "<!-- security-bench:start (written by benchmarks/security_bench.py; edits inside are overwritten) -->"
 MD_END = "<!-- security-bench:end -->"
@@ -55,6 +56,8 @@ def launch(ctx: sb.Context, mode: str, keys_db: Path) -> sb.Launch:
     argv = [a for a in base.argv if a not in ("--insecure-no-auth", "--no-audit")]
     if mode == "open":
         argv += ["--insecure-no-auth", "--no-audit"]
+    elif mode == "auth-only":
+        argv += ["--keys", str(keys_db), "--no-audit"]
     else:
         argv += ["--keys", str(keys_db)]
     return replace(base, argv=argv)
@@ -95,19 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = p.parse_args(argv)
     started = dt.datetime.now(dt.UTC)
-    rows: dict[str, list[dict[str, Any]]] = {"open": [], "guarded": []}
+    rows: dict[str, list[dict[str, Any]]] = {"open": [], "auth-only": [], "guarded": []}
     with tempfile.TemporaryDirectory(prefix="bastion-secbench-") as tmp:
         scratch = Path(tmp)
         repository = sb.single_model_repository(sb.build_repository(scratch), scratch)
         ctx = sb.Context(repository, scratch)
         keys_db, token = make_keys(scratch)
         plain = sb.write_bodies(scratch / "bodies")["json1"]
-        bodies = {
-            "open": plain,
-            "guarded": replace(plain, key="json1-auth", headers={**plain.headers, "Authorization": f"Bearer {token}"}),
-        }
+        keyed = replace(plain, key="json1-auth", headers={**plain.headers, "Authorization": f"Bearer {token}"})
+        bodies = {"open": plain, "auth-only": keyed, "guarded": keyed}
         for r in range(args.rounds):
-            order = ("open", "guarded") if r % 2 == 0 else ("guarded", "open")
+            order = ("open", "auth-only", "guarded") if r % 2 == 0 else ("guarded", "auth-only", "open")
             for mode in order:
                 m = measure(ctx, mode, keys_db, bodies[mode], args.duration, scratch / f"{mode}-{r}.log")
                 rows[mode].append(m)
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
            for mode, ms in rows.items()}
     rps_ratio = med["guarded"]["rps"] / med["open"]["rps"]
     p99_ratio = med["guarded"]["p99_ms"] / med["open"]["p99_ms"]
+    auth_rps_ratio = med["auth-only"]["rps"] / med["open"]["rps"]
     report = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.node()} {platform.machine()}, {sb.os.cpu_count()} cores",
@@ -125,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "median": med,
         "throughput_ratio": rps_ratio,
         "p99_ratio": p99_ratio,
+        "auth_only_throughput_ratio": auth_rps_ratio,
         "audit_records_written": audit_records,
     }
     print(json.dumps(report, indent=2))
@@ -145,7 +148,7 @@ def write_markdown(report: dict[str, Any]) -> None:
         "| server | req/s | p50 | p99 |",
         "|---|---|---|---|",
     ]
-    for mode in ("open", "guarded"):
+    for mode in ("open", "auth-only", "guarded"):
         m = med[mode]
         lines.append(f"| {mode} | {m['rps']:,.0f} | {m['p50_ms']:.2f} ms | {m['p99_ms']:.2f} ms |")
     loss = 1 - report["throughput_ratio"]
@@ -154,6 +157,8 @@ def write_markdown(report: dict[str, Any]) -> None:
         "",
         f"- throughput guarded/open: **{report['throughput_ratio']:.3f}** ({loss:+.1%} loss; target ≤ 5 %)",
         f"- p99 guarded/open: **{report['p99_ratio']:.3f}** ({gain:+.1%}; target ≤ +10 %)",
+        f"- auth + rate limit + quota alone (`--no-audit`), throughput vs open: "
+        f"**{report['auth_only_throughput_ratio']:.3f}**",
         f"- audit records written during the guarded rounds: {report['audit_records_written']:,}",
     ]
     block = f"{MD_START}\n" + "\n".join(lines) + f"\n{MD_END}"

@@ -20,7 +20,14 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from bastion.core.errors import BastionError, InternalError, ModelNotReady, Overloaded, Unprocessable
+from bastion.core.errors import (
+    BastionError,
+    InternalError,
+    ModelNotReady,
+    Overloaded,
+    RequestTimeout,
+    Unprocessable,
+)
 from bastion.core.metadata import BatchingConfig
 from bastion.runtimes.base import Runtime
 
@@ -76,6 +83,7 @@ class Batcher:
         instance_count: int = 1,
         observer: BatchObserver | None = None,
         uniform_inputs: bool = False,
+        timeout_s: float | None = None,
     ) -> None:
         """``uniform_inputs``: the caller guarantees every request has the same input names,
         dtypes and non-batch dims (a signature without variable dims beyond the batch dim),
@@ -91,6 +99,11 @@ class Batcher:
         self._slots = max(1, instance_count)
         self._observer = observer or BatchObserver()
         self._uniform = uniform_inputs
+        # request timeout: every request joins _inflight in arrival order and one sweep timer
+        # (not a timer per request, which costs ~6 µs a request) fails the overdue ones
+        self._timeout_s = timeout_s
+        self._inflight: deque[_Pending] = deque()
+        self._sweep_handle: asyncio.TimerHandle | None = None
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
         self._running = 0
@@ -113,6 +126,10 @@ class Batcher:
         loop = asyncio.get_running_loop()
         item = _Pending(inputs, rows, loop.create_future())
         self._queue.append(item)
+        if self._timeout_s is not None:
+            self._inflight.append(item)
+            if self._sweep_handle is None:
+                self._sweep_handle = loop.call_later(self._sweep_interval(), self._sweep, loop)
         self._queued_rows += rows
         self._observer.queue_depth(len(self._queue))
         if not self._tick_pending:
@@ -133,6 +150,31 @@ class Batcher:
                 self._queued_rows -= item.rows
                 self._observer.queue_depth(len(self._queue))
             raise
+
+    def _sweep_interval(self) -> float:
+        # overdue requests are failed within a quarter of the timeout (at most 0.25 s late)
+        return min(0.25, max(0.001, self._timeout_s / 4))  # type: ignore[operator]
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweep_handle = None
+        inflight = self._inflight
+        deadline = time.perf_counter() - self._timeout_s  # type: ignore[operator]
+        while inflight:
+            p = inflight[0]
+            if p.future.done():
+                inflight.popleft()
+            elif p.enqueued <= deadline:
+                inflight.popleft()
+                # still queued: it will be skipped at dispatch; running: its result is dropped
+                p.future.set_exception(
+                    RequestTimeout(
+                        f"model '{self._name}' did not answer within the request timeout of {self._timeout_s:g} s"
+                    )
+                )
+            else:
+                break
+        if inflight:
+            self._sweep_handle = loop.call_later(self._sweep_interval(), self._sweep, loop)
 
     def _on_tick(self, loop: asyncio.AbstractEventLoop) -> None:
         self._tick_pending = False
@@ -169,7 +211,10 @@ class Batcher:
             self._schedule(loop)
 
     def _take_batch(self) -> list[_Pending]:
-        first = self._queue.popleft()
+        queue = self._queue
+        while len(queue) > 1 and queue[0].future.done():  # timed out while queued
+            self._queued_rows -= queue.popleft().rows
+        first = queue.popleft()
         batch = [first]
         rows = first.rows
         if self._max_rows and self._queue:
