@@ -312,3 +312,15 @@ def keys_set_limits(keys_path: str, secret_file: str | None, tenant: str, rate: 
         limits = _limits_from_options(store.tenant(tenant).limits, rate, burst, quota)
         info = store.set_limits(tenant, limits)
     click.echo(f"tenant {info.name}: {format_limits(info.limits)}")
+
+
+@keys.command("set-class")
+@_store_options
+@click.option("--tenant", required=True)
+@click.option("--class", "defense_class", required=True,
+              help="Defense class, e.g. default, trusted, suspect (a zoo's `defenses` in zoo.yaml).")
+def keys_set_class(keys_path: str, secret_file: str | None, tenant: str, defense_class: str) -> None:
+    """Move a tenant to another defense class; running servers apply it within a second."""
+    with _store(keys_path, secret_file) as store:
+        info = store.set_defense_class(tenant, defense_class)
+    click.echo(f"tenant {info.name}: defense class {info.defense_class}")

@@ -75,6 +75,12 @@ class KeyAdmin:
     def tenants(self) -> list[dict[str, Any]]:
         return [t.as_dict() for t in self.store.tenants()]
 
+    def set_defense_class(self, tenant: str, doc: Any) -> dict[str, Any]:
+        d = _object(doc, "request body", frozenset({"defense_class"}))
+        if "defense_class" not in d:
+            raise InvalidInput("defense_class: required")
+        return self.store.set_defense_class(tenant, d["defense_class"]).as_dict()
+
     def set_limits(self, tenant: str, doc: Any) -> dict[str, Any]:
         return self.store.set_limits(tenant, parse_limits(doc, "request body")).as_dict()
 

@@ -59,7 +59,7 @@ from bastion.guard.secrets import derive_key, load_or_create_secret
 
 log = logging.getLogger("bastion.guard.keystore")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TOKEN_PREFIX = "bst_"
 KEY_ID_HEX = 12
 SECRET_BYTES = 32
@@ -107,6 +107,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX IF NOT EXISTS keys_tenant ON keys(tenant)",
         "INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', 0)",
     ),
+    # 2: a tenant's defense class picks which of a zoo's defenses applies to it (zoo.yaml
+    # `defenses`), so a tenant suspected of extraction can be moved to a stronger one
+    ("ALTER TABLE tenants ADD COLUMN defense_class TEXT NOT NULL DEFAULT 'default'",),
 )
 
 
@@ -159,11 +162,13 @@ class TenantInfo:
     created_at: str
     active_keys: int
     revoked_keys: int
+    defense_class: str = "default"
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "limits": limits_as_dict(self.limits),
+            "defense_class": self.defense_class,
             "created_at": self.created_at,
             "active_keys": self.active_keys,
             "revoked_keys": self.revoked_keys,
@@ -215,6 +220,15 @@ def cert_key_id(fingerprint: str) -> str:
 def check_tenant_name(name: str) -> str:
     if not isinstance(name, str) or not _TENANT_RE.fullmatch(name):
         raise InvalidInput(f"tenant name: expected 1-64 characters of A-Z a-z 0-9 _ . -, got {name!r}")
+    return name
+
+
+_DEFENSE_CLASS_RE = re.compile(r"[a-z0-9_-]{1,32}")
+
+
+def check_defense_class(name: str) -> str:
+    if not isinstance(name, str) or not _DEFENSE_CLASS_RE.fullmatch(name):
+        raise InvalidInput(f"defense class: expected 1-32 characters of a-z 0-9 _ -, got {name!r}")
     return name
 
 
@@ -485,7 +499,7 @@ class KeyStore:
                 generation = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
                 rows = conn.execute(
                     "SELECT k.key_id, k.tenant, k.role, k.models, k.hash, k.cert_fingerprint, k.revoked_at,"
-                    " t.rate_per_s, t.burst, t.quota, t.quota_period"
+                    " t.rate_per_s, t.burst, t.quota, t.quota_period, t.defense_class"
                     " FROM keys k JOIN tenants t ON t.name = k.tenant ORDER BY k.rowid"
                 ).fetchall()
             finally:
@@ -507,10 +521,11 @@ class KeyStore:
                 if limits is None:
                     limits = limits_cache[r["tenant"]] = _limits_of(r)
                 models = frozenset(json.loads(r["models"])) if r["models"] is not None else None
+                dclass = r["defense_class"]
                 if digest is not None:
-                    by_hash[bytes(digest)] = Principal(r["tenant"], key_id, r["role"], models, limits)
+                    by_hash[bytes(digest)] = Principal(r["tenant"], key_id, r["role"], models, limits, dclass)
                 if fp is not None:
-                    by_cert[fp] = Principal(r["tenant"], cert_key_id(fp), r["role"], models, limits)
+                    by_cert[fp] = Principal(r["tenant"], cert_key_id(fp), r["role"], models, limits, dclass)
             self._maps = _Maps(by_hash, revoked_hash, by_cert, revoked_cert)
             self._generation = generation
             log.debug("key store %s: loaded %d live keys (generation %s)", self.path,
@@ -653,6 +668,17 @@ class KeyStore:
         if cur.rowcount == 0:
             raise NotFound(f"unknown tenant {tenant!r}; a tenant is created with its first key")
 
+    def set_defense_class(self, tenant: str, defense_class: str) -> TenantInfo:
+        """Move ``tenant`` to another defense class (zoo.yaml ``defenses``); every worker
+        applies it within the refresh interval."""
+        check_tenant_name(tenant)
+        check_defense_class(defense_class)
+        with self._write() as conn:
+            cur = conn.execute("UPDATE tenants SET defense_class = ? WHERE name = ?", (defense_class, tenant))
+            if cur.rowcount == 0:
+                raise NotFound(f"unknown tenant {tenant!r}; a tenant is created with its first key")
+        return self.tenant(tenant)
+
     def tenants(self) -> list[TenantInfo]:
         with self._lock:
             rows = self._conn.execute(_TENANT_SELECT + " GROUP BY t.name ORDER BY t.rowid").fetchall()
@@ -674,7 +700,7 @@ _KEY_SELECT = (
     " FROM keys k JOIN tenants t ON t.name = k.tenant"
 )
 _TENANT_SELECT = (
-    "SELECT t.name, t.rate_per_s, t.burst, t.quota, t.quota_period, t.created_at,"
+    "SELECT t.name, t.rate_per_s, t.burst, t.quota, t.quota_period, t.created_at, t.defense_class,"
     " count(k.key_id) - count(k.revoked_at) AS active, count(k.revoked_at) AS revoked"
     " FROM tenants t LEFT JOIN keys k ON k.tenant = t.name"
 )
@@ -696,4 +722,4 @@ def _key_info_of(r: sqlite3.Row) -> KeyInfo:
 
 
 def _tenant_info_of(r: sqlite3.Row) -> TenantInfo:
-    return TenantInfo(r["name"], _limits_of(r), r["created_at"], r["active"], r["revoked"])
+    return TenantInfo(r["name"], _limits_of(r), r["created_at"], r["active"], r["revoked"], r["defense_class"])

@@ -33,6 +33,7 @@ class Principal:
     role: Role = "infer"
     models: frozenset[str] | None = None
     limits: Limits = field(default_factory=Limits)
+    defense_class: str = "default"  # which of a zoo's defenses applies (zoo.yaml `defenses`)
 
     @property
     def is_admin(self) -> bool:

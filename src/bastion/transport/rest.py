@@ -344,6 +344,10 @@ class RestApp:
             dp.admin_action(who, "rest", "tenants.set_limits", rest[1])
             doc = _json_body(await self._read_body(req, receive))
             return 200, JSON_HEADERS, orjson.dumps(key_admin(dp.gate.authenticator).set_limits(rest[1], doc))
+        if len(rest) == 3 and rest[0] == "tenants" and rest[2] == "class" and method == "PUT":
+            dp.admin_action(who, "rest", "tenants.set_defense_class", rest[1])
+            doc = _json_body(await self._read_body(req, receive))
+            return 200, JSON_HEADERS, orjson.dumps(key_admin(dp.gate.authenticator).set_defense_class(rest[1], doc))
         dp.require_admin(who, transport="rest", action="admin")
         allow: tuple[str, ...] = ()
         if rest == ["keys"]:
@@ -352,7 +356,7 @@ class RestApp:
             allow = ("GET", "HEAD")
         elif rest[:1] == ["keys"] and len(rest) == 2:
             allow = ("DELETE",)
-        elif len(rest) == 3 and rest[0] == "tenants" and rest[2] == "limits":
+        elif len(rest) == 3 and rest[0] == "tenants" and rest[2] in ("limits", "class"):
             allow = ("PUT",)
         if allow:
             raise MethodNotAllowed(f"method {method} not allowed on {route}; use {' or '.join(allow)}", allow=allow)
