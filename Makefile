@@ -40,4 +40,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/serving_bench.py
 
 clean:
-	rm -rf $(VENV) demo-repository .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo-repository demo-repository.keys .pytest_cache .ruff_cache
