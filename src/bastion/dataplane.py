@@ -40,6 +40,7 @@ from bastion.guard.principal import ANONYMOUS, Principal
 from bastion.observability.metrics import Metrics, VersionMetrics
 from bastion.repository.store import LoadedVersion, ModelRepository, ModelState
 from bastion.repository.zoos import LoadedZoo
+from bastion.zoo.defenses import build_policy
 from bastion.zoo.pareto import Point, pareto_front
 from bastion.zoo.policy import SelectionPolicy, make_policy, parse_targets
 
@@ -82,7 +83,7 @@ class _ZooState:
 
     loaded: LoadedZoo
     points: dict[str, Point]
-    policy: SelectionPolicy
+    policies: dict[str, SelectionPolicy]  # by tenant defense class; always has "default"
     fronts: dict[frozenset[str], list[Point]]
 
 
@@ -431,11 +432,11 @@ class DataPlane:
         if audit is None:
             if self._zoo_named(request.model_name) is None:
                 return await self._infer_model(request)  # one coroutine less on the common path
-            return (await self._infer_any(request, transport))[0]
+            return (await self._infer_any(request, transport, who))[0]
         ts = time.time()
         started = time.perf_counter()
         try:
-            response, variant, version = await self._infer_any(request, transport)
+            response, variant, version = await self._infer_any(request, transport, who)
         except BastionError as err:
             audit.append(self._audit_fields(who, transport, request, ts, started, None, None, None, err))
             raise
@@ -473,12 +474,12 @@ class DataPlane:
         }
 
     async def _infer_any(
-        self, request: InferenceRequest, transport: str
+        self, request: InferenceRequest, transport: str, who: Principal
     ) -> tuple[InferenceResponse, str, str | None]:
         """(response, the model that served, its version): a zoo picks a variant first."""
         zoo = self._zoo_named(request.model_name)
         if zoo is not None:
-            return await self._infer_zoo(zoo, request, transport)
+            return await self._infer_zoo(zoo, request, transport, who)
         response = await self._infer_model(request)
         return response, request.model_name, response.model_version
 
@@ -515,7 +516,9 @@ class DataPlane:
             spec, profile = zoo.spec, zoo.profile
             assert spec is not None and profile is not None  # callers check zoo.error first
             points = {p.name: p for p in profile.points(spec.latency_percentile) if p.name in spec.variants}
-            state = _ZooState(zoo, points, make_policy(spec.policy, spec.on_infeasible, zoo=zoo.name), {})
+            base = make_policy(spec.policy, spec.on_infeasible, zoo=zoo.name)
+            policies = {cls: build_policy(base, defense) for cls, defense in spec.defenses.items()}
+            state = _ZooState(zoo, points, policies, {})
             self._zoo_states[zoo.name] = state
         return state
 
@@ -534,7 +537,7 @@ class DataPlane:
         return state, front
 
     async def _infer_zoo(
-        self, zoo: LoadedZoo, request: InferenceRequest, transport: str
+        self, zoo: LoadedZoo, request: InferenceRequest, transport: str, who: Principal
     ) -> tuple[InferenceResponse, str, str | None]:
         if request.model_version:
             raise InvalidInput(f"'{zoo.name}' is a zoo and has no versions; call /v2/models/{zoo.name}/infer")
@@ -543,7 +546,9 @@ class DataPlane:
         targets = parse_targets(request.parameters)
         waits = {p.name: self._latest[p.name].batcher.estimated_wait_ms() for p in front}
         try:
-            choice = state.policy.choose(front, targets, waits, self._rng)
+            # the tenant's defense class picks the zoo's defense (zoo.yaml `defenses`)
+            policy = state.policies.get(who.defense_class) or state.policies["default"]
+            choice = policy.choose(front, targets, waits, self._rng)
         except Unprocessable:
             self.metrics.zoo_selection(zoo.name, "none", feasible=False)
             self.metrics.zoo_outcome(zoo.name, "rejected")

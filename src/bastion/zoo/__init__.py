@@ -2,9 +2,21 @@
 
 ``spec`` reads ``zoo.yaml``, ``profiles`` measures and stores each variant's quality
 and latency (``profile.json``), ``pareto`` keeps the non-dominated variants and
-``policy`` picks one of them for the request's targets and the current load.
+``policy`` picks one of them for the request's targets and the current load;
+``defenses`` randomise that pick (metric noise, exponential mechanism,
+permute-and-flip) so a client cannot fingerprint and extract one variant.
 """
 
+from bastion.zoo.defenses import (
+    DEFENSE_KINDS,
+    NOISE_KINDS,
+    DefenseSpec,
+    ExponentialMechanism,
+    MetricNoise,
+    PermuteAndFlip,
+    build_policy,
+    utility,
+)
 from bastion.zoo.pareto import Point, dominated_by, pareto_front
 from bastion.zoo.policy import (
     ON_INFEASIBLE,
@@ -31,13 +43,19 @@ from bastion.zoo.profiles import (
 from bastion.zoo.spec import ZOO_FILE, ZooSpec, ZooSpecError, check_profile, load_zoo_spec, parse_zoo_spec
 
 __all__ = [
+    "DEFENSE_KINDS",
     "METRICS",
+    "NOISE_KINDS",
     "ON_INFEASIBLE",
     "PERCENTILES",
     "POLICY_NAMES",
     "PROFILE_FILE",
     "ZOO_FILE",
     "Choice",
+    "DefenseSpec",
+    "ExponentialMechanism",
+    "MetricNoise",
+    "PermuteAndFlip",
     "Point",
     "ProfileError",
     "SelectionPolicy",
@@ -46,6 +64,7 @@ __all__ = [
     "ZooProfile",
     "ZooSpec",
     "ZooSpecError",
+    "build_policy",
     "check_profile",
     "dominated_by",
     "load_profile",
@@ -58,4 +77,5 @@ __all__ = [
     "parse_zoo_spec",
     "quality",
     "save_profile",
+    "utility",
 ]

@@ -9,21 +9,42 @@ every message names the file and the field, e.g.
 Required: ``task``, ``variants`` (>= 2 distinct model names of the same
 repository), ``evaluation`` (an ``.npz`` file beside zoo.yaml), ``metric``.
 Defaults: ``latency_percentile: p95``, ``policy: uniform-feasible``,
-``on_infeasible: reject``, ``expose_variant: false``.
+``on_infeasible: reject``, ``expose_variant: false``, no defense.
+
+Selection defenses (``defenses.py``), either one for every tenant::
+
+    defense: {kind: permute-and-flip, epsilon: 2.0}
+
+or one per tenant *defense class* (the class is a property of the tenant's key, so an
+operator can move a tenant suspected of extraction to a stronger defense); ``default``
+is required and serves every class the zoo does not name::
+
+    defenses:
+      default: {kind: metric-noise, noise: laplace, scale_accuracy: 0.01, scale_latency: 0.2}
+      trusted: {kind: none}
+      suspect: {kind: exponential, epsilon: 0.5}
+
+Fields by kind: ``none``: none; ``exponential`` / ``permute-and-flip``: ``epsilon``
+(required, finite, > 0); ``metric-noise``: ``noise`` (``laplace`` default, or
+``gaussian``), ``scale_accuracy`` and ``scale_latency`` (>= 0, default 0, not both 0).
+A field the kind does not use is an error, like an unknown key.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NoReturn
 
 import yaml
 
 from bastion.core.errors import InvalidInput
+from bastion.zoo.defenses import DEFENSE_KINDS, NOISE_KINDS, DefenseSpec, default_defenses
 from bastion.zoo.policy import ON_INFEASIBLE, POLICY_NAMES
 from bastion.zoo.profiles import METRICS, PERCENTILES, ZooProfile
 
@@ -40,10 +61,21 @@ _KEYS = (
     "policy",
     "on_infeasible",
     "expose_variant",
+    "defense",
+    "defenses",
 )
 _REQUIRED = ("task", "variants", "evaluation", "metric")
 # Model names become URL path segments; keep them to a safe alphabet.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# the tenant defense-class alphabet of guard/keystore.py (check_defense_class)
+_DEFENSE_CLASS = re.compile(r"[a-z0-9_-]{1,32}")
+_DEFENSE_FIELDS: dict[str, tuple[str, ...]] = {
+    "none": ("kind",),
+    "metric-noise": ("kind", "noise", "scale_accuracy", "scale_latency"),
+    "exponential": ("kind", "epsilon"),
+    "permute-and-flip": ("kind", "epsilon"),
+}
+_ALL_DEFENSE_FIELDS = ("kind", "epsilon", "noise", "scale_accuracy", "scale_latency")
 
 
 class ZooSpecError(InvalidInput):
@@ -61,6 +93,13 @@ class ZooSpec:
     policy: str = "uniform-feasible"
     on_infeasible: str = "reject"
     expose_variant: bool = False
+    # defense class -> defense; always has "default". Read-only; left out of the hash
+    # (a mapping has none) so a spec stays hashable.
+    defenses: Mapping[str, DefenseSpec] = field(default_factory=default_defenses, hash=False)
+
+    def defense_for(self, defense_class: str) -> DefenseSpec:
+        """The defense for tenants of ``defense_class``; a class the zoo does not name gets ``default``."""
+        return self.defenses.get(defense_class, self.defenses["default"])
 
 
 def load_zoo_spec(zoo_dir: Path) -> ZooSpec:
@@ -94,6 +133,70 @@ def _choice(source: str, key: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _unknown_key(source: str, path: str, key: Any, allowed: tuple[str, ...]) -> NoReturn:
+    close = difflib.get_close_matches(str(key), allowed, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    _fail(source, f"{path}.{key}" if path else str(key), f"unknown key; {hint}expected one of {', '.join(allowed)}")
+
+
+def _number(source: str, path: str, value: Any, *, positive: bool) -> float:
+    # bool is an int subclass: `epsilon: true` is a mistake, not 1.0
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        _fail(source, path, f"expected a finite number {'>' if positive else '>='} 0, got {value!r}")
+    return float(value)
+
+
+def _defense(source: str, path: str, data: Any) -> DefenseSpec:
+    if not isinstance(data, Mapping):
+        _fail(source, path, f"expected a mapping with a kind ({', '.join(DEFENSE_KINDS)}), got {data!r}")
+    for key in data:
+        if key not in _ALL_DEFENSE_FIELDS:
+            _unknown_key(source, path, key, _ALL_DEFENSE_FIELDS)
+    if "kind" not in data:
+        _fail(source, f"{path}.kind", f"required; one of {', '.join(DEFENSE_KINDS)}")
+    kind = _choice(source, f"{path}.kind", data["kind"], DEFENSE_KINDS)
+    used = _DEFENSE_FIELDS[kind]
+    for key in data:
+        if key not in used:
+            _fail(source, f"{path}.{key}", f"not used by kind {kind!r} (its fields: {', '.join(used)})")
+    if kind in ("exponential", "permute-and-flip"):
+        if "epsilon" not in data:
+            _fail(source, f"{path}.epsilon", f"required for kind {kind!r}")
+        return DefenseSpec(kind, epsilon=_number(source, f"{path}.epsilon", data["epsilon"], positive=True))
+    if kind == "metric-noise":
+        noise = _choice(source, f"{path}.noise", data.get("noise", "laplace"), NOISE_KINDS)
+        sa = _number(source, f"{path}.scale_accuracy", data.get("scale_accuracy", 0.0), positive=False)
+        sl = _number(source, f"{path}.scale_latency", data.get("scale_latency", 0.0), positive=False)
+        if sa == 0 and sl == 0:
+            _fail(
+                source,
+                path,
+                "metric-noise with scale_accuracy and scale_latency both 0 changes nothing; "
+                "give one > 0, or use kind: none",
+            )
+        return DefenseSpec(kind, noise=noise, scale_accuracy=sa, scale_latency=sl)
+    return DefenseSpec()
+
+
+def _defenses(source: str, data: Mapping[str, Any]) -> Mapping[str, DefenseSpec]:
+    if "defense" in data and "defenses" in data:
+        _fail(source, "defenses", "give either defense (every tenant) or defenses (per defense class), not both")
+    if "defense" in data:
+        return MappingProxyType({"default": _defense(source, "defense", data["defense"])})
+    if "defenses" not in data:
+        return default_defenses()
+    classes = data["defenses"]
+    if not isinstance(classes, Mapping) or not classes:
+        _fail(source, "defenses", f"expected a mapping of defense class -> defense, with 'default'; got {classes!r}")
+    for name in classes:
+        if not isinstance(name, str) or not _DEFENSE_CLASS.fullmatch(name):
+            _fail(source, f"defenses.{name}", f"expected a defense class name (1-32 of a-z 0-9 _ -), got {name!r}")
+    if "default" not in classes:
+        _fail(source, "defenses", "needs a 'default' class (it serves tenants of every class not named here)")
+    return MappingProxyType({name: _defense(source, f"defenses.{name}", classes[name]) for name in sorted(classes)})
+
+
 def parse_zoo_spec(name: str, data: Any, *, source: str) -> ZooSpec:
     """Validate the parsed YAML ``data`` of zoo ``name``; errors name ``source`` and the field."""
     if data is None:
@@ -102,9 +205,7 @@ def parse_zoo_spec(name: str, data: Any, *, source: str) -> ZooSpec:
         _fail(source, "", f"expected a mapping of {', '.join(_KEYS)}, got {type(data).__name__}")
     for key in data:
         if key not in _KEYS:
-            close = difflib.get_close_matches(str(key), _KEYS, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            _fail(source, str(key), f"unknown key; {hint}expected one of {', '.join(_KEYS)}")
+            _unknown_key(source, "", key, _KEYS)
     for key in _REQUIRED:
         if key not in data:
             _fail(source, key, "required")
@@ -151,6 +252,7 @@ def parse_zoo_spec(name: str, data: Any, *, source: str) -> ZooSpec:
         policy=_choice(source, "policy", data.get("policy", "uniform-feasible"), POLICY_NAMES),
         on_infeasible=_choice(source, "on_infeasible", data.get("on_infeasible", "reject"), ON_INFEASIBLE),
         expose_variant=expose,
+        defenses=_defenses(source, data),
     )
 
 
