@@ -562,6 +562,9 @@ def _add_guard_commands() -> None:
     from bastion.cli.bundle import bundle
 
     cli.add_command(bundle)
+    from bastion.cli.lab import lab
+
+    cli.add_command(lab)
 
 
 _add_guard_commands()

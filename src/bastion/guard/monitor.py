@@ -180,14 +180,25 @@ class Alert:
 class _GrowingSet:
     """``G_c`` of one tenant and class: a FIFO ring of float32 vectors and PRADA's threshold."""
 
-    __slots__ = ("cap", "count", "dist_n", "dist_sum", "dist_sumsq", "index", "norms", "slot", "threshold", "vectors")
+    __slots__ = (
+        "cap",
+        "count",
+        "dist_n",
+        "dist_sum",
+        "dist_sumsq",
+        "half_norms",
+        "index",
+        "slot",
+        "threshold",
+        "vectors",
+    )
 
     def __init__(self, first: np.ndarray, cap: int, index: int) -> None:
         self.cap = cap
         self.index = index  # small int id of the class within its tenant, for the distance window
         size = min(cap, 16)  # grown on demand: most classes of most tenants stay small
         self.vectors = np.empty((size, first.shape[0]), dtype=np.float32)
-        self.norms = np.empty(size, dtype=np.float32)
+        self.half_norms = np.empty(size, dtype=np.float32)
         self.count = 0
         self.slot = 0
         self.threshold = 0.0
@@ -200,10 +211,10 @@ class _GrowingSet:
     def min_distance(self, v: np.ndarray) -> float:
         n = self.count
         stored = self.vectors[:n]
-        # |g - v|^2 = |g|^2 - 2 g.v + |v|^2: one matrix-vector product picks the nearest;
-        # its float32 cancellation is then avoided by measuring that one pair exactly
-        i = int(np.argmin(self.norms[:n] - 2.0 * (stored @ v)))
-        diff = stored[i].astype(np.float64) - v
+        # argmin |g - v|^2 = argmin |g|^2/2 - g.v: one matrix-vector product picks the nearest;
+        # that pair is then measured directly, free of the expansion's float32 cancellation
+        i = int(np.argmin(self.half_norms[:n] - stored @ v))
+        diff = stored[i] - v
         return math.sqrt(float(diff @ diff))
 
     def admit(self, v: np.ndarray, d: float) -> None:
@@ -222,14 +233,14 @@ class _GrowingSet:
             if self.count == self.vectors.shape[0]:
                 size = min(self.cap, 2 * self.count)
                 self.vectors = np.resize(self.vectors, (size, self.vectors.shape[1]))
-                self.norms = np.resize(self.norms, size)
+                self.half_norms = np.resize(self.half_norms, size)
             at = self.count
             self.count += 1
         else:
             at = self.slot
             self.slot = (self.slot + 1) % self.cap
         self.vectors[at] = v
-        self.norms[at] = float(v @ v)
+        self.half_norms[at] = 0.5 * float(v @ v)
 
 
 class _Tenant:

@@ -1,0 +1,260 @@
+"""``bastion lab``: attack a live zoo from outside (fingerprinting, extraction).
+
+Everything goes through the server's public REST protocol with an API key, like any
+client; the attacker's inputs come from its own query pool (``bastion.lab.pools``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _connection(f: Any) -> Any:
+    f = click.option("--ca-cert", envvar="BASTION_CA_CERT", type=click.Path(exists=True, dir_okay=False),
+                     help="CA bundle to verify an https server with.")(f)
+    f = click.option("--key", envvar="BASTION_API_KEY", help="The attacker's API key [env: BASTION_API_KEY].")(f)
+    f = click.option("--zoo", required=True, help="The zoo to attack (the only name the attacker needs).")(f)
+    return click.option("--url", default=DEFAULT_URL, show_default=True, envvar="BASTION_URL",
+                        help="Server REST address.")(f)
+
+
+def _pool_options(f: Any) -> Any:
+    f = click.option("--seed", type=int, default=0, show_default=True,
+                     help="Order of the pool rows (the same for every attacker) and training seed.")(f)
+    f = click.option("--pool-seed", type=int, default=0, show_default=True,
+                     help="The scenario build seed the built-in pool is drawn for.")(f)
+    f = click.option("--pool", "pool_file", type=click.Path(exists=True, dir_okay=False),
+                     help="Query pool .npz (the zoo's input array, or 'x'); default: the scenario's pool.")(f)
+    return click.option("--scenario", type=click.Choice(["image", "malware"]),
+                        help="Built-in query pool (default: the zoo's name when it is one of these).")(f)
+
+
+def _output_options(f: Any) -> Any:
+    f = click.option("--out", type=click.Path(dir_okay=False), help="Also write the JSON record here.")(f)
+    return click.option("--json", "as_json", is_flag=True, help="Print the JSON record.")(f)
+
+
+@click.group()
+def lab() -> None:
+    """Attack a live zoo through its public API: fingerprint it, extract its variants."""
+
+
+def _rows(zoo: str, scenario: str | None, pool_file: str | None, pool_seed: int, seed: int,
+          input_name: str | None = None) -> tuple[Any, dict[str, Any]]:
+    from bastion.lab.pools import POOLS, load_pool, pool_for
+
+    if pool_file:
+        pool = load_pool(Path(pool_file), input_name)
+    else:
+        name = scenario or (zoo if zoo in POOLS else None)
+        if name is None:
+            raise click.UsageError(f"no built-in query pool for zoo '{zoo}': give --scenario or --pool FILE.npz")
+        pool = pool_for(name, pool_seed)
+    return pool.ordered(seed), pool.describe()
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[str, int, int | None], None]]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
+    tasks: dict[str, Any] = {}
+
+    def update(phase: str, done: int, total: int | None) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(f"{phase} (rows)", total=total)
+        bar.update(tasks[phase], completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+def _emit(doc: dict[str, Any], as_json: bool, out: str | None) -> None:
+    import orjson
+
+    text = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode()
+    if out:
+        Path(out).write_text(text + "\n", encoding="utf-8")
+        click.echo(f"wrote {out}", err=True)
+    if as_json:
+        click.echo(text)
+
+
+def _fmt(x: Any, spec: str = ".4f") -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+@lab.command("fingerprint")
+@_connection
+@click.option("--budget", type=int, default=2000, show_default=True, help="Most rows the attacker may send.")
+@click.option("--probes", type=int, default=4, show_default=True, help="Probe rows per query.")
+@click.option("--candidates", type=int, default=32, show_default=True, help="Pool rows the probes are chosen from.")
+@click.option("--repeats", type=int, default=10, show_default=True, help="Replays of each trigger (consistency).")
+@click.option("--accuracy-tol", type=float, default=1e-4, show_default=True)
+@click.option("--latency-tol", type=float, default=0.01, show_default=True, help="Relative.")
+@click.option("--method", type=click.Choice(["auto", "staircase", "grid"]), default="auto", show_default=True)
+@_pool_options
+@_output_options
+def fingerprint_cmd(url: str, zoo: str, key: str | None, ca_cert: str | None, budget: int, probes: int,
+                    candidates: int, repeats: int, accuracy_tol: float, latency_tol: float, method: str,
+                    scenario: str | None, pool_file: str | None, pool_seed: int, seed: int, as_json: bool,
+                    out: str | None) -> None:
+    """How many variants answer behind zoo ZOO, and targets that trigger each one."""
+    from bastion.lab.fingerprint import fingerprint
+    from bastion.lab.oracle import Oracle, OracleError
+    from bastion.lab.report import record
+
+    started = dt.datetime.now(dt.timezone.utc)
+    verify: str | bool = ca_cert or True
+    try:
+        with _progress() as progress, Oracle(url, zoo, api_key=key, budget=budget, verify=verify,
+                                             progress=lambda d, t: progress("fingerprint", d, t)) as oracle:
+            rows, pool_doc = _rows(zoo, scenario, pool_file, pool_seed, seed, oracle.input_name)
+            result = fingerprint(oracle, rows, probes=probes, candidates=candidates, repeats=repeats,
+                                 accuracy_tol=accuracy_tol, latency_rel_tol=latency_tol, method=method)
+    except (OracleError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    config = {"url": url, "zoo": zoo, "budget": budget, "probes": probes, "candidates": candidates,
+              "repeats": repeats, "accuracy_tol": accuracy_tol, "latency_rel_tol": latency_tol, "method": method,
+              "pool": pool_doc}
+    doc = record("fingerprint", config, seed, result, started)
+    _emit(doc, as_json, out)
+    if as_json:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("#", "trigger", "consistency", "quality", "latency ms", "rtt ms", "",
+                  title=f"zoo {zoo}: {len(result.variants)} variant(s) found ({result.method})")
+    for i, v in enumerate(result.variants):
+        trig = ", ".join(f"{'acc' if k == 'accuracy' else 'lat'} {val:.4g}" for k, val in v.trigger.items())
+        table.add_row(str(v.rank), trig or "(none)", f"{_fmt(v.consistency, '.2f')} ({v.repeats})",
+                      f"{v.quality_range[0]:.4f}" if v.quality_range else "-",
+                      f"{v.latency_range_ms[1]:.4g}" if v.latency_range_ms else "-",
+                      _fmt(v.client_latency_ms, ".3f"), "[bold]victim[/]" if i == result.victim else "")
+    console = Console()
+    console.print(table)
+    console.print(f"{result.queries} rows in {result.requests} requests ({result.rejected} refused), "
+                  f"{result.signatures_seen} response signature(s) seen"
+                  + ("" if result.complete else " [yellow](budget ran out)[/]"))
+    console.print("quality and latency: the server's profiled figures as the walk bounded them; rtt: the "
+                  "client's median round trip (a secondary signal)")
+    for note in result.notes:
+        console.print(f"note: {note}")
+
+
+def _eval_set(path: str, input_name: str) -> tuple[Any, Any]:
+    import numpy as np
+
+    from bastion.lab.pools import load_pool
+
+    with np.load(path, allow_pickle=False) as data:
+        if "y" not in data.files:
+            raise click.BadParameter(f"{path}: no labels (array 'y')", param_hint="--eval")
+        y = np.asarray(data["y"])
+    return load_pool(Path(path), input_name).x, y
+
+
+@lab.command("extract")
+@_connection
+@click.option("--budget", type=int, required=True, help="Rows the attacker queries (its training set size).")
+@click.option("--attacker", type=click.Choice(["explicit", "naive", "fingerprinted", "all"]), default="fingerprinted",
+              show_default=True, help="Where the queries go: the victim by name, the zoo blindly, or the zoo with "
+              "the victim's trigger; 'all' runs the three on the same rows.")
+@click.option("--victim-model", help="The victim variant's model name (explicit attacker; fidelity reference).")
+@click.option("--victim-key", envvar="BASTION_VICTIM_KEY",
+              help="Experimenter key that may query the victim by name (default: --key).")
+@click.option("--eval", "eval_file", type=click.Path(exists=True, dir_okay=False),
+              help="Labelled held-out rows (.npz with the input array and y), e.g. the zoo's eval.npz.")
+@click.option("--trigger", help='Victim trigger from an earlier fingerprint, as JSON: {"accuracy": 0.99}.')
+@click.option("--fingerprint-budget", type=int, default=2000, show_default=True)
+@click.option("--naive-targets", type=click.Choice(["none", "random"]), default="none", show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Rows per request.")
+@click.option("--steps", type=int, default=600, show_default=True, help="Surrogate training steps.")
+@click.option("--hidden", default="128", show_default=True, help="Surrogate hidden layer widths, comma-separated.")
+@_pool_options
+@_output_options
+def extract_cmd(url: str, zoo: str, key: str | None, ca_cert: str | None, budget: int, attacker: str,
+                victim_model: str | None, victim_key: str | None, eval_file: str | None, trigger: str | None,
+                fingerprint_budget: int, naive_targets: str, batch_size: int, steps: int, hidden: str,
+                scenario: str | None, pool_file: str | None, pool_seed: int, seed: int, as_json: bool,
+                out: str | None) -> None:
+    """Train a surrogate of zoo ZOO's victim variant from the server's answers; report its
+    accuracy and its fidelity to the victim."""
+    import orjson
+
+    from bastion.lab.extract import TrainConfig, run_extraction, victim_answers
+    from bastion.lab.oracle import Oracle, OracleError
+    from bastion.lab.report import record
+
+    attackers = ["explicit", "naive", "fingerprinted"] if attacker == "all" else [attacker]
+    if "explicit" in attackers and not victim_model:
+        raise click.UsageError("the explicit attacker queries the victim by name: give --victim-model")
+    targets = None
+    if trigger:
+        try:
+            targets = {str(k): float(v) for k, v in orjson.loads(trigger).items()}
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+            raise click.BadParameter('expected JSON like {"accuracy": 0.99}', param_hint="--trigger") from None
+    try:
+        widths = tuple(int(w) for w in hidden.split(",") if w.strip())
+    except ValueError:
+        raise click.BadParameter("expected widths like 128 or 256,128", param_hint="--hidden") from None
+    train = TrainConfig(hidden=widths, steps=steps)
+    started = dt.datetime.now(dt.timezone.utc)
+    verify: str | bool = ca_cert or True
+    results = []
+    try:
+        with Oracle(url, zoo, api_key=key, verify=verify) as probe:  # public metadata only: the input name
+            input_name = probe.input_name
+        rows, pool_doc = _rows(zoo, scenario, pool_file, pool_seed, seed, input_name)
+        eval_x = eval_y = victim_probs = None
+        if eval_file:
+            eval_x, eval_y = _eval_set(eval_file, input_name)
+            if victim_model:
+                victim_probs = victim_answers(url, victim_model, victim_key or key, eval_x, batch_size=batch_size,
+                                              verify=verify)
+        with _progress() as progress:
+            for name in attackers:
+                results.append(run_extraction(
+                    url, zoo, key, rows, attacker=name, budget=budget, batch_size=batch_size,
+                    victim_model=victim_model, eval_x=eval_x, eval_y=eval_y, victim_probs=victim_probs,
+                    trigger=targets, fingerprint_budget=fingerprint_budget, naive_targets=naive_targets, seed=seed,
+                    train=train, progress=progress, verify=verify,
+                ))
+    except (OracleError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    config = {"url": url, "zoo": zoo, "budget": budget, "attackers": attackers, "victim_model": victim_model,
+              "eval": eval_file, "trigger": targets, "fingerprint_budget": fingerprint_budget,
+              "naive_targets": naive_targets, "batch_size": batch_size,
+              "train": {"hidden": list(widths), "steps": steps}, "pool": pool_doc}
+    doc = record("extract", config, seed, {"attacks": [r.as_dict() for r in results]}, started)
+    _emit(doc, as_json, out)
+    if as_json:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("attacker", "queried", "targets", "queries", "+ fingerprint", "accuracy", "fidelity",
+                  title=f"extraction of zoo {zoo}'s victim {victim_model or ''} (budget {budget} rows, seed {seed})")
+    for r in results:
+        tg = r.targets if isinstance(r.targets, str) else (
+            ", ".join(f"{k}={v:g}" for k, v in r.targets.items()) if r.targets else "(none)")
+        table.add_row(r.attacker, r.queried, tg, str(r.queries), str(r.fingerprint_queries),
+                      _fmt(r.accuracy), _fmt(r.fidelity))
+    console = Console()
+    console.print(table)
+    if results and results[0].eval_rows:
+        console.print(f"on {results[0].eval_rows} held-out rows; the victim's own accuracy there: "
+                      f"{_fmt(results[0].victim_accuracy)}")
