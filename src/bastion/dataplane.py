@@ -36,6 +36,7 @@ from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTenso
 from bastion.engine.batcher import Batcher
 from bastion.guard.digest import tensors_digest
 from bastion.guard.gate import Gate
+from bastion.guard.hardening import harden
 from bastion.guard.principal import ANONYMOUS, Principal
 from bastion.observability.metrics import Metrics, VersionMetrics
 from bastion.repository.store import LoadedVersion, ModelRepository, ModelState
@@ -72,6 +73,7 @@ class _Served:
     output_types: dict[str, str]  # name → datatype, the contract the encoder casts to
     max_batch_size: int
     check_finite: bool
+    hardening: Any  # guard.hardening.HardeningSpec or None
 
 
 ControlHook = Callable[[str, str], Awaitable[None]]
@@ -92,6 +94,28 @@ def _version_number(version: str) -> int:
     if not (version.isascii() and version.isdigit()):
         raise InvalidInput(f"model version must be a non-negative integer (digits only), got {version!r}")
     return int(version)
+
+
+def _query_and_label(
+    request: InferenceRequest, response: InferenceResponse
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """What the extraction monitor needs: the query rows, flattened, and the predicted class
+    of each (the ``label`` output, else the argmax of ``probabilities``)."""
+    numeric = [t.data for t in request.inputs if t.data.dtype != object]
+    if not numeric:
+        return None, None
+    data = numeric[0]
+    x = data.reshape(data.shape[0], -1) if data.ndim > 1 else data.reshape(1, -1)
+    outputs = {t.name: t.data for t in response.outputs}
+    label = outputs.get("label")
+    if label is None and "probabilities" in outputs:
+        label = np.asarray(outputs["probabilities"]).argmax(axis=-1)
+    if label is None:
+        return None, None
+    label = np.asarray(label).reshape(-1)
+    if label.shape[0] != x.shape[0]:
+        return None, None
+    return x, label
 
 
 class DataPlane:
@@ -156,6 +180,10 @@ class DataPlane:
         runtime = loaded.runtime
         inputs = cfg.inputs or runtime.inputs
         outputs = cfg.outputs or runtime.outputs
+        hardening = cfg.hardening
+        if hardening is not None and hardening.label_only and any(t.name == hardening.label_output for t in outputs):
+            # label-only answers drop the probabilities: the signature says so too
+            outputs = tuple(t for t in outputs if t.name != hardening.probabilities_output)
         served = _Served(
             loaded=loaded,
             version=version,
@@ -175,6 +203,7 @@ class DataPlane:
             output_types={t.name: t.datatype for t in outputs},
             max_batch_size=cfg.max_batch_size,
             check_finite=not cfg.allow_non_finite,
+            hardening=hardening,
         )
         self._served.setdefault(loaded.model, {})[loaded.version] = served
         self._refresh_latest(loaded.model)
@@ -428,10 +457,18 @@ class DataPlane:
         who = self._who(principal)
         if who.models is not None and request.model_name not in who.models:
             self.gate.check_scope(who, request.model_name, transport=transport, action="infer")
+        monitor = self.gate.monitor
+        if monitor is not None:
+            response = await self._infer_audited(request, transport, who)
+            self._watch(monitor, who, request, response)
+            return response
+        if self.gate.audit is None and self._zoo_named(request.model_name) is None:
+            return await self._infer_model(request)  # one coroutine less on the common path
+        return await self._infer_audited(request, transport, who)
+
+    async def _infer_audited(self, request: InferenceRequest, transport: str, who: Principal) -> InferenceResponse:
         audit = self.gate.audit
         if audit is None:
-            if self._zoo_named(request.model_name) is None:
-                return await self._infer_model(request)  # one coroutine less on the common path
             return (await self._infer_any(request, transport, who))[0]
         ts = time.time()
         started = time.perf_counter()
@@ -442,6 +479,18 @@ class DataPlane:
             raise
         audit.append(self._audit_fields(who, transport, request, ts, started, response, variant, version, None))
         return response
+
+    def _watch(self, monitor: Any, who: Principal, request: InferenceRequest, response: InferenceResponse) -> None:
+        """An answered query feeds the tenant's PRADA state for this model or zoo."""
+        x, predicted = _query_and_label(request, response)
+        if x is not None and predicted is not None:
+            try:
+                alert = monitor.observe(f"{who.tenant}/{request.model_name}", x, predicted)
+            except (TypeError, ValueError) as err:  # e.g. another input size than this tenant's earlier queries
+                log.debug("extraction monitor skipped a query: %s", err)
+                alert = None
+            if alert is not None:
+                self.gate.extraction_alert(who, request.model_name, alert)
 
     @staticmethod
     def _audit_fields(
@@ -490,6 +539,8 @@ class DataPlane:
         try:
             arrays, rows = self._validate(served, request)
             outputs = await served.batcher.submit(arrays, rows)
+            if served.hardening is not None:
+                outputs = harden(outputs, served.hardening)
             response = self._response(served, request, outputs)
         except BastionError as err:
             status = err.http_status

@@ -21,7 +21,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 def _connection(f: Any) -> Any:
     f = click.option("--ca-cert", envvar="BASTION_CA_CERT", type=click.Path(exists=True, dir_okay=False),
                      help="CA bundle to verify an https server with.")(f)
-    f = click.option("--key", envvar="BASTION_API_KEY", help="The attacker's API key [env: BASTION_API_KEY].")(f)
+    f = click.option("--key", "--api-key", "key", envvar="BASTION_API_KEY",
+                     help="The attacker's API key [env: BASTION_API_KEY].")(f)
     f = click.option("--zoo", required=True, help="The zoo to attack (the only name the attacker needs).")(f)
     return click.option("--url", default=DEFAULT_URL, show_default=True, envvar="BASTION_URL",
                         help="Server REST address.")(f)
@@ -246,11 +247,12 @@ def extract_cmd(url: str, zoo: str, key: str | None, ca_cert: str | None, budget
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("attacker", "queried", "targets", "queries", "+ fingerprint", "accuracy", "fidelity",
+    table = Table("attacker", "queried", "targets", "queries", "fp queries", "accuracy", "fidelity",
                   title=f"extraction of zoo {zoo}'s victim {victim_model or ''} (budget {budget} rows, seed {seed})")
     for r in results:
         tg = r.targets if isinstance(r.targets, str) else (
-            ", ".join(f"{k}={v:g}" for k, v in r.targets.items()) if r.targets else "(none)")
+            ", ".join(f"{'acc' if k == 'accuracy' else 'lat'} {v:.4g}" for k, v in r.targets.items())
+            if r.targets else "(none)")
         table.add_row(r.attacker, r.queried, tg, str(r.queries), str(r.fingerprint_queries),
                       _fmt(r.accuracy), _fmt(r.fidelity))
     console = Console()

@@ -58,6 +58,7 @@ class ServeOptions:
     tls_client_auth: str = "none"  # none | optional | required
     trusted_signers: list[str] | None = None  # Ed25519 public keys (PEM files) allowed to sign sealed bundles
     bundle_key_provider: str | None = None  # env:VAR | file:PATH | module:pkg.mod:factory
+    extraction_monitor: dict[str, Any] | None = None  # PRADA settings (guard/monitor.py); None = off
     # ---- request limits (core/limits.py) ----
     max_elements: int = 1 << 26
     max_batch_size: int | None = None
@@ -94,6 +95,10 @@ class ServeOptions:
         tls = tls_files(self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_client_auth)
         if tls is not None:
             server_ssl_context(*tls)  # loads the files: a bad one stops the start, not the first handshake
+        if self.extraction_monitor is not None:
+            from bastion.guard.monitor import parse_monitor
+
+            parse_monitor(self.extraction_monitor, "extraction_monitor")
         if not 4 <= self.max_json_depth <= 250:
             # every V2 JSON body is 4 deep; orjson parses 1024 levels but writes only ~254
             raise ValueError(f"max_json_depth must be between 4 and 250, got {self.max_json_depth}")
@@ -159,8 +164,15 @@ def build_gate(opts: ServeOptions, metrics: Any) -> Any:
             writer_id=str(opts.worker_index),
             fsync_interval_s=opts.audit_fsync_interval_s,
         )
+    monitor = None
+    if opts.extraction_monitor is not None:
+        from bastion.guard.monitor import ExtractionMonitor, parse_monitor
+
+        monitor = ExtractionMonitor(parse_monitor(opts.extraction_monitor, "extraction_monitor"))
+        if limiter is None:
+            limiter = Limiter()  # for the monitor's "throttle" action
     return Gate(authenticator=authenticator, limiter=limiter, audit=audit, metrics=metrics,
-                open_metrics=opts.open_metrics)
+                open_metrics=opts.open_metrics, monitor=monitor)
 
 
 def _http_socket(host: str, port: int, reuse_port: bool) -> socket.socket:

@@ -56,6 +56,8 @@ class ModelConfig:
     allow_non_finite: bool = False
     # batches of one model version that may run at once (each on its own executor thread)
     instance_count: int = 1
+    # output hardening against extraction: a guard.hardening.HardeningSpec (core does not import guard)
+    hardening: object | None = None
 
 
 @dataclass(frozen=True, slots=True)

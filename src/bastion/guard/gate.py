@@ -15,7 +15,7 @@ from typing import Any
 
 from bastion.core.errors import BastionError, PermissionDenied, Unauthenticated
 from bastion.guard.limits import Limiter, QuotaExhausted
-from bastion.guard.principal import ANONYMOUS, Authenticator, Principal
+from bastion.guard.principal import ANONYMOUS, Authenticator, Limits, Principal
 from bastion.observability.metrics import Metrics
 
 log = logging.getLogger("bastion.guard")
@@ -56,12 +56,16 @@ class Gate:
         audit: Any = None,  # guard.audit.AuditLog: append(dict) / close()
         metrics: Metrics | None = None,
         open_metrics: bool = False,
+        monitor: Any = None,  # guard.monitor.ExtractionMonitor
     ) -> None:
         self.authenticator = authenticator
         self.limiter = limiter
         self.audit = audit
         self.metrics = metrics
         self.open_metrics = open_metrics or authenticator is None
+        self.monitor = monitor
+        # tenants the extraction monitor blocked (this process; until restart or unblock)
+        self.blocked: set[str] = set()
 
     @property
     def auth_enabled(self) -> bool:
@@ -88,6 +92,10 @@ class Gate:
 
     def check_scope(self, principal: Principal, model: str, *, transport: str, action: str) -> None:
         """403 unless the key may use ``model``; says nothing about whether it exists."""
+        if self.blocked and principal.tenant in self.blocked:
+            err = PermissionDenied(f"tenant '{principal.tenant}' is blocked: its queries look like model extraction")
+            self.record_rejection(principal, transport, action, model, err)
+            raise err
         if not principal.may_use(model):
             err = PermissionDenied(f"this API key (tenant '{principal.tenant}') may not use model '{model}'")
             if self.metrics is not None:
@@ -99,7 +107,7 @@ class Gate:
         """Scope, then the tenant's rate limit and query budget (429)."""
         self.check_scope(principal, model, transport=transport, action=action)
         limiter = self.limiter
-        if limiter is not None and not principal.limits.unlimited:
+        if limiter is not None and (not principal.limits.unlimited or limiter.overridden(principal.tenant)):
             try:
                 limiter.admit(principal)
             except QuotaExhausted as err:
@@ -120,6 +128,32 @@ class Gate:
                 self.metrics.forbidden_request(principal.tenant)
             self.record_rejection(principal, transport, action, model, err)
             raise err
+
+    # ---- extraction monitor ---------------------------------------------------------------
+    def extraction_alert(self, principal: Principal, model: str, alert: Any) -> None:
+        """The monitor flagged ``principal``'s tenant on ``model``: count, audit, act."""
+        tenant = principal.tenant
+        log.warning("extraction suspected", extra={"tenant": tenant, "model": model, "action": alert.action,
+                                                   "queries": alert.queries_seen, "w": alert.statistic})
+        if self.metrics is not None:
+            self.metrics.extraction_alert(tenant, alert.action)
+        self.record({
+            "ts": time.time(), "tenant": tenant, "key_id": principal.key_id, "action": "extraction_alert",
+            "model": model, "decision": alert.action, "status": 0,
+            "reason": f"PRADA: Shapiro-Wilk W={alert.statistic:.3f} < {alert.threshold} after "
+                      f"{alert.queries_seen} queries",
+        })
+        if alert.action == "block":
+            self.blocked.add(tenant)
+        elif alert.action == "throttle" and self.limiter is not None:
+            self.limiter.override(tenant, Limits(rate_per_s=1.0, burst=1))
+        elif alert.action == "escalate":
+            set_class = getattr(self.authenticator, "set_defense_class", None)
+            if set_class is not None:
+                try:
+                    set_class(tenant, "suspect")  # every worker picks it up within a second
+                except BastionError as err:
+                    log.error("could not escalate tenant %s: %s", tenant, err.message)
 
     # ---- audit --------------------------------------------------------------------------
     def record(self, fields: dict[str, Any]) -> None:

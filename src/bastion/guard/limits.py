@@ -173,13 +173,25 @@ class Limiter:
         self._wall = wall
         self._buckets: dict[str, _Bucket] = {}
         self._leases: dict[str, _Lease] = {}
+        self._overrides: dict[str, Limits] = {}
         # the current UTC day and when it ends: formatting a date per request costs ~1.5 µs
         self._day = ""
         self._day_ends = 0.0
 
+    def override(self, tenant: str, limits: Limits) -> None:
+        """Replace ``tenant``'s rate (e.g. throttled by the extraction monitor) in this process."""
+        self._overrides[tenant] = limits
+
+    def overridden(self, tenant: str) -> bool:
+        return bool(self._overrides) and tenant in self._overrides
+
     def admit(self, principal: Principal) -> None:
         """Spend one token and one query of the principal's tenant, or raise 429."""
         limits = principal.limits
+        if self._overrides:
+            over = self._overrides.get(principal.tenant)
+            if over is not None:
+                limits = Limits(over.rate_per_s, over.burst, limits.quota, limits.quota_period)
         if limits.rate_per_s is not None:
             self._take_token(principal.tenant, limits)
         if limits.quota is not None:

@@ -48,9 +48,11 @@ algorithm walks that staircase with bisections, using only whether the server se
 
 **Fallback.** A zoo that never refuses (``on_infeasible: closest``) gives the walk
 nothing to bisect. Then a coarse grid of targets (accuracy x log latency, plus "no
-target" on each axis) is queried once per cell, answers are clustered, each cluster's
-most interior cell (most same-cluster neighbours) becomes its trigger, and consistency
-is measured as above. The fallback cannot order the variants by quality from refusals;
+target" on each axis) is queried once per cell and the answers are clustered. For each
+cluster, its most stable cells (the largest share of grid neighbours answered by the
+same cluster: deterministic regions agree with their neighbours, randomised ones
+rarely do) are replayed a few times and the first that never wavers becomes the
+trigger; consistency is then measured as above. The fallback cannot order the variants by quality from refusals;
 its victim is the variant answering ``accuracy = 1`` (the closest to a perfect score).
 
 **Victim.** The default victim for extraction is the most accurate variant: the last
@@ -385,29 +387,47 @@ def _findings_from_steps(steps: list[_Step]) -> list[VariantFinding]:
     return findings
 
 
-def _grid(walk: _Walk) -> tuple[list[VariantFinding], int | None]:
+def _grid(walk: _Walk, checks: int = 3, candidates: int = 3) -> tuple[list[VariantFinding], int | None]:
     cells: dict[tuple[int, int], int | None] = {}
     for i, a in enumerate(_GRID_ACCURACY):
         for j, lat in enumerate(_GRID_LATENCY):
             cells[i, j] = walk.ask(a, lat)
+    top_cell = (len(_GRID_ACCURACY) - 1, 0)  # accuracy 1, no latency target: the closest to perfect
+    top = cells.get(top_cell)
+
+    def stability(ij: tuple[int, int], cluster: int) -> tuple[float, int]:
+        # a cell inside a region the server answers deterministically has neighbours that agree;
+        # one where several variants are feasible (randomised) rarely does
+        i, j = ij
+        near = [cells[n] for n in ((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)) if n in cells]
+        same = sum(c == cluster for c in near)
+        return same / len(near), same
+
+    def targets(ij: tuple[int, int]) -> dict[str, float]:
+        a, lat = _GRID_ACCURACY[ij[0]], _GRID_LATENCY[ij[1]]
+        out: dict[str, float] = {}
+        if a is not None:
+            out["accuracy"] = float(a)
+        if lat is not None:
+            out["latency_ms"] = float(f"{lat:.6g}")
+        return out
+
     findings: list[VariantFinding] = []
     for cluster in sorted({c for c in cells.values() if c is not None}):
-        mine = [ij for ij, c in cells.items() if c == cluster]
-
-        def interior(ij: tuple[int, int], cluster: int = cluster) -> int:
-            i, j = ij
-            return sum(cells.get((i + di, j + dj)) == cluster for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1)))
-
-        i, j = max(mine, key=lambda ij: (interior(ij), -ij[0], -ij[1]))
-        trigger: dict[str, float] = {}
-        if _GRID_ACCURACY[i] is not None:
-            trigger["accuracy"] = float(_GRID_ACCURACY[i])  # type: ignore[arg-type]
-        if _GRID_LATENCY[j] is not None:
-            trigger["latency_ms"] = float(f"{_GRID_LATENCY[j]:.6g}")
+        mine = sorted((ij for ij, c in cells.items() if c == cluster),
+                      key=lambda ij, c=cluster: (ij != top_cell, tuple(-v for v in stability(ij, c))))
+        # replay the most promising cells a few times; keep the first that never wavers
+        best, best_hits = mine[0], -1
+        for ij in mine[:candidates]:
+            t = targets(ij)
+            hits = sum(walk.ask(t.get("accuracy"), t.get("latency_ms")) == cluster for _ in range(checks))
+            if hits > best_hits:
+                best, best_hits = ij, hits
+            if hits == checks:
+                break
         findings.append(VariantFinding(
-            rank=len(findings), signature=cluster, trigger=trigger, consistency=math.nan, repeats=0,
+            rank=len(findings), signature=cluster, trigger=targets(best), consistency=math.nan, repeats=0,
             quality_range=None, latency_range_ms=None, client_latency_ms=math.nan,
         ))
-    top = cells.get((len(_GRID_ACCURACY) - 1, 0))  # accuracy 1.0, no latency target
     victim = next((k for k, f in enumerate(findings) if f.signature == top), None)
     return findings, victim

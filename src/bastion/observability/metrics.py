@@ -113,6 +113,12 @@ class Metrics:
             ["tenant", "limit"],
             registry=r,
         )
+        self.extraction_alerts = Counter(
+            "bastion_extraction_alerts_total",
+            "Tenants flagged by the extraction monitor (PRADA), by the action taken",
+            ["tenant", "action"],
+            registry=r,
+        )
         self.model_ready = Gauge(
             "bastion_model_ready",
             "1 when the model version is loaded and serving",
@@ -137,6 +143,9 @@ class Metrics:
 
     def rate_limited(self, tenant: str, limit: str) -> None:
         self.limited.labels(tenant, limit).inc()
+
+    def extraction_alert(self, tenant: str, action: str) -> None:
+        self.extraction_alerts.labels(tenant, action).inc()
 
     def for_version(self, model: str, version: str) -> VersionMetrics:
         return VersionMetrics(self, model, version)

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 import yaml
 
 from bastion.core.datatypes import DATATYPES
+from bastion.core.errors import InvalidInput
 from bastion.core.metadata import BatchingConfig, ModelConfig, TensorSpec, VersionPolicy
 from bastion.runtimes import RUNTIME_NAMES, ModelLoadError
 
@@ -40,6 +41,7 @@ _TOP_KEYS = (
     "parameters",
     "allow_non_finite",
     "instance_count",
+    "hardening",
 )
 _TENSOR_KEYS = ("name", "datatype", "shape")
 _BATCHING_KEYS = ("max_queue_delay_us", "preferred_batch_sizes", "max_queue_size")
@@ -110,11 +112,23 @@ def parse_model_config(name: str, data: Any, *, source: str | None = None) -> Mo
         parameters=dict(parameters),
         allow_non_finite=p.boolean("allow_non_finite", top.get("allow_non_finite", False)),
         instance_count=p.integer("instance_count", top.get("instance_count", 1), minimum=1),
+        hardening=p.hardening(top.get("hardening")),
     )
 
 
 class _Parser:
     """Field checks that all raise ConfigError('<source>: <path>: <what is wrong>')."""
+
+    def hardening(self, value: Any) -> object | None:
+        if value is None:
+            return None
+        from bastion.guard.hardening import parse_hardening
+
+        try:
+            spec = parse_hardening(value, where="hardening")
+        except InvalidInput as err:
+            raise ConfigError(f"{self.source}: {err.message}") from None
+        return spec if spec.enabled else None
 
     def __init__(self, source: str) -> None:
         self.source = source

@@ -54,14 +54,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
-from bastion.core.errors import NotFound
+from bastion.core.errors import BastionError, NotFound
 from bastion.core.metadata import ModelConfig, VersionPolicy
 from bastion.guard.bundles import BUNDLE_SUFFIX, CONFIG_PATH, BundleError, OpenBundle, load_public_key, verify_bundle
 from bastion.guard.keyproviders import KeyProvider, load_key_provider
 from bastion.repository.config import CONFIG_FILE, ConfigError, load_model_config, parse_model_config_yaml
 from bastion.repository.stamps import Stamp, file_stamp
 from bastion.repository.zoos import ZOO_FILE, ZooCatalog
-from bastion.runtimes import create_runtime
+from bastion.runtimes import ModelLoadError, create_runtime
 from bastion.runtimes.base import Runtime, RuntimeFactory
 
 __all__ = ["LoadedVersion", "ModelRepository", "ModelState", "ModelStatus", "RepositoryListener"]
@@ -199,7 +199,7 @@ class ModelRepository:
         self._trusted = [load_public_key(Path(p)) for p in trusted_signers or []]
         self._key_provider = load_key_provider(key_provider) if isinstance(key_provider, str) else key_provider
         self._poll_interval_s = poll_interval_s
-        self._factory = runtime_factory
+        self._factory = _hardening_checked(runtime_factory)
         self._explicit = explicit
         self._initial = None if initial_models is None else list(initial_models)
         self._models: dict[str, _Entry] = {}
@@ -586,6 +586,27 @@ def _reason(entry: _Entry, config: ModelConfig, wanted: list[int], disk: _DiskMo
 
 def _versions(versions: Iterable[int]) -> str:
     return ", ".join(str(v) for v in sorted(versions))
+
+
+def _hardening_checked(factory: RuntimeFactory) -> RuntimeFactory:
+    """Load, then make sure the model's outputs fit its ``hardening`` (probability and label
+    outputs exist, float, >= 2 classes): a model that cannot be hardened as configured must
+    fail to load rather than serve unhardened answers."""
+
+    def load(config: ModelConfig, version_dir: Path, **kwargs: Any) -> Runtime:
+        runtime = factory(config, version_dir, **kwargs)
+        if config.hardening is not None:
+            from bastion.guard.hardening import check_against
+
+            try:
+                check_against(config.hardening, config.outputs or runtime.outputs,  # type: ignore[arg-type]
+                              where=f"{config.name}/config.yaml: hardening")
+            except BastionError as err:
+                runtime.close()
+                raise ModelLoadError(err.message) from None
+        return runtime
+
+    return load  # type: ignore[return-value]
 
 
 def _plain_name(name: str) -> bool:
