@@ -260,3 +260,166 @@ def extract_cmd(url: str, zoo: str, key: str | None, ca_cert: str | None, budget
     if results and results[0].eval_rows:
         console.print(f"on {results[0].eval_rows} held-out rows; the victim's own accuracy there: "
                       f"{_fmt(results[0].victim_accuracy)}")
+
+
+def _parse_strengths(values: tuple[str, ...], defenses: list[str], quick: bool) -> dict[str, tuple[float, ...]]:
+    """``--strengths 0.5,1,2`` (every DP defense) or ``--strengths metric-noise=0.01,0.02`` (one defense)."""
+    from bastion.lab.tradeoff import DEFAULT_STRENGTHS, QUICK_STRENGTHS
+
+    table = dict(QUICK_STRENGTHS if quick else DEFAULT_STRENGTHS)
+    out = {d: table[d] for d in defenses}
+    for value in values:
+        kind, sep, text = value.rpartition("=")
+        try:
+            nums = tuple(float(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected numbers like 0.5,1,2, got {value!r}",
+                                     param_hint="--strengths") from None
+        if not nums:
+            raise click.BadParameter(f"no strength in {value!r}", param_hint="--strengths")
+        kinds = [kind] if sep else [d for d in defenses if d != "metric-noise"]
+        for k in kinds:
+            if k not in out:
+                raise click.BadParameter(f"{k!r} is not among --defenses {','.join(defenses)}",
+                                         param_hint="--strengths")
+            out[k] = nums
+    return out
+
+
+def _front_of(repo: Path, zoo: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Path]:
+    """The zoo's profiled variants and Pareto front (the experimenter's own repository), and its eval file."""
+    from bastion.repository.zoos import load_zoo
+    from bastion.zoo.pareto import pareto_front
+
+    loaded = load_zoo(repo / zoo)
+    if loaded.spec is None or loaded.profile is None:
+        raise click.ClickException(loaded.error)
+    points = loaded.profile.points(loaded.spec.latency_percentile)
+    on_front = {p.name for p in pareto_front(points)}
+    variants = [{"variant": p.name, "quality": p.quality, "latency_ms": p.latency_ms, "pareto": p.name in on_front}
+                for p in points]
+    front = sorted((v for v in variants if v["pareto"]), key=lambda v: v["latency_ms"])
+    return variants, front, repo / zoo / loaded.spec.evaluation
+
+
+@lab.command("tradeoff")
+@click.option("--repo", "repo", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The model repository holding the zoo (copied; the original is not touched).")
+@click.option("--zoo", required=True, help="The zoo to defend and attack.")
+@click.option("--scenario", type=click.Choice(["image", "malware"]),
+              help="Built-in attacker query pool (default: the zoo's name when it is one of these).")
+@click.option("--pool", "pool_file", type=click.Path(exists=True, dir_okay=False), help="Query pool .npz instead.")
+@click.option("--pool-seed", type=int, default=0, show_default=True)
+@click.option("--budget", type=int, help="Extraction rows per attack [default: 512, --quick 128].")
+@click.option("--fingerprint-budget", type=int, default=2000, show_default=True)
+@click.option("--goodput-requests", type=int, help="Benign workload size [default: 200, --quick 80].")
+@click.option("--latency-ms", "lat_range", help="Benign latency targets LO:HI (ms, log-uniform) "
+              "[default: calibrated from the benign client's round trips].")
+@click.option("--defenses", default="permute-and-flip,exponential,metric-noise", show_default=True,
+              help="Defense kinds to sweep, comma-separated.")
+@click.option("--strengths", multiple=True,
+              help="ε list for the DP defenses (0.25,0.5,1), or KIND=list for one defense "
+              "(metric-noise=0.005,0.01: scale_accuracy; scale_latency is --noise-latency-ratio times it). "
+              "Repeatable.")
+@click.option("--noise-latency-ratio", type=float, default=10.0, show_default=True)
+@click.option("--selections-at", type=float, default=2.0, show_default=True,
+              help="The ε whose selection shares the front plot shows (metric noise: its median scale).")
+@click.option("--steps", type=int, help="Surrogate training steps [default: 600, --quick 200].")
+@click.option("--repeats", type=int, default=10, show_default=True, help="Replays per trigger (consistency).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="tradeoff-out", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quick", is_flag=True, help="3 strengths per defense, small budgets: a few minutes.")
+def tradeoff_cmd(repo: str, zoo: str, scenario: str | None, pool_file: str | None, pool_seed: int, budget: int | None,
+                 fingerprint_budget: int, goodput_requests: int | None, lat_range: str | None, defenses: str,
+                 strengths: tuple[str, ...],
+                 noise_latency_ratio: float, selections_at: float, steps: int | None, repeats: int, out_dir: str,
+                 seed: int, quick: bool) -> None:
+    """Sweep zoo ZOO's selection defenses on a served copy of REPO: goodput of a benign tenant
+    against fingerprinting and extraction by an attacker tenant, per defense and strength.
+    Writes tradeoff.json, tradeoff.md and PNG plots under --out."""
+    import shlex
+    import sys
+
+    import httpx
+    import numpy as np
+    import orjson
+    from rich.console import Console
+
+    from bastion.guard.keystore import KeyStore
+    from bastion.lab import tradeoff as tr
+    from bastion.lab.extract import TrainConfig
+    from bastion.lab.oracle import OracleError
+    from bastion.lab.plots import write_plots
+    from bastion.lab.report import record
+    from bastion.zoo.spec import load_zoo_spec
+
+    kinds = [d.strip() for d in defenses.split(",") if d.strip()]
+    bad = [d for d in kinds if d not in tr.KIND_PREFIX]
+    if bad:
+        raise click.BadParameter(f"unknown defense {', '.join(bad)}; have {', '.join(tr.KIND_PREFIX)}",
+                                 param_hint="--defenses")
+    try:
+        points = tr.plan_points(_parse_strengths(strengths, kinds, quick), noise_latency_ratio)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--strengths") from None
+    latency_ms = None
+    if lat_range:
+        try:
+            lo, hi = (float(v) for v in lat_range.split(":"))
+        except ValueError:
+            raise click.BadParameter("expected LO:HI", param_hint="--latency-ms") from None
+        latency_ms = (lo, hi)
+    config = tr.SweepConfig(
+        zoo=zoo, latency_ms=latency_ms, budget=budget or (128 if quick else 512), fingerprint_budget=fingerprint_budget,
+        goodput_requests=goodput_requests or (80 if quick else 200), repeats=repeats,
+        train=TrainConfig(steps=steps or (200 if quick else 600)), seed=seed, selections_at=selections_at,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    console = Console(stderr=True)
+    started = dt.datetime.now(dt.timezone.utc)
+    try:
+        copy = tr.prepare_copy(Path(repo), zoo, work, points)
+        spec = load_zoo_spec(copy / zoo)  # the rewritten zoo.yaml must parse as the server will
+    except (OSError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    variants, front, eval_path = _front_of(copy, zoo)
+    with np.load(eval_path, allow_pickle=False) as data:
+        names = [n for n in data.files if n != "y"]
+        eval_x = np.ascontiguousarray(data[names[0]], dtype=np.float32)
+        eval_y = np.asarray(data["y"])
+    rows, pool_doc = _rows(zoo, scenario, pool_file, pool_seed, seed)
+    keys_db = work / "keys.db"
+    keys_db.unlink(missing_ok=True)
+    with KeyStore(keys_db) as store:
+        admin_key, _ = store.create_key("tradeoff-admin", role="admin", description="tradeoff orchestrator")
+    assert admin_key is not None
+    console.print(f"{len(points)} points ({', '.join(p.defense_class for p in points)}); zoo {zoo} "
+                  f"(on_infeasible {spec.on_infeasible}, policy {spec.policy}); serving {copy}")
+    try:
+        with tr.serve(copy, keys_db, log=work / "server.log") as url, _progress() as progress:
+            result = tr.run_sweep(url, admin_key, config, points, front=front, rows=rows, eval_x=eval_x,
+                                  eval_y=eval_y, progress=progress, step=lambda msg: console.print(msg))
+    except (OracleError, RuntimeError, ValueError, httpx.HTTPError) as err:
+        raise click.ClickException(f"{err} (server log: {work / 'server.log'})") from None
+    result["variants"] = variants
+    full = {**config.as_dict(), "repo": str(Path(repo).resolve()), "copy": str(copy), "defenses": kinds,
+            "strengths": {k: [p.strength for p in points if p.defense == k] for k in kinds},
+            "noise_latency_ratio": noise_latency_ratio, "classes": {p.defense_class: p.spec for p in points},
+            "on_infeasible": spec.on_infeasible, "policy": spec.policy, "pool": pool_doc, "quick": quick}
+    doc = record("tradeoff", full, seed, result, started)
+    argv = sys.argv[1:]
+    doc["command"] = shlex.join(["bastion", *argv]) if argv[:2] == ["lab", "tradeoff"] else shlex.join(
+        ["bastion", "lab", "tradeoff", "--repo", repo, "--zoo", zoo, "--out", out_dir, "--seed", str(seed)]
+        + (["--quick"] if quick else []))
+    rows_summary = tr.summary_rows(doc["result"])
+    plots = write_plots(doc["result"], rows_summary, out, selections_at=selections_at)
+    doc["plots"] = [p.name for p in plots]
+    doc["summary"] = rows_summary
+    (out / "tradeoff.json").write_text(
+        orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode() + "\n", encoding="utf-8")
+    (out / "tradeoff.md").write_text(tr.markdown_report(doc) + "\n", encoding="utf-8")
+    console.print(f"wrote {out / 'tradeoff.json'}, {out / 'tradeoff.md'}, {', '.join(p.name for p in plots)}")
+    click.echo(tr.markdown_report(doc))

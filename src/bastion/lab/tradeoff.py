@@ -1,0 +1,590 @@
+"""Protection against goodput: sweep a zoo's selection defenses and measure both sides.
+
+For each point (a defense kind at one strength, or the undefended baseline) the sweep
+moves an attacker tenant and a benign tenant into that point's defense class, then:
+
+* **goodput**: the benign tenant replays a fixed, seeded workload of *reachable* targets
+  (some variant of the front meets each one); goodput = met / all from the delta of the
+  server's ``bastion_zoo_requests_total`` counters over the replay;
+* **fingerprint**: the attacker walks the zoo (:func:`bastion.lab.fingerprint.fingerprint`):
+  rows spent, variants found, consistency of the victim's trigger;
+* **extract**: the attacker queries ``budget`` rows at that trigger and trains a surrogate
+  (:func:`bastion.lab.extract.run_extraction`); accuracy on the zoo's held-out rows and
+  fidelity to the victim variant (whose answers the experimenter asks by name).
+
+The baseline also runs the explicit and the naive attacker. Every attack and the goodput
+workload go through the public REST protocol with an API key; the experiment's own
+set-up (a copy of the repository with one defense class per point in ``zoo.yaml``, a
+``bastion serve`` on loopback, the admin key) is the operator's side, and its
+bootstrap admin key is made by the caller (``bastion lab tradeoff``), since this
+package imports no server internals. Tenants' keys are created and moved between
+classes through the admin API, the victim is read from the zoo's profile (the
+experimenter knows its own repository).
+
+Pure helpers (class names, the ``zoo.yaml`` rewrite, counter deltas, the markdown
+report) are separate from the live parts so they can be tested without a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import yaml
+
+from bastion.lab.extract import TrainConfig, run_extraction, victim_answers
+from bastion.lab.fingerprint import fingerprint
+from bastion.lab.oracle import Oracle
+
+__all__ = [
+    "BASELINE",
+    "DEFAULT_STRENGTHS",
+    "KIND_PREFIX",
+    "QUICK_STRENGTHS",
+    "SweepConfig",
+    "SweepPoint",
+    "class_name",
+    "counter_delta",
+    "defense_block",
+    "goodput_from_delta",
+    "latency_slo_range",
+    "markdown_report",
+    "plan_points",
+    "reachable_workload",
+    "rewrite_zoo_yaml",
+    "run_sweep",
+    "serve",
+    "zoo_counters",
+]
+
+KIND_PREFIX = {"permute-and-flip": "pf", "exponential": "exp", "metric-noise": "noise"}
+# ε for the DP mechanisms; scale_accuracy for metric noise (scale_latency = ratio x that)
+DEFAULT_STRENGTHS: dict[str, tuple[float, ...]] = {
+    "permute-and-flip": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
+    "exponential": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
+    "metric-noise": (0.005, 0.01, 0.02, 0.04, 0.08),
+}
+QUICK_STRENGTHS: dict[str, tuple[float, ...]] = {
+    "permute-and-flip": (0.5, 2.0, 8.0),
+    "exponential": (0.5, 2.0, 8.0),
+    "metric-noise": (0.01, 0.04, 0.08),
+}
+NOISE_LATENCY_RATIO = 10.0  # scale_latency (on log latency) per unit of scale_accuracy
+BASELINE = "default"  # the undefended class: defenses.default is {kind: none}
+OUTCOMES = ("met", "missed_accuracy", "missed_latency", "missed_both", "rejected")
+
+
+# ---- the plan ------------------------------------------------------------------------------------
+def _strength_text(strength: float) -> str:
+    text = f"{strength:g}".replace(".", "p").replace("+", "")
+    return text
+
+
+def class_name(kind: str, strength: float) -> str:
+    """The tenant defense class of one point: ``pf-0p5``, ``exp-2``, ``noise-0p02``."""
+    if kind not in KIND_PREFIX:
+        raise ValueError(f"defense: expected one of {', '.join(KIND_PREFIX)}, got {kind!r}")
+    if not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength > 0):
+        raise ValueError(f"strength: expected a finite number > 0, got {strength!r}")
+    name = f"{KIND_PREFIX[kind]}-{_strength_text(float(strength))}"
+    if len(name) > 32:
+        raise ValueError(f"class name {name!r} is longer than 32 characters")
+    return name
+
+
+def defense_block(kind: str, strength: float, noise_latency_ratio: float = NOISE_LATENCY_RATIO) -> dict[str, Any]:
+    """The ``zoo.yaml`` defense of one point."""
+    if kind == "metric-noise":
+        return {"kind": kind, "noise": "laplace", "scale_accuracy": float(strength),
+                "scale_latency": round(float(strength) * noise_latency_ratio, 6)}
+    if kind in ("exponential", "permute-and-flip"):
+        return {"kind": kind, "epsilon": float(strength)}
+    raise ValueError(f"defense: expected one of {', '.join(KIND_PREFIX)}, got {kind!r}")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    defense: str  # "none" for the baseline, else a defense kind
+    strength: float | None
+    defense_class: str
+    spec: dict[str, Any]
+
+
+def plan_points(strengths: Mapping[str, Sequence[float]],
+                noise_latency_ratio: float = NOISE_LATENCY_RATIO) -> list[SweepPoint]:
+    """The baseline first, then every (defense, strength) in the order given (strengths sorted)."""
+    points = [SweepPoint("none", None, BASELINE, {"kind": "none"})]
+    seen = {BASELINE}
+    for kind, values in strengths.items():
+        for s in sorted(set(float(v) for v in values)):
+            name = class_name(kind, s)
+            if name in seen:
+                raise ValueError(f"two points share the class name {name!r}")
+            seen.add(name)
+            points.append(SweepPoint(kind, s, name, defense_block(kind, s, noise_latency_ratio)))
+    return points
+
+
+def rewrite_zoo_yaml(data: Mapping[str, Any], points: Sequence[SweepPoint]) -> dict[str, Any]:
+    """The zoo's own settings with a ``defenses`` block of one class per point (and
+    ``default: {kind: none}``); an existing ``defense``/``defenses`` is replaced."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"zoo.yaml: expected a mapping, got {type(data).__name__}")
+    out = {k: v for k, v in data.items() if k not in ("defense", "defenses")}
+    block: dict[str, Any] = {BASELINE: {"kind": "none"}}
+    for p in points:
+        if p.defense_class != BASELINE:
+            block[p.defense_class] = dict(p.spec)
+    out["defenses"] = block
+    return out
+
+
+def prepare_copy(repo: Path, zoo: str, work: Path, points: Sequence[SweepPoint]) -> Path:
+    """Copy ``repo`` to ``work/repo`` and write the points' classes into its ``<zoo>/zoo.yaml``."""
+    src = Path(repo)
+    if not (src / zoo / "zoo.yaml").is_file():
+        raise ValueError(f"{src}: no zoo '{zoo}' ({zoo}/zoo.yaml)")
+    dest = Path(work) / "repo"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest, symlinks=True)
+    path = dest / zoo / "zoo.yaml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    path.write_text(yaml.safe_dump(rewrite_zoo_yaml(data, points), sort_keys=False), encoding="utf-8")
+    return dest
+
+
+# ---- counters ------------------------------------------------------------------------------------
+def zoo_counters(metrics_text: str, zoo: str) -> dict[str, dict[str, float]]:
+    """``{"requests": {outcome: n}, "selections": {variant: n}}`` of ``zoo`` from a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    requests = dict.fromkeys(OUTCOMES, 0.0)
+    selections: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name not in ("bastion_zoo_requests", "bastion_zoo_selections"):
+            continue
+        for s in family.samples:
+            if not s.name.endswith("_total") or s.labels.get("zoo") != zoo:
+                continue
+            if family.name == "bastion_zoo_requests":
+                requests[s.labels["outcome"]] = requests.get(s.labels["outcome"], 0.0) + s.value
+            else:
+                v = s.labels.get("variant", "")
+                selections[v] = selections.get(v, 0.0) + s.value
+    return {"requests": requests, "selections": selections}
+
+
+def counter_delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, int]:
+    return {k: round(after.get(k, 0.0) - before.get(k, 0.0)) for k in sorted(set(before) | set(after))}
+
+
+def goodput_from_delta(delta: Mapping[str, int]) -> float:
+    """met / all outcomes counted (NaN when nothing was counted)."""
+    total = sum(delta.values())
+    return delta.get("met", 0) / total if total else math.nan
+
+
+# ---- the benign workload ---------------------------------------------------------------------------
+def reachable_workload(front: Sequence[Mapping[str, Any]], n: int, seed: int,
+                       latency_ms: tuple[float, float] | None = None) -> list[dict[str, float]]:
+    """``n`` targets some variant of ``front`` meets: accuracy uniform over the front's
+    quality range (widened below by half of it), latency log-uniform over ``latency_ms``
+    (default: the fastest variant's profiled latency to twice the slowest's), like
+    ``bastion zoo goodput``'s random workload; a draw no variant's profile meets is redrawn."""
+    qs = [float(v["quality"]) for v in front]
+    ls = [float(v["latency_ms"]) for v in front]
+    q_lo, q_hi = min(qs), max(qs)
+    a_lo = max(0.0, q_lo - 0.5 * ((q_hi - q_lo) or 0.05))
+    lat_lo, lat_hi = latency_ms if latency_ms is not None else (min(ls), 2.0 * max(ls))
+    if not 0 < lat_lo <= lat_hi:
+        raise ValueError(f"latency range: expected 0 < LO <= HI, got {lat_lo}:{lat_hi}")
+    l_lo, l_hi = math.log(lat_lo), math.log(lat_hi)
+    rng = random.Random(seed)
+    out: list[dict[str, float]] = []
+    for _ in range(1000 * max(1, n)):
+        if len(out) == n:
+            break
+        t = {"accuracy": round(rng.uniform(a_lo, q_hi), 4), "latency_ms": round(math.exp(rng.uniform(l_lo, l_hi)), 4)}
+        if any(q >= t["accuracy"] and lat <= t["latency_ms"] for q, lat in zip(qs, ls, strict=True)):
+            out.append(t)
+    return out
+
+
+def latency_slo_range(round_trips_ms: Sequence[float], front: Sequence[Mapping[str, Any]]) -> tuple[float, float]:
+    """Latency targets a served request can meet: the server judges a request's latency
+    target against its own time in the server (queueing, batching, the transport), which
+    on a small zoo is far above the variants' profiled compute time. From the benign
+    client's round trips with no targets (an upper bound of that time): [1.5 x p90,
+    10 x that], and never below twice the slowest profiled variant."""
+    rtt = sorted(float(x) for x in round_trips_ms if math.isfinite(x))
+    if not rtt:
+        raise ValueError("no round trip to calibrate latency targets on")
+    p90 = rtt[min(len(rtt) - 1, int(0.9 * len(rtt)))]
+    lo = max(1.5 * p90, 2.0 * max(float(v["latency_ms"]) for v in front))
+    return round(lo, 4), round(10.0 * lo, 4)
+
+
+# ---- the server ------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve(repo: Path, keys_db: Path, *, log: Path, ready_timeout_s: float = 120.0,
+          extra_args: Sequence[str] = ()) -> Iterator[str]:
+    """``bastion serve repo`` on loopback with the key store; yields its URL, stops it on exit
+    (errors and Ctrl-C included)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "bastion.cli.main", "serve", str(repo), "--host", "127.0.0.1",
+           "--http-port", str(port), "--grpc-port", "-1", "--keys", str(keys_db), "--poll-interval", "0",
+           "--log-format", "text", *extra_args]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        try:
+            deadline = time.monotonic() + ready_timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"bastion serve exited with {proc.returncode}; see {log}")
+                try:
+                    if httpx.get(f"{url}/v2/health/ready", timeout=1.0).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"bastion serve not ready after {ready_timeout_s:g} s; see {log}")
+                time.sleep(0.1)
+            yield url
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+class Admin:
+    """The operator's admin calls over REST: keys, tenant classes, /metrics."""
+
+    def __init__(self, url: str, key: str, zoo: str) -> None:
+        self.zoo = zoo
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"}, timeout=30.0)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def create_key(self, tenant: str, models: Sequence[str] | None, description: str) -> str:
+        doc: dict[str, Any] = {"tenant": tenant, "role": "infer", "description": description}
+        if models is not None:
+            doc["models"] = list(models)
+        r = self.http.post("/v2/admin/keys", json=doc)
+        r.raise_for_status()
+        return str(r.json()["key"])
+
+    def set_class(self, tenant: str, defense_class: str) -> None:
+        r = self.http.put(f"/v2/admin/tenants/{tenant}/class", json={"defense_class": defense_class})
+        r.raise_for_status()
+        got = r.json().get("defense_class")
+        if got != defense_class:
+            raise RuntimeError(f"tenant {tenant}: class {got!r} after setting {defense_class!r}")
+
+    def counters(self) -> dict[str, dict[str, float]]:
+        r = self.http.get("/metrics")
+        r.raise_for_status()
+        return zoo_counters(r.text, self.zoo)
+
+    def wait_for_key(self, key: str, model: str, timeout_s: float = 10.0) -> None:
+        """A new key reaches the workers within a second: wait until it is accepted."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            r = httpx.get(f"{self.url}/v2/models/{model}", headers={"authorization": f"Bearer {key}"},
+                          timeout=5.0)
+            if r.status_code == 200:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"a new key is still refused after {timeout_s:g} s ({r.status_code})")
+            time.sleep(0.2)
+
+
+# ---- the sweep ---------------------------------------------------------------------------------------
+@dataclass
+class SweepConfig:
+    zoo: str
+    budget: int = 512  # extraction rows per attack
+    fingerprint_budget: int = 2000
+    goodput_requests: int = 200
+    batch_size: int = 32
+    repeats: int = 10  # replays per trigger (consistency)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    settle_s: float = 1.5  # a class change reaches the workers within a second
+    selections_at: float | None = None  # the strength whose selection frequencies are plotted
+    latency_ms: tuple[float, float] | None = None  # benign latency targets; None: calibrated (latency_slo_range)
+
+    def as_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["train"] = {"hidden": list(self.train.hidden), "steps": self.train.steps}
+        doc["latency_ms"] = list(self.latency_ms) if self.latency_ms is not None else None
+        return doc
+
+
+Progress = Callable[[str, int, int | None], None]
+Step = Callable[[str], None]
+
+
+def _goodput(url: str, zoo: str, key: str, admin: Admin, workload: Sequence[Mapping[str, float]],
+             x: np.ndarray, seed: int, progress: Progress | None) -> dict[str, Any]:
+    before = admin.counters()
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(x), len(workload))
+    statuses: dict[str, int] = {}
+    with Oracle(url, zoo, api_key=key) as oracle:
+        for i, (targets, row) in enumerate(zip(workload, picks, strict=True)):
+            answer = oracle.ask(x[row:row + 1], targets)
+            statuses[str(answer.status)] = statuses.get(str(answer.status), 0) + 1
+            if progress is not None:
+                progress("goodput", i + 1, len(workload))
+    # the counters are the server's; poll briefly until the replay is all counted
+    deadline = time.monotonic() + 5.0
+    while True:
+        after = admin.counters()
+        delta = counter_delta(before["requests"], after["requests"])
+        if sum(delta.values()) >= len(workload) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return {"requests": len(workload), "server_outcomes": delta, "goodput": goodput_from_delta(delta),
+            "client_statuses": statuses,
+            "selections": counter_delta(before["selections"], after["selections"])}
+
+
+def _victim_consistency(fp: Any) -> float:
+    if fp.victim is None or not fp.variants:
+        return math.nan
+    return float(fp.variants[fp.victim].consistency)
+
+
+def _fingerprint_doc(fp: Any) -> dict[str, Any]:
+    cons = [v.consistency for v in fp.variants if math.isfinite(v.consistency)]
+    return {
+        "queries": fp.queries, "requests": fp.requests, "rejected": fp.rejected, "method": fp.method,
+        "variants_found": len(fp.variants), "signatures_seen": fp.signatures_seen, "complete": fp.complete,
+        "victim_trigger": fp.victim_trigger, "victim_consistency": _victim_consistency(fp),
+        "mean_consistency": float(np.mean(cons)) if cons else math.nan,
+        "consistency": [v.consistency for v in fp.variants], "notes": list(fp.notes),
+    }
+
+
+def _attack_doc(r: Any) -> dict[str, Any]:
+    return {"attacker": r.attacker, "queried": r.queried, "targets": r.targets, "queries": r.queries,
+            "requests": r.requests, "rejected": r.rejected, "rows_answered": r.rows_answered,
+            "accuracy": r.accuracy, "fidelity": r.fidelity, "victim_accuracy": r.victim_accuracy,
+            "eval_rows": r.eval_rows, "train_seconds": r.train.get("seconds")}
+
+
+def run_sweep(
+    url: str,
+    admin_key: str,
+    config: SweepConfig,
+    points: Sequence[SweepPoint],
+    *,
+    front: Sequence[Mapping[str, Any]],
+    rows: np.ndarray,
+    eval_x: np.ndarray,
+    eval_y: np.ndarray,
+    progress: Progress | None = None,
+    step: Step | None = None,
+) -> dict[str, Any]:
+    """Every point on the live server at ``url``; returns the result document (JSON-able,
+    NaN for what could not be measured). ``front``: the Pareto variants (``variant``,
+    ``quality``, ``latency_ms``) from the repository's profile; the victim is the most
+    accurate one."""
+    zoo = config.zoo
+    victim = max(front, key=lambda v: (v["quality"], -v["latency_ms"]))["variant"]
+    admin = Admin(url, admin_key, zoo)
+    say = step or (lambda _msg: None)
+    try:
+        attacker_key = admin.create_key("tradeoff-attacker", [zoo], "tradeoff sweep: attacker (zoo only)")
+        benign_key = admin.create_key("tradeoff-benign", [zoo], "tradeoff sweep: benign goodput workload")
+        admin.wait_for_key(attacker_key, zoo)
+        admin.wait_for_key(benign_key, zoo)
+        latency_range = config.latency_ms
+        calibration: list[float] = []
+        if latency_range is None:
+            with Oracle(url, zoo, api_key=benign_key) as oracle:
+                calibration = [oracle.ask(eval_x[i:i + 1]).latency_ms for i in range(20)]
+            latency_range = latency_slo_range(calibration, front)
+            say(f"latency targets {latency_range[0]:g}..{latency_range[1]:g} ms (from the benign client's round "
+                f"trips, p50 {float(np.median(calibration)):.3g} ms)")
+        workload = reachable_workload(front, config.goodput_requests, config.seed, latency_range)
+        say(f"victim answers ({victim}, {len(eval_x)} held-out rows, asked by name with the admin key)")
+        victim_probs = victim_answers(url, victim, admin_key, eval_x, batch_size=config.batch_size)
+        results: list[dict[str, Any]] = []
+        baseline_attacks: dict[str, Any] = {}
+        for k, point in enumerate(points):
+            label = "baseline (none)" if point.defense == "none" else f"{point.defense} {point.strength:g}"
+            say(f"[{k + 1}/{len(points)}] {label}: class {point.defense_class}")
+            started = time.perf_counter()
+            for tenant in ("tradeoff-attacker", "tradeoff-benign"):
+                admin.set_class(tenant, point.defense_class)
+            time.sleep(config.settle_s)
+            doc: dict[str, Any] = {"defense": point.defense, "strength": point.strength,
+                                   "defense_class": point.defense_class, "spec": point.spec}
+            doc["goodput"] = _goodput(url, zoo, benign_key, admin, workload, eval_x, config.seed, progress)
+            fp_progress = None if progress is None else (lambda d, t: progress("fingerprint", d, t))
+            with Oracle(url, zoo, api_key=attacker_key, budget=config.fingerprint_budget,
+                        progress=fp_progress) as oracle:
+                fp = fingerprint(oracle, rows, repeats=config.repeats)
+            doc["fingerprint"] = _fingerprint_doc(fp)
+            trigger = fp.victim_trigger
+            if trigger is None:
+                doc["extraction"] = None
+                doc["notes"] = [f"no victim trigger found: {fp.notes}"]
+            else:
+                before = admin.counters()
+                attack = run_extraction(url, zoo, attacker_key, rows, attacker="fingerprinted", budget=config.budget,
+                                        batch_size=config.batch_size, victim_model=victim, eval_x=eval_x,
+                                        eval_y=eval_y, victim_probs=victim_probs, trigger=trigger,
+                                        seed=config.seed, train=config.train, progress=progress)
+                after = admin.counters()
+                doc["extraction"] = _attack_doc(attack)
+                doc["extraction"]["selections"] = counter_delta(before["selections"], after["selections"])
+            if point.defense == "none":
+                for name in ("explicit", "naive"):
+                    say(f"baseline: {name} attacker")
+                    # the explicit attacker asks the victim by name: an experimenter's (admin) key
+                    key = admin_key if name == "explicit" else attacker_key
+                    r = run_extraction(url, zoo, key, rows, attacker=name, budget=config.budget,
+                                       batch_size=config.batch_size, victim_model=victim, eval_x=eval_x,
+                                       eval_y=eval_y, victim_probs=victim_probs, seed=config.seed,
+                                       train=config.train, progress=progress)
+                    baseline_attacks[name] = _attack_doc(r)
+            doc["seconds"] = round(time.perf_counter() - started, 3)
+            results.append(doc)
+    finally:
+        with contextlib.suppress(httpx.HTTPError):
+            for tenant in ("tradeoff-attacker", "tradeoff-benign"):
+                admin.set_class(tenant, BASELINE)
+        admin.close()
+    return {"zoo": zoo, "victim": victim, "front": [dict(v) for v in front], "workload": {
+        "requests": len(workload), "seed": config.seed, "latency_ms": list(latency_range),
+        "calibration_round_trips_ms": [round(x, 4) for x in calibration],
+        "targets": "reachable: accuracy uniform over the front's quality range (widened below by half of it), "
+        "latency log-uniform over latency_ms"}, "baseline_attacks": baseline_attacks, "points": results}
+
+
+# ---- the report ------------------------------------------------------------------------------------------
+def _num(x: Any, spec: str = ".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _drop(base: Any, value: Any) -> Any:
+    if base is None or value is None:
+        return None
+    if not (math.isfinite(base) and math.isfinite(value)):
+        return None
+    return round((base - value) * 100.0, 2)
+
+
+def baseline_point(result: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    return next((p for p in result["points"] if p["defense"] == "none"), None)
+
+
+def summary_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per point, drops in points (percentage points) vs the undefended
+    fingerprinted attack (positive: the defense protects)."""
+    base = baseline_point(result)
+    b_ext = (base or {}).get("extraction") or {}
+    rows = []
+    for p in result["points"]:
+        ext = p.get("extraction") or {}
+        fp = p.get("fingerprint") or {}
+        rows.append({
+            "defense": p["defense"], "strength": p["strength"], "defense_class": p["defense_class"],
+            "goodput": p["goodput"]["goodput"], "consistency": fp.get("victim_consistency"),
+            "variants_found": fp.get("variants_found"), "fingerprint_queries": fp.get("queries"),
+            "accuracy": ext.get("accuracy"), "fidelity": ext.get("fidelity"),
+            "accuracy_drop": _drop(b_ext.get("accuracy"), ext.get("accuracy")),
+            "fidelity_drop": _drop(b_ext.get("fidelity"), ext.get("fidelity")),
+        })
+    return rows
+
+
+def markdown_report(doc: Mapping[str, Any]) -> str:
+    """``tradeoff.md``: the configuration, the baseline attackers, one table per defense."""
+    result = doc["result"]
+    cfg = doc["config"]
+    lines = [f"# Protection vs goodput: zoo `{result['zoo']}`", ""]
+    lines.append(f"Command: `{doc.get('command', '')}`  ")
+    lines.append(f"Date: {doc.get('started_at', '')}, {doc.get('seconds', '-')} s; seed {doc.get('seed')}; "
+                 f"machine: {doc.get('machine', {}).get('cpu', '?')} ({doc.get('machine', {}).get('cores', '?')} "
+                 f"cores)  ")
+    lines.append(f"Victim: `{result['victim']}`; extraction budget {cfg.get('budget')} rows, fingerprint budget "
+                 f"{cfg.get('fingerprint_budget')} rows, goodput workload {cfg.get('goodput_requests')} reachable "
+                 f"targets, surrogate {cfg.get('train')}.")
+    lines += ["", "Goodput: met / all from the server's `bastion_zoo_requests_total` deltas over the benign "
+              "replay. Consistency: fraction of replays of the fingerprinted victim trigger answered by the same "
+              "variant. Accuracy / fidelity: the fingerprinted attacker's surrogate on the zoo's held-out rows "
+              "(fidelity = agreement with the victim's top-1). Drops in points vs the undefended fingerprinted "
+              "attack (positive = the defense protects).", ""]
+    base = baseline_point(result)
+    if base is not None:
+        lines += ["## Undefended baseline", "", "| attacker | queries | accuracy | fidelity |", "|---|---:|---:|---:|"]
+        attacks = dict(result.get("baseline_attacks", {}))
+        if base.get("extraction"):
+            attacks = {"fingerprinted": base["extraction"], **attacks}
+        for name in ("explicit", "naive", "fingerprinted"):
+            a = attacks.get(name)
+            if a:
+                lines.append(f"| {name} | {a['queries']} | {_num(a['accuracy'])} | {_num(a['fidelity'])} |")
+        fp = base.get("fingerprint") or {}
+        lines += ["", f"Baseline goodput {_num(base['goodput']['goodput'])}; fingerprint: "
+                  f"{fp.get('variants_found', '-')} variant(s) found in {fp.get('queries', '-')} rows, victim "
+                  f"trigger consistency {_num(fp.get('victim_consistency'), '.2f')}.", ""]
+    rows = summary_rows(result)
+    base_row = next((r for r in rows if r["defense"] == "none"), None)
+    for kind in dict.fromkeys(r["defense"] for r in rows if r["defense"] != "none"):
+        unit = "scale_accuracy" if kind == "metric-noise" else "ε"
+        lines += [f"## {kind}", "",
+                  f"| {unit} | goodput | consistency | variants found | fp rows | accuracy | Δacc (pts) | fidelity "
+                  "| Δfid (pts) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        kind_rows = [r for r in rows if r["defense"] == kind]
+        if base_row is not None:
+            kind_rows = [{**base_row, "strength": None}, *kind_rows]
+        for r in kind_rows:
+            s = "none" if r["strength"] is None else f"{r['strength']:g}"
+            lines.append(f"| {s} | {_num(r['goodput'])} | {_num(r['consistency'], '.2f')} | "
+                         f"{r['variants_found'] if r['variants_found'] is not None else '-'} | "
+                         f"{r['fingerprint_queries'] if r['fingerprint_queries'] is not None else '-'} | "
+                         f"{_num(r['accuracy'])} | {_num(r['accuracy_drop'], '+.1f')} | {_num(r['fidelity'])} | "
+                         f"{_num(r['fidelity_drop'], '+.1f')} |")
+        lines.append("")
+    plots = doc.get("plots") or []
+    if plots:
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
