@@ -184,12 +184,15 @@ def _eval_set(path: str, input_name: str) -> tuple[Any, Any]:
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Rows per request.")
 @click.option("--steps", type=int, default=600, show_default=True, help="Surrogate training steps.")
 @click.option("--hidden", default="128", show_default=True, help="Surrogate hidden layer widths, comma-separated.")
+@click.option("--target", "train_target", type=click.Choice(["soft", "hard"]), default="soft", show_default=True,
+              help="Surrogate training target: the returned probabilities (soft) or the one-hot of their argmax "
+              "(hard: the adaptive attacker against output hardening).")
 @_pool_options
 @_output_options
 def extract_cmd(url: str, zoo: str, key: str | None, ca_cert: str | None, budget: int, attacker: str,
                 victim_model: str | None, victim_key: str | None, eval_file: str | None, trigger: str | None,
                 fingerprint_budget: int, naive_targets: str, batch_size: int, steps: int, hidden: str,
-                scenario: str | None, pool_file: str | None, pool_seed: int, seed: int, as_json: bool,
+                train_target: str, scenario: str | None, pool_file: str | None, pool_seed: int, seed: int, as_json: bool,
                 out: str | None) -> None:
     """Train a surrogate of zoo ZOO's victim variant from the server's answers; report its
     accuracy and its fidelity to the victim."""
@@ -232,14 +235,14 @@ def extract_cmd(url: str, zoo: str, key: str | None, ca_cert: str | None, budget
                     url, zoo, key, rows, attacker=name, budget=budget, batch_size=batch_size,
                     victim_model=victim_model, eval_x=eval_x, eval_y=eval_y, victim_probs=victim_probs,
                     trigger=targets, fingerprint_budget=fingerprint_budget, naive_targets=naive_targets, seed=seed,
-                    train=train, progress=progress, verify=verify,
+                    train=train, progress=progress, verify=verify, target=train_target,
                 ))
     except (OracleError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     config = {"url": url, "zoo": zoo, "budget": budget, "attackers": attackers, "victim_model": victim_model,
               "eval": eval_file, "trigger": targets, "fingerprint_budget": fingerprint_budget,
               "naive_targets": naive_targets, "batch_size": batch_size,
-              "train": {"hidden": list(widths), "steps": steps}, "pool": pool_doc}
+              "train": {"hidden": list(widths), "steps": steps, "target": train_target}, "pool": pool_doc}
     doc = record("extract", config, seed, {"attacks": [r.as_dict() for r in results]}, started)
     _emit(doc, as_json, out)
     if as_json:

@@ -15,7 +15,10 @@ differ only in where the queries go:
 The surrogate is a small torch MLP on the flattened input, trained on the soft labels
 (cross-entropy against the returned probabilities, which carries more of the victim's
 decision surface than its top-1 alone) with Adam and a fixed number of steps: the
-attacker has no labels, so there is no validation set to stop on. It is fast on one
+attacker has no labels, so there is no validation set to stop on. ``target="hard"`` trains
+on the one-hot of each returned row's argmax instead (:func:`training_targets`): the
+adaptive attacker against output hardening, which perturbs or strips the scores but
+never the top-1 label. It is fast on one
 CPU thread and deterministic for a seed. (scikit-learn's MLPClassifier cannot fit soft
 labels; the Adversarial Robustness Toolbox adds nothing a 30-line loop does not here.)
 
@@ -42,6 +45,7 @@ from bastion.lab.oracle import Oracle, OracleError, Targets
 
 __all__ = [
     "ATTACKERS",
+    "TARGETS",
     "Collected",
     "ExtractionResult",
     "Surrogate",
@@ -51,10 +55,28 @@ __all__ = [
     "random_targets",
     "run_extraction",
     "train_surrogate",
+    "training_targets",
     "victim_answers",
 ]
 
 ATTACKERS = ("explicit", "naive", "fingerprinted")
+# the surrogate's training target: the returned probabilities, or the one-hot of their argmax
+TARGETS = ("soft", "hard")
+
+
+def training_targets(probs: np.ndarray, target: str = "soft") -> np.ndarray:
+    """What the surrogate is fitted to: ``soft`` returns ``probs`` as they are; ``hard`` the
+    one-hot of each row's argmax (ties to the lower class index, as ``argmax``), i.e. an
+    attacker that ignores perturbed scores and keeps only the label hardening preserves."""
+    if target not in TARGETS:
+        raise ValueError(f"target: expected one of {', '.join(TARGETS)}, got {target!r}")
+    probs = np.asarray(probs, dtype=np.float64)
+    if target == "soft":
+        return probs
+    onehot = np.zeros_like(probs)
+    if probs.size:
+        onehot[np.arange(len(probs)), probs.argmax(axis=1)] = 1.0
+    return onehot
 
 
 @dataclass(frozen=True)
@@ -269,14 +291,18 @@ def run_extraction(
     train: TrainConfig | None = None,
     progress: Progress | None = None,
     verify: str | bool = True,
+    target: str = "soft",
 ) -> ExtractionResult:
     """One attacker end to end: (fingerprint,) query ``budget`` rows of ``rows``, train,
     and measure on ``eval_x``/``eval_y`` against ``victim_probs`` (the victim's answers on
-    those rows, see :func:`victim_answers`)."""
+    those rows, see :func:`victim_answers`). ``target``: train on the returned probabilities
+    (``soft``) or on the one-hot of their argmax (``hard``, see :func:`training_targets`)."""
     from bastion.lab.fingerprint import fingerprint
 
     if attacker not in ATTACKERS:
         raise ValueError(f"attacker: expected one of {', '.join(ATTACKERS)}, got {attacker!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target: expected one of {', '.join(TARGETS)}, got {target!r}")
     if naive_targets not in ("none", "random"):
         raise ValueError(f"naive_targets: expected none or random, got {naive_targets!r}")
 
@@ -307,7 +333,7 @@ def run_extraction(
         targets = described = found.victim_trigger
     with Oracle(url, queried, api_key=api_key, budget=budget, progress=tick(attacker), verify=verify) as oracle:
         got = collect(oracle, rows, budget, batch_size=batch_size, targets=targets)
-    surrogate = train_surrogate(got.x, got.probs, seed=seed, config=train)
+    surrogate = train_surrogate(got.x, training_targets(got.probs, target), seed=seed, config=train)
     if eval_x is not None and eval_y is not None:
         scores = evaluate(surrogate, eval_x, eval_y, victim_probs)
     else:
@@ -319,6 +345,6 @@ def run_extraction(
         fidelity=scores["fidelity"], victim_accuracy=scores["victim_accuracy"], eval_rows=scores["eval_rows"],
         victim_model=victim_model, fingerprint=fp_doc, fingerprint_queries=fp_queries,
         train={"model": f"MLP {list(config.hidden)}", "steps": config.steps, "batch_size": config.batch_size,
-               "lr": config.lr, "weight_decay": config.weight_decay, "loss": "soft-label cross-entropy",
+               "lr": config.lr, "weight_decay": config.weight_decay, "loss": f"{target}-label cross-entropy", "target": target,
                "seconds": round(surrogate.seconds, 3), "seed": seed},
     )
