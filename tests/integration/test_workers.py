@@ -58,3 +58,29 @@ def test_two_workers_serve_and_agree(demo_repo: Path) -> None:
                 assert c.get(f"{server.url}/v2/models/digits/ready").status_code == 200
         grpc.close()
         assert server.stop() == 0
+
+
+def test_workers_share_one_query_budget_and_each_keeps_an_audit_chain(demo_repo: Path, tmp_path: Path) -> None:
+    """Two workers draw on one quota through the key store's ledger: exactly the budget is
+    served, whichever worker each connection lands on; each worker chains its own audit log."""
+    import subprocess
+    import sys
+
+    from bastion.guard.keystore import KeyStore
+    from bastion.guard.principal import Limits
+
+    db = tmp_path / "keys.db"
+    with KeyStore(db) as store:
+        token, _ = store.create_key("metered", limits=Limits(quota=30, quota_period="total"))
+    codes = []
+    with ServerProcess(demo_repo, "--keys", str(db), "--poll-interval", "0", "--workers", "2") as server:
+        assert len(_children(server.proc.pid)) >= 2
+        for _ in range(45):
+            with httpx.Client(headers={"authorization": f"Bearer {token}"}) as c:  # a new connection each time
+                codes.append(c.post(f"{server.url}/v2/models/simple/infer", json=SIMPLE).status_code)
+    assert codes.count(200) == 30 and codes.count(429) == 15, codes
+    writers = {p.name.split("-")[1] for p in (tmp_path / "audit").glob("audit-*.jsonl")}
+    assert writers == {"0", "1"}
+    out = subprocess.run([sys.executable, "-m", "bastion.cli.main", "audit", "verify", "--keys", str(db)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "45 records from 2 writer(s)" in out.stdout, out.stdout + out.stderr

@@ -192,8 +192,8 @@ def _eval_set(path: str, input_name: str) -> tuple[Any, Any]:
 def extract_cmd(url: str, zoo: str, key: str | None, ca_cert: str | None, budget: int, attacker: str,
                 victim_model: str | None, victim_key: str | None, eval_file: str | None, trigger: str | None,
                 fingerprint_budget: int, naive_targets: str, batch_size: int, steps: int, hidden: str,
-                train_target: str, scenario: str | None, pool_file: str | None, pool_seed: int, seed: int, as_json: bool,
-                out: str | None) -> None:
+                train_target: str, scenario: str | None, pool_file: str | None, pool_seed: int, seed: int,
+                as_json: bool, out: str | None) -> None:
     """Train a surrogate of zoo ZOO's victim variant from the server's answers; report its
     accuracy and its fidelity to the victim."""
     import orjson

@@ -345,6 +345,6 @@ def run_extraction(
         fidelity=scores["fidelity"], victim_accuracy=scores["victim_accuracy"], eval_rows=scores["eval_rows"],
         victim_model=victim_model, fingerprint=fp_doc, fingerprint_queries=fp_queries,
         train={"model": f"MLP {list(config.hidden)}", "steps": config.steps, "batch_size": config.batch_size,
-               "lr": config.lr, "weight_decay": config.weight_decay, "loss": f"{target}-label cross-entropy", "target": target,
-               "seconds": round(surrogate.seconds, 3), "seed": seed},
+               "lr": config.lr, "weight_decay": config.weight_decay, "loss": f"{target}-label cross-entropy",
+               "target": target, "seconds": round(surrogate.seconds, 3), "seed": seed},
     )

@@ -12,6 +12,15 @@ moves an attacker tenant and a benign tenant into that point's defense class, th
   (:func:`bastion.lab.extract.run_extraction`); accuracy on the zoo's held-out rows and
   fidelity to the victim variant (whose answers the experimenter asks by name).
 
+Output hardening (``hardening:`` in a model's ``config.yaml``, see
+:mod:`bastion.guard.hardening`) is per model, not per tenant, so it cannot be switched
+by a tenant's class: the caller writes one hardening setting into every variant's
+``config.yaml`` of the copy (:func:`apply_hardening`), starts a server, sweeps the
+selection points on it, and does that again per setting. The fingerprinted attacker's
+answers are used twice: a surrogate trained on the returned scores (``soft``) and one
+on the one-hot of their argmax (``hard``, the adaptive attacker that ignores perturbed
+scores); a point's headline is the better of the two (max accuracy).
+
 The baseline also runs the explicit and the naive attacker. Every attack and the goodput
 workload go through the public REST protocol with an API key; the experiment's own
 set-up (a copy of the repository with one defense class per point in ``zoo.yaml``, a
@@ -47,25 +56,41 @@ import httpx
 import numpy as np
 import yaml
 
-from bastion.lab.extract import TrainConfig, run_extraction, victim_answers
+from bastion.lab.extract import (
+    TARGETS,
+    TrainConfig,
+    collect,
+    evaluate,
+    run_extraction,
+    train_surrogate,
+    training_targets,
+    victim_answers,
+)
 from bastion.lab.fingerprint import fingerprint
 from bastion.lab.oracle import Oracle
 
 __all__ = [
     "BASELINE",
+    "DEFAULT_HARDENING",
     "DEFAULT_STRENGTHS",
     "KIND_PREFIX",
+    "NO_HARDENING",
     "QUICK_STRENGTHS",
+    "HardeningSetting",
     "SweepConfig",
     "SweepPoint",
+    "apply_hardening",
+    "best_point",
     "class_name",
     "counter_delta",
     "defense_block",
     "goodput_from_delta",
     "latency_slo_range",
     "markdown_report",
+    "parse_hardening_setting",
     "plan_points",
     "reachable_workload",
+    "rewrite_model_config",
     "rewrite_zoo_yaml",
     "run_sweep",
     "serve",
@@ -167,6 +192,86 @@ def prepare_copy(repo: Path, zoo: str, work: Path, points: Sequence[SweepPoint])
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     path.write_text(yaml.safe_dump(rewrite_zoo_yaml(data, points), sort_keys=False), encoding="utf-8")
     return dest
+
+
+# ---- output hardening ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HardeningSetting:
+    """One ``hardening:`` block written into every variant's ``config.yaml`` (``block``
+    None: the variants' own configuration, no hardening), and its short name."""
+
+    name: str
+    block: dict[str, Any] | None
+
+
+NO_HARDENING = HardeningSetting("none", None)
+# what ``--hardening`` sweeps when asked for the default set
+DEFAULT_HARDENING = ("none", "round=1", "reverse_sigmoid=0.5:0.5", "reverse_sigmoid=1:1", "reverse_sigmoid=1:4",
+                     "top_k=1", "label_only")
+
+
+def _positive(text: str, what: str, integer: bool = False) -> Any:
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        raise ValueError(f"hardening {what}: expected a{'n integer' if integer else ' number'}, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and what != "round"):
+        raise ValueError(f"hardening {what}: expected a finite number > 0, got {text!r}")
+    return value
+
+
+def parse_hardening_setting(text: str) -> HardeningSetting:
+    """``none``, ``round=D``, ``top_k=K``, ``reverse_sigmoid=BETA:GAMMA`` (or ``rs=``), ``label_only``.
+
+    ``label_only`` sets ``label_output: null``: the probabilities output then answers the
+    one-hot of its argmax (same name and shape), which the lab's oracle reads; with the
+    label output kept the probabilities would be dropped from the answer altogether."""
+    raw = text.strip()
+    key, sep, value = raw.partition("=")
+    key = key.strip().lower().replace("-", "_")
+    if key == "none" and not sep:
+        return NO_HARDENING
+    if key == "label_only" and (not sep or value.strip().lower() in ("true", "1", "yes")):
+        return HardeningSetting("label-only", {"label_only": True, "label_output": None})
+    if key == "round" and sep:
+        d = _positive(value, "round", integer=True)
+        return HardeningSetting(f"round-{d}", {"round": d})
+    if key == "top_k" and sep:
+        k = _positive(value, "top_k", integer=True)
+        return HardeningSetting(f"top{k}", {"top_k": k})
+    if key in ("reverse_sigmoid", "rs") and sep:
+        parts = value.split(":")
+        if len(parts) != 2:
+            raise ValueError(f"hardening reverse_sigmoid: expected BETA:GAMMA, got {value!r}")
+        beta, gamma = (_positive(v, "reverse_sigmoid") for v in parts)
+        return HardeningSetting(f"rs-{beta:g}-{gamma:g}", {"reverse_sigmoid": {"beta": beta, "gamma": gamma}})
+    raise ValueError(f"hardening: expected none, round=D, top_k=K, reverse_sigmoid=BETA:GAMMA or label_only, "
+                     f"got {text!r}")
+
+
+def rewrite_model_config(data: Mapping[str, Any], block: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A model's ``config.yaml`` with its ``hardening`` replaced by ``block`` (None: removed);
+    every other key as it was, in its order."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config.yaml: expected a mapping, got {type(data).__name__}")
+    out = {k: v for k, v in data.items() if k != "hardening"}
+    if block is not None:
+        out["hardening"] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in block.items()}
+    return out
+
+
+def apply_hardening(repo: Path, variants: Sequence[str], setting: HardeningSetting) -> list[Path]:
+    """Write ``setting`` into every variant's ``config.yaml`` under ``repo`` (the work copy);
+    returns the files written."""
+    written = []
+    for name in variants:
+        path = Path(repo) / name / "config.yaml"
+        if not path.is_file():
+            raise ValueError(f"{path}: no config.yaml for variant {name!r}")
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        path.write_text(yaml.safe_dump(rewrite_model_config(data, setting.block), sort_keys=False), encoding="utf-8")
+        written.append(path)
+    return written
 
 
 # ---- counters ------------------------------------------------------------------------------------
@@ -342,11 +447,13 @@ class SweepConfig:
     settle_s: float = 1.5  # a class change reaches the workers within a second
     selections_at: float | None = None  # the strength whose selection frequencies are plotted
     latency_ms: tuple[float, float] | None = None  # benign latency targets; None: calibrated (latency_slo_range)
+    targets: tuple[str, ...] = TARGETS  # surrogate training targets tried on the same answers (soft, hard)
 
     def as_dict(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["train"] = {"hidden": list(self.train.hidden), "steps": self.train.steps}
         doc["latency_ms"] = list(self.latency_ms) if self.latency_ms is not None else None
+        doc["targets"] = list(self.targets)
         return doc
 
 
@@ -403,6 +510,44 @@ def _attack_doc(r: Any) -> dict[str, Any]:
             "eval_rows": r.eval_rows, "train_seconds": r.train.get("seconds")}
 
 
+def best_of_targets(by_target: Mapping[str, Mapping[str, Any]]) -> tuple[str, Mapping[str, Any]] | None:
+    """The attacker's best surrogate: max accuracy (then fidelity) over its training targets."""
+    def key(item: tuple[str, Mapping[str, Any]]) -> tuple[float, float]:
+        a, f = item[1].get("accuracy"), item[1].get("fidelity")
+        return (a if a is not None and math.isfinite(a) else -1.0, f if f is not None and math.isfinite(f) else -1.0)
+
+    items = sorted(by_target.items())
+    return max(items, key=key) if items else None
+
+
+def fingerprinted_extraction(url: str, zoo: str, key: str, rows: np.ndarray, trigger: Mapping[str, float], *,
+                             config: SweepConfig, eval_x: np.ndarray, eval_y: np.ndarray, victim_probs: np.ndarray,
+                             progress: Progress | None = None) -> dict[str, Any]:
+    """Query ``config.budget`` rows at ``trigger`` once, train one surrogate per training
+    target on those answers; the attack document with ``by_target`` and ``best``."""
+    tick = None if progress is None else (lambda d, t: progress("fingerprinted", d, t))
+    with Oracle(url, zoo, api_key=key, budget=config.budget, progress=tick) as oracle:
+        got = collect(oracle, rows, config.budget, batch_size=config.batch_size, targets=trigger)
+    by_target: dict[str, dict[str, Any]] = {}
+    for target in config.targets:
+        surrogate = train_surrogate(got.x, training_targets(got.probs, target), seed=config.seed, config=config.train)
+        scores = evaluate(surrogate, eval_x, eval_y, victim_probs)
+        by_target[target] = {"accuracy": scores["accuracy"], "fidelity": scores["fidelity"],
+                             "train_seconds": round(surrogate.seconds, 3)}
+    best = best_of_targets(by_target)
+    first = by_target[config.targets[0]]
+    victim_accuracy = float((np.asarray(victim_probs).argmax(axis=1) == eval_y).mean())
+    answered = got.probs
+    distinct = float(np.mean([len(np.unique(np.round(r, 6))) for r in answered])) if len(answered) else math.nan
+    return {"attacker": "fingerprinted", "queried": zoo, "targets": dict(trigger), "queries": got.queries,
+            "requests": got.requests, "rejected": got.rejected, "rows_answered": len(got.x),
+            "accuracy": first["accuracy"], "fidelity": first["fidelity"],
+            "victim_accuracy": victim_accuracy, "eval_rows": len(eval_y),
+            "train_seconds": first["train_seconds"], "by_target": by_target,
+            "best": {"target": best[0], **best[1]} if best else None,
+            "answer_distinct_values": distinct}
+
+
 def run_sweep(
     url: str,
     admin_key: str,
@@ -415,8 +560,12 @@ def run_sweep(
     eval_y: np.ndarray,
     progress: Progress | None = None,
     step: Step | None = None,
+    hardening: HardeningSetting = NO_HARDENING,
+    baseline_attacks: bool = True,
 ) -> dict[str, Any]:
-    """Every point on the live server at ``url``; returns the result document (JSON-able,
+    """Every point on the live server at ``url`` (serving the variants with ``hardening``,
+    recorded in each point's document; ``baseline_attacks``: also run the explicit and the
+    naive attacker at the baseline point); returns the result document (JSON-able,
     NaN for what could not be measured). ``front``: the Pareto variants (``variant``,
     ``quality``, ``latency_ms``) from the repository's profile; the victim is the most
     accurate one."""
@@ -444,13 +593,15 @@ def run_sweep(
         baseline_attacks: dict[str, Any] = {}
         for k, point in enumerate(points):
             label = "baseline (none)" if point.defense == "none" else f"{point.defense} {point.strength:g}"
+            label = f"hardening {hardening.name}, {label}"
             say(f"[{k + 1}/{len(points)}] {label}: class {point.defense_class}")
             started = time.perf_counter()
             for tenant in ("tradeoff-attacker", "tradeoff-benign"):
                 admin.set_class(tenant, point.defense_class)
             time.sleep(config.settle_s)
             doc: dict[str, Any] = {"defense": point.defense, "strength": point.strength,
-                                   "defense_class": point.defense_class, "spec": point.spec}
+                                   "defense_class": point.defense_class, "spec": point.spec,
+                                   "hardening": hardening.name, "hardening_spec": hardening.block}
             doc["goodput"] = _goodput(url, zoo, benign_key, admin, workload, eval_x, config.seed, progress)
             fp_progress = None if progress is None else (lambda d, t: progress("fingerprint", d, t))
             with Oracle(url, zoo, api_key=attacker_key, budget=config.fingerprint_budget,
@@ -463,14 +614,12 @@ def run_sweep(
                 doc["notes"] = [f"no victim trigger found: {fp.notes}"]
             else:
                 before = admin.counters()
-                attack = run_extraction(url, zoo, attacker_key, rows, attacker="fingerprinted", budget=config.budget,
-                                        batch_size=config.batch_size, victim_model=victim, eval_x=eval_x,
-                                        eval_y=eval_y, victim_probs=victim_probs, trigger=trigger,
-                                        seed=config.seed, train=config.train, progress=progress)
+                doc["extraction"] = fingerprinted_extraction(
+                    url, zoo, attacker_key, rows, trigger, config=config, eval_x=eval_x, eval_y=eval_y,
+                    victim_probs=victim_probs, progress=progress)
                 after = admin.counters()
-                doc["extraction"] = _attack_doc(attack)
                 doc["extraction"]["selections"] = counter_delta(before["selections"], after["selections"])
-            if point.defense == "none":
+            if point.defense == "none" and baseline_attacks:
                 for name in ("explicit", "naive"):
                     say(f"baseline: {name} attacker")
                     # the explicit attacker asks the victim by name: an experimenter's (admin) key
@@ -487,7 +636,8 @@ def run_sweep(
             for tenant in ("tradeoff-attacker", "tradeoff-benign"):
                 admin.set_class(tenant, BASELINE)
         admin.close()
-    return {"zoo": zoo, "victim": victim, "front": [dict(v) for v in front], "workload": {
+    return {"zoo": zoo, "victim": victim, "front": [dict(v) for v in front], "hardening": [hardening.name],
+            "workload": {
         "requests": len(workload), "seed": config.seed, "latency_ms": list(latency_range),
         "calibration_round_trips_ms": [round(x, 4) for x in calibration],
         "targets": "reachable: accuracy uniform over the front's quality range (widened below by half of it), "
@@ -508,27 +658,104 @@ def _drop(base: Any, value: Any) -> Any:
 
 
 def baseline_point(result: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    return next((p for p in result["points"] if p["defense"] == "none"), None)
+    """The undefended point: no selection defense and no output hardening."""
+    return next((p for p in result["points"] if p["defense"] == "none" and p.get("hardening", "none") == "none"),
+                None)
+
+
+def _headline(ext: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """A point's (accuracy, fidelity, target): the best training target when several were tried."""
+    best = ext.get("best")
+    if best:
+        return best.get("accuracy"), best.get("fidelity"), best.get("target")
+    return ext.get("accuracy"), ext.get("fidelity"), None
 
 
 def summary_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One flat row per point, drops in points (percentage points) vs the undefended
-    fingerprinted attack (positive: the defense protects)."""
+    fingerprinted attack (positive: the defense protects). ``accuracy``/``fidelity`` are the
+    attacker's best training target (max accuracy of soft/hard) where both were tried."""
     base = baseline_point(result)
-    b_ext = (base or {}).get("extraction") or {}
+    b_acc, b_fid, _ = _headline((base or {}).get("extraction") or {})
     rows = []
     for p in result["points"]:
         ext = p.get("extraction") or {}
         fp = p.get("fingerprint") or {}
+        acc, fid, target = _headline(ext)
+        by = ext.get("by_target") or {}
         rows.append({
+            "hardening": p.get("hardening", "none"),
             "defense": p["defense"], "strength": p["strength"], "defense_class": p["defense_class"],
             "goodput": p["goodput"]["goodput"], "consistency": fp.get("victim_consistency"),
             "variants_found": fp.get("variants_found"), "fingerprint_queries": fp.get("queries"),
-            "accuracy": ext.get("accuracy"), "fidelity": ext.get("fidelity"),
-            "accuracy_drop": _drop(b_ext.get("accuracy"), ext.get("accuracy")),
-            "fidelity_drop": _drop(b_ext.get("fidelity"), ext.get("fidelity")),
+            "accuracy": acc, "fidelity": fid, "best_target": target,
+            "soft_accuracy": (by.get("soft") or {}).get("accuracy"),
+            "soft_fidelity": (by.get("soft") or {}).get("fidelity"),
+            "hard_accuracy": (by.get("hard") or {}).get("accuracy"),
+            "hard_fidelity": (by.get("hard") or {}).get("fidelity"),
+            "accuracy_drop": _drop(b_acc, acc),
+            "fidelity_drop": _drop(b_fid, fid),
         })
     return rows
+
+
+TARGET_DROPS = ((19.6, 9.6), (9.8, 4.8))  # (accuracy, fidelity) drops in points the issue asks about
+
+
+def best_point(rows: Sequence[Mapping[str, Any]], min_goodput: float = 0.8) -> Mapping[str, Any] | None:
+    """The defended point (not the undefended baseline) with goodput >= ``min_goodput`` and
+    the largest accuracy drop of the attacker's best target (ties: the larger fidelity
+    drop, then the higher goodput); None when no such point was measured."""
+    def finite(x: Any) -> bool:
+        return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+    ok = [r for r in rows
+          if not (r["defense"] == "none" and r.get("hardening", "none") == "none")
+          and finite(r["goodput"]) and r["goodput"] >= min_goodput
+          and finite(r["accuracy_drop"]) and finite(r["fidelity_drop"])]
+    return max(ok, key=lambda r: (r["accuracy_drop"], r["fidelity_drop"], r["goodput"])) if ok else None
+
+
+def _selection_label(r: Mapping[str, Any]) -> str:
+    return "none" if r["defense"] == "none" else f"{r['defense']} {r['strength']:g}"
+
+
+def _hardening_section(rows: Sequence[Mapping[str, Any]], result: Mapping[str, Any]) -> list[str]:
+    specs = {p.get("hardening", "none"): p.get("hardening_spec") for p in result["points"]}
+    lines = ["## Output hardening x selection defense", "",
+             "One server per hardening setting (written into every variant's `config.yaml` of the copy), the "
+             "selection points swept on it. The fingerprinted attacker's answers train two surrogates: `soft` "
+             "(the returned scores) and `hard` (one-hot of their argmax: the adaptive attacker). `best` is the "
+             "attacker's better one (max accuracy); drops are of `best` vs the undefended best, in points.", "",
+             "| hardening | selection | goodput | consistency | soft acc | soft fid | hard acc | hard fid | best "
+             "| best acc | Δacc (pts) | best fid | Δfid (pts) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['hardening']} | {_selection_label(r)} | {_num(r['goodput'])} | "
+                     f"{_num(r['consistency'], '.2f')} | {_num(r['soft_accuracy'])} | {_num(r['soft_fidelity'])} | "
+                     f"{_num(r['hard_accuracy'])} | {_num(r['hard_fidelity'])} | {r['best_target'] or '-'} | "
+                     f"{_num(r['accuracy'])} | {_num(r['accuracy_drop'], '+.1f')} | {_num(r['fidelity'])} | "
+                     f"{_num(r['fidelity_drop'], '+.1f')} |")
+    lines += ["", "Hardening settings: " + "; ".join(
+        f"`{name}` = `{yaml.safe_dump(spec, default_flow_style=True).strip() if spec else 'none'}`"
+        for name, spec in specs.items()), ""]
+    return lines
+
+
+def _best_point_lines(rows: Sequence[Mapping[str, Any]], min_goodput: float = 0.8) -> list[str]:
+    best = best_point(rows, min_goodput)
+    lines = [f"## Best point with goodput >= {min_goodput:g}", ""]
+    if best is None:
+        return [*lines, f"No defended point with goodput >= {min_goodput:g} and a measured extraction.", ""]
+    lines.append(f"Hardening `{best['hardening']}` x selection `{_selection_label(best)}`: goodput "
+                 f"{_num(best['goodput'])}, fingerprinted attacker's best ({best['best_target'] or 'soft'}) accuracy "
+                 f"{_num(best['accuracy'])} ({_num(best['accuracy_drop'], '+.1f')} pts), fidelity "
+                 f"{_num(best['fidelity'])} ({_num(best['fidelity_drop'], '+.1f')} pts).")
+    for acc, fid in TARGET_DROPS:
+        met = best["accuracy_drop"] >= acc and best["fidelity_drop"] >= fid
+        verdict = "reached" if met else "NOT reached"
+        lines.append(f"- target drop {acc:g} / {fid:g} pts (accuracy / fidelity): {verdict}")
+    return [*lines, ""]
 
 
 def markdown_report(doc: Mapping[str, Any]) -> str:
@@ -562,7 +789,8 @@ def markdown_report(doc: Mapping[str, Any]) -> str:
         lines += ["", f"Baseline goodput {_num(base['goodput']['goodput'])}; fingerprint: "
                   f"{fp.get('variants_found', '-')} variant(s) found in {fp.get('queries', '-')} rows, victim "
                   f"trigger consistency {_num(fp.get('victim_consistency'), '.2f')}.", ""]
-    rows = summary_rows(result)
+    all_rows = summary_rows(result)
+    rows = [r for r in all_rows if r["hardening"] == "none"]
     base_row = next((r for r in rows if r["defense"] == "none"), None)
     for kind in dict.fromkeys(r["defense"] for r in rows if r["defense"] != "none"):
         unit = "scale_accuracy" if kind == "metric-noise" else "ε"
@@ -580,6 +808,10 @@ def markdown_report(doc: Mapping[str, Any]) -> str:
                          f"{_num(r['accuracy'])} | {_num(r['accuracy_drop'], '+.1f')} | {_num(r['fidelity'])} | "
                          f"{_num(r['fidelity_drop'], '+.1f')} |")
         lines.append("")
+    if any(r["hardening"] != "none" for r in all_rows) or any(
+            "best" in (p.get("extraction") or {}) for p in result["points"]):
+        lines += _hardening_section(all_rows, result)
+    lines += _best_point_lines(all_rows)
     plots = doc.get("plots") or []
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
