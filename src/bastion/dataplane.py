@@ -510,10 +510,11 @@ class DataPlane:
             "key_id": who.key_id,
             "transport": transport,
             "action": "infer",
-            "model": request.model_name,
+            # client-chosen strings are capped: a record must not grow with what a client sends
+            "model": request.model_name[:200],
             "variant": variant,
             "version": version,
-            "request_id": request.id,
+            "request_id": request.id[:200] if request.id else request.id,
             "input_digest": tensors_digest(request.inputs),
             "output_digest": tensors_digest(response.outputs) if response is not None else None,
             "decision": "served" if err is None else "rejected",

@@ -332,11 +332,19 @@ def _front_of(repo: Path, zoo: str) -> tuple[list[dict[str, Any]], list[dict[str
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="tradeoff-out", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quick", is_flag=True, help="3 strengths per defense, small budgets: a few minutes.")
+@click.option("--hardening", "hardening_opts", multiple=True,
+              help="Output hardening settings, comma-separated, repeatable: none, round=D, top_k=K, "
+              "reverse_sigmoid=BETA:GAMMA, label_only, or 'default' (none,round=1,reverse_sigmoid=0.5:0.5,"
+              "reverse_sigmoid=1:1,reverse_sigmoid=1:4,top_k=1,label_only). Written into every variant's "
+              "config.yaml of the copy; one server per setting. [default: none]")
+@click.option("--hardened-points", "hardened_points",
+              help="Selection classes (e.g. noise-0p01,exp-8) swept under each hardening setting other than none; "
+              "the baseline always is [default: every planned class].")
 def tradeoff_cmd(repo: str, zoo: str, scenario: str | None, pool_file: str | None, pool_seed: int, budget: int | None,
                  fingerprint_budget: int, goodput_requests: int | None, lat_range: str | None, defenses: str,
                  strengths: tuple[str, ...],
                  noise_latency_ratio: float, selections_at: float, steps: int | None, repeats: int, out_dir: str,
-                 seed: int, quick: bool) -> None:
+                 seed: int, quick: bool, hardening_opts: tuple[str, ...], hardened_points: str | None) -> None:
     """Sweep zoo ZOO's selection defenses on a served copy of REPO: goodput of a benign tenant
     against fingerprinting and extraction by an attacker tenant, per defense and strength.
     Writes tradeoff.json, tradeoff.md and PNG plots under --out."""
@@ -365,6 +373,21 @@ def tradeoff_cmd(repo: str, zoo: str, scenario: str | None, pool_file: str | Non
         points = tr.plan_points(_parse_strengths(strengths, kinds, quick), noise_latency_ratio)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--strengths") from None
+    texts = [t.strip() for opt in hardening_opts for t in opt.split(",") if t.strip()] or ["none"]
+    texts = [d for t in texts for d in (tr.DEFAULT_HARDENING if t == "default" else (t,))]
+    try:
+        parsed = {h.name: h for h in (tr.parse_hardening_setting(t) for t in texts)}
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--hardening") from None
+    # the unhardened server always runs first: its baseline is what every drop is measured against
+    settings = [tr.NO_HARDENING, *(h for name, h in parsed.items() if name != "none")]
+    hardened = [p for p in points if p.defense_class == tr.BASELINE]
+    wanted = [c.strip() for c in (hardened_points or "").split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in {p.defense_class for p in points}]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)} not among the planned classes "
+                                 f"{', '.join(p.defense_class for p in points)}", param_hint="--hardened-points")
+    hardened += [p for p in points if p.defense_class != tr.BASELINE and (not wanted or p.defense_class in wanted)]
     latency_ms = None
     if lat_range:
         try:
@@ -401,24 +424,50 @@ def tradeoff_cmd(repo: str, zoo: str, scenario: str | None, pool_file: str | Non
     assert admin_key is not None
     console.print(f"{len(points)} points ({', '.join(p.defense_class for p in points)}); zoo {zoo} "
                   f"(on_infeasible {spec.on_infeasible}, policy {spec.policy}); serving {copy}")
-    try:
-        with tr.serve(copy, keys_db, log=work / "server.log") as url, _progress() as progress:
-            result = tr.run_sweep(url, admin_key, config, points, front=front, rows=rows, eval_x=eval_x,
-                                  eval_y=eval_y, progress=progress, step=lambda msg: console.print(msg))
-    except (OracleError, RuntimeError, ValueError, httpx.HTTPError) as err:
-        raise click.ClickException(f"{err} (server log: {work / 'server.log'})") from None
+    import dataclasses
+
+    from bastion.repository.zoos import load_zoo
+
+    zoo_variants = list(load_zoo(copy / zoo).spec.variants)  # type: ignore[union-attr]
+    result: dict[str, Any] = {}
+    for k, setting in enumerate(settings):
+        log = work / ("server.log" if setting.name == "none" else f"server-{setting.name}.log")
+        try:
+            tr.apply_hardening(copy, zoo_variants, setting)
+            console.print(f"hardening {setting.name}: {setting.block or 'none'} in {len(zoo_variants)} variants")
+            mine = points if setting.name == "none" else hardened
+            with tr.serve(copy, keys_db, log=log) as url, _progress() as progress:
+                part = tr.run_sweep(url, admin_key, config, mine, front=front, rows=rows, eval_x=eval_x,
+                                    eval_y=eval_y, progress=progress, step=lambda msg: console.print(msg),
+                                    hardening=setting, baseline_attacks=k == 0)
+        except (OracleError, RuntimeError, ValueError, httpx.HTTPError) as err:
+            raise click.ClickException(f"{err} (server log: {log})") from None
+        if not result:
+            result = part
+            # the same benign targets on every server: no recalibration per hardening setting
+            lo_ms, hi_ms = part["workload"]["latency_ms"]
+            config = dataclasses.replace(config, latency_ms=(float(lo_ms), float(hi_ms)))
+        else:
+            result["points"] += part["points"]
+            result["hardening"] += part["hardening"]
+    tr.apply_hardening(copy, zoo_variants, tr.NO_HARDENING)
     result["variants"] = variants
     full = {**config.as_dict(), "repo": str(Path(repo).resolve()), "copy": str(copy), "defenses": kinds,
             "strengths": {k: [p.strength for p in points if p.defense == k] for k in kinds},
             "noise_latency_ratio": noise_latency_ratio, "classes": {p.defense_class: p.spec for p in points},
-            "on_infeasible": spec.on_infeasible, "policy": spec.policy, "pool": pool_doc, "quick": quick}
+            "on_infeasible": spec.on_infeasible, "policy": spec.policy, "pool": pool_doc, "quick": quick,
+            "hardening": {h.name: h.block for h in settings},
+            "hardened_points": [p.defense_class for p in hardened]}
     doc = record("tradeoff", full, seed, result, started)
     argv = sys.argv[1:]
     doc["command"] = shlex.join(["bastion", *argv]) if argv[:2] == ["lab", "tradeoff"] else shlex.join(
         ["bastion", "lab", "tradeoff", "--repo", repo, "--zoo", zoo, "--out", out_dir, "--seed", str(seed)]
         + (["--quick"] if quick else []))
     rows_summary = tr.summary_rows(doc["result"])
-    plots = write_plots(doc["result"], rows_summary, out, selections_at=selections_at)
+    # the plots are of the selection defenses alone (the unhardened server)
+    plain = {**doc["result"], "points": [p for p in doc["result"]["points"] if p.get("hardening", "none") == "none"]}
+    plots = write_plots(plain, [r for r in rows_summary if r["hardening"] == "none"], out,
+                        selections_at=selections_at)
     doc["plots"] = [p.name for p in plots]
     doc["summary"] = rows_summary
     (out / "tradeoff.json").write_text(
