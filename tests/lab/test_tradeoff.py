@@ -200,15 +200,158 @@ def test_strength_options() -> None:
         _parse_strengths(("exponential=1",), kinds, quick=False)
 
 
+MODEL_CONFIG = """\
+runtime: onnx
+max_batch_size: 64
+inputs:
+- name: image
+  datatype: FP32
+  shape: [-1, 1, 8, 8]
+outputs:
+- name: probabilities
+  datatype: FP32
+  shape: [-1, 10]
+- name: label
+  datatype: INT64
+  shape: [-1]
+hardening: {top_k: 3}
+dynamic_batching: {max_queue_delay_us: 0, max_queue_size: 256}
+parameters: {intra_op_threads: 1}
+"""
+
+
+def test_hardening_settings_parse() -> None:
+    assert tr.parse_hardening_setting("none") == tr.NO_HARDENING
+    assert tr.parse_hardening_setting("round=1") == tr.HardeningSetting("round-1", {"round": 1})
+    assert tr.parse_hardening_setting("top_k=1") == tr.HardeningSetting("top1", {"top_k": 1})
+    rs = tr.parse_hardening_setting("reverse_sigmoid=0.5:1")
+    assert rs == tr.HardeningSetting("rs-0.5-1", {"reverse_sigmoid": {"beta": 0.5, "gamma": 1.0}})
+    assert tr.parse_hardening_setting("rs=1:4").name == "rs-1-4"
+    # the one-hot keeps the probabilities output the oracle reads
+    assert tr.parse_hardening_setting("label_only").block == {"label_only": True, "label_output": None}
+    assert len({tr.parse_hardening_setting(t).name for t in tr.DEFAULT_HARDENING}) >= 6
+    for bad in ("round", "top_k=0", "reverse_sigmoid=1", "reverse_sigmoid=-1:1", "top_k=x", "laplace=1"):
+        with pytest.raises(ValueError, match="hardening"):
+            tr.parse_hardening_setting(bad)
+
+
+@pytest.mark.parametrize("text", [*tr.DEFAULT_HARDENING, "round=0", "top_k=3"])
+def test_config_yaml_rewrite_keeps_the_model_and_parses(text: str) -> None:
+    from bastion.repository.config import parse_model_config_yaml
+
+    setting = tr.parse_hardening_setting(text)
+    data = yaml.safe_load(MODEL_CONFIG)
+    out = tr.rewrite_model_config(data, setting.block)
+    assert {k: v for k, v in out.items() if k != "hardening"} == {k: v for k, v in data.items() if k != "hardening"}
+    assert list(out)[:4] == ["runtime", "max_batch_size", "inputs", "outputs"]  # order kept
+    assert data["hardening"] == {"top_k": 3}  # the input is not modified
+    assert out.get("hardening") == setting.block
+    config = parse_model_config_yaml("image_cnn", yaml.safe_dump(out, sort_keys=False), source="config.yaml")
+    spec = config.hardening
+    if setting.block is None:
+        assert spec is None or not spec.enabled
+    else:
+        assert spec is not None and spec.enabled
+        if "reverse_sigmoid" in setting.block:
+            assert spec.reverse_sigmoid is not None and spec.reverse_sigmoid.beta == setting.block[
+                "reverse_sigmoid"]["beta"]
+        if setting.block.get("label_only"):
+            assert spec.label_only and spec.label_output is None
+    assert config.max_batch_size == 64 and [o.name for o in config.outputs] == ["probabilities", "label"]
+    with pytest.raises(ValueError, match="mapping"):
+        tr.rewrite_model_config(["x"], None)  # type: ignore[arg-type]
+
+
+def test_apply_hardening_writes_every_variant(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(MODEL_CONFIG)
+    paths = tr.apply_hardening(tmp_path, ["a", "b"], tr.parse_hardening_setting("round=1"))
+    assert len(paths) == 2
+    for name in ("a", "b"):
+        doc = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+        assert doc["hardening"] == {"round": 1} and doc["runtime"] == "onnx"
+    tr.apply_hardening(tmp_path, ["a"], tr.NO_HARDENING)
+    assert "hardening" not in yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    with pytest.raises(ValueError, match=r"no config\.yaml"):
+        tr.apply_hardening(tmp_path, ["missing"], tr.NO_HARDENING)
+
+
+def test_hard_label_target_is_the_argmax_one_hot() -> None:
+    import numpy as np
+
+    from bastion.lab.extract import training_targets
+
+    probs = np.array([[0.1, 0.7, 0.2], [0.4, 0.4, 0.2], [0.0, 0.0, 1.0]])
+    assert training_targets(probs, "soft") is not None and np.array_equal(training_targets(probs, "soft"), probs)
+    hard = training_targets(probs, "hard")
+    assert np.array_equal(hard, [[0, 1, 0], [1, 0, 0], [0, 0, 1]])  # a tie goes to the lower index
+    assert hard.sum(axis=1).tolist() == [1.0, 1.0, 1.0]
+    assert training_targets(np.empty((0, 3)), "hard").shape == (0, 3)
+    with pytest.raises(ValueError, match="target"):
+        training_targets(probs, "logits")
+    # a perturbed answer that keeps the top-1 gives the same hard target
+    perturbed = np.array([[0.3, 0.35, 0.35 - 1e-9], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
+    assert np.array_equal(training_targets(perturbed, "hard"), hard)
+
+
+def _hardened(hardening: str, defense: str, strength: float | None, goodput: float, soft: tuple[float, float],
+              hard: tuple[float, float], escalation: int | None = None) -> dict[str, Any]:
+    p = _point(defense, strength, goodput, 1.0, *soft)
+    p["hardening"] = hardening
+    by = {"soft": {"accuracy": soft[0], "fidelity": soft[1]}, "hard": {"accuracy": hard[0], "fidelity": hard[1]}}
+    target = max(by, key=lambda t: (by[t]["accuracy"], by[t]["fidelity"]))
+    p["extraction"].update(by_target=by, best={"target": target, **by[target]}, rows_answered=64)
+    if escalation is not None:
+        p["escalation"] = {"quota": escalation, "quota_period": "total", "unit": "requests"}
+    return p
+
+
+def test_best_point_is_the_attackers_best_target_at_enough_goodput() -> None:
+    doc = _fake_doc()
+    doc["result"]["points"] = [
+        _hardened("none", "none", None, 1.0, (0.90, 0.95), (0.88, 0.93)),
+        # reverse sigmoid fools the soft attacker; the hard one recovers: the headline is the hard one
+        _hardened("rs-1-1", "none", None, 1.0, (0.10, 0.10), (0.85, 0.90)),
+        _hardened("rs-1-1", "metric-noise", 0.01, 0.85, (0.10, 0.10), (0.80, 0.84)),
+        # protects most, but below the goodput floor
+        _hardened("label-only", "permute-and-flip", 0.5, 0.6, (0.50, 0.5), (0.50, 0.5)),
+        _hardened("label-only", "metric-noise", 0.01, 0.9, (0.60, 0.62), (0.60, 0.62), escalation=140),
+    ]
+    rows = tr.summary_rows(doc["result"])
+    rs = next(r for r in rows if r["hardening"] == "rs-1-1" and r["defense"] == "none")
+    assert rs["best_target"] == "hard" and rs["accuracy"] == 0.85 and rs["soft_accuracy"] == 0.10
+    assert rs["accuracy_drop"] == pytest.approx(5.0) and rs["fidelity_drop"] == pytest.approx(5.0)
+    best = tr.best_point(rows, 0.8)
+    assert best is not None and best["hardening"] == "label-only" and best["escalation"] == "quota 140/total"
+    assert best["accuracy_drop"] == pytest.approx(30.0) and best["fidelity_drop"] == pytest.approx(33.0)
+    assert tr.best_point(rows, 0.95)["hardening"] == "rs-1-1"  # type: ignore[index]
+    assert tr.best_point(rows, 1.01) is None
+    md = tr.markdown_report(doc)
+    assert "## Output hardening x selection defense" in md
+    assert ("| rs-1-1 | metric-noise 0.01 | 0.850 | 1.00 | 64 | 0.100 | 0.100 | 0.800 | 0.840 | hard | 0.800 | "
+            "+10.0 | 0.840 | +11.0 |") in md
+    assert "metric-noise 0.01 + escalated: quota 140/total requests" in md
+    assert "target drop 19.6 / 9.6 pts (accuracy / fidelity): reached" in md
+    # the per-defense tables hold the unhardened, unescalated points only
+    assert "## permute-and-flip" not in md and "## metric-noise" not in md
+    doc["result"]["points"].pop()
+    md = tr.markdown_report(doc)
+    assert "target drop 19.6 / 9.6 pts (accuracy / fidelity): NOT reached" in md
+    assert "target drop 9.8 / 4.8 pts (accuracy / fidelity): reached" in md  # rs-1-1 x noise 0.01: 10.0 / 11.0
+
+
 @pytest.mark.slow
 def test_quick_sweep_on_a_live_server(image_repo: Path, tmp_path: Path) -> None:
-    """1 defense x 2 strengths, tiny budgets; the numbers come from the served copy."""
+    """1 defense x 2 strengths, tiny budgets, and one hardening setting (label-only) on the
+    baseline and pf-8; the numbers come from the served copy."""
     from bastion.cli.lab import lab
 
     out = tmp_path / "out"
     run = CliRunner().invoke(lab, [
         "tradeoff", "--repo", str(image_repo), "--zoo", "image", "--quick", "--defenses", "permute-and-flip",
         "--strengths", "0.25,8", "--budget", "64", "--steps", "50", "--goodput-requests", "30", "--out", str(out),
+        "--hardening", "label_only", "--hardened-points", "pf-8",
     ], catch_exceptions=False)
     assert run.exit_code == 0, run.output
     doc = json.loads((out / "tradeoff.json").read_text())
@@ -216,7 +359,18 @@ def test_quick_sweep_on_a_live_server(image_repo: Path, tmp_path: Path) -> None:
     assert doc["config"]["classes"] == {"default": {"kind": "none"},
                                         "pf-0p25": {"kind": "permute-and-flip", "epsilon": 0.25},
                                         "pf-8": {"kind": "permute-and-flip", "epsilon": 8.0}}
-    points = {p["defense_class"]: p for p in doc["result"]["points"]}
+    assert [(p["hardening"], p["defense_class"]) for p in doc["result"]["points"]] == [
+        ("none", "default"), ("none", "pf-0p25"), ("none", "pf-8"), ("label-only", "default"), ("label-only", "pf-8")]
+    hardened = [p for p in doc["result"]["points"] if p["hardening"] == "label-only"]
+    for p in hardened:  # hardening keeps the top-1: the one-hot answers, both targets trained on them
+        assert p["extraction"]["answer_distinct_values"] <= 2.0
+        by = p["extraction"]["by_target"]
+        assert set(by) == {"soft", "hard"} and by["soft"]["accuracy"] == by["hard"]["accuracy"]
+        assert sum(p["goodput"]["server_outcomes"].values()) == 30
+    assert doc["config"]["hardening"] == {"none": None, "label-only": {"label_only": True, "label_output": None}}
+    # the copy is left unhardened
+    assert "hardening" not in yaml.safe_load((out / "work" / "repo" / "image_cnn" / "config.yaml").read_text())
+    points = {p["defense_class"]: p for p in doc["result"]["points"] if p["hardening"] == "none"}
     assert list(points) == ["default", "pf-0p25", "pf-8"]
     for p in points.values():
         g = p["goodput"]
@@ -236,5 +390,6 @@ def test_quick_sweep_on_a_live_server(image_repo: Path, tmp_path: Path) -> None:
     assert set(load_zoo_spec(out / "work" / "repo" / "image").defenses) == set(points)
     md = (out / "tradeoff.md").read_text()
     assert "## permute-and-flip" in md and "| 0.25 |" in md
+    assert "| label-only | permute-and-flip 8 |" in md and "## Best point with goodput >= 0.8" in md
     for name in ("goodput_vs_accuracy.png", "goodput_vs_fidelity.png", "front_selections.png"):
         assert (out / name).stat().st_size > 5000

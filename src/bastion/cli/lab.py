@@ -242,7 +242,7 @@ def extract_cmd(url: str, zoo: str, key: str | None, ca_cert: str | None, budget
     config = {"url": url, "zoo": zoo, "budget": budget, "attackers": attackers, "victim_model": victim_model,
               "eval": eval_file, "trigger": targets, "fingerprint_budget": fingerprint_budget,
               "naive_targets": naive_targets, "batch_size": batch_size,
-              "train": {"hidden": list(widths), "steps": steps, "target": train_target}, "pool": pool_doc}
+              "train": {"hidden": list(widths), "steps": steps}, "target": train_target, "pool": pool_doc}
     doc = record("extract", config, seed, {"attacks": [r.as_dict() for r in results]}, started)
     _emit(doc, as_json, out)
     if as_json:
@@ -340,11 +340,16 @@ def _front_of(repo: Path, zoo: str) -> tuple[list[dict[str, Any]], list[dict[str
 @click.option("--hardened-points", "hardened_points",
               help="Selection classes (e.g. noise-0p01,exp-8) swept under each hardening setting other than none; "
               "the baseline always is [default: every planned class].")
+@click.option("--escalate-quota", "escalate_quota", type=click.IntRange(min=1),
+              help="Also run each --hardened-points class (every hardening setting, none included) for an escalated "
+              "attacker: a fresh tenant whose quota is N requests in total (fingerprint included), set through the "
+              "admin API; the server's 429 ends its queries.")
 def tradeoff_cmd(repo: str, zoo: str, scenario: str | None, pool_file: str | None, pool_seed: int, budget: int | None,
                  fingerprint_budget: int, goodput_requests: int | None, lat_range: str | None, defenses: str,
                  strengths: tuple[str, ...],
                  noise_latency_ratio: float, selections_at: float, steps: int | None, repeats: int, out_dir: str,
-                 seed: int, quick: bool, hardening_opts: tuple[str, ...], hardened_points: str | None) -> None:
+                 seed: int, quick: bool, hardening_opts: tuple[str, ...], hardened_points: str | None,
+                 escalate_quota: int | None) -> None:
     """Sweep zoo ZOO's selection defenses on a served copy of REPO: goodput of a benign tenant
     against fingerprinting and extraction by an attacker tenant, per defense and strength.
     Writes tradeoff.json, tradeoff.md and PNG plots under --out."""
@@ -399,7 +404,9 @@ def tradeoff_cmd(repo: str, zoo: str, scenario: str | None, pool_file: str | Non
         zoo=zoo, latency_ms=latency_ms, budget=budget or (128 if quick else 512), fingerprint_budget=fingerprint_budget,
         goodput_requests=goodput_requests or (80 if quick else 200), repeats=repeats,
         train=TrainConfig(steps=steps or (200 if quick else 600)), seed=seed, selections_at=selections_at,
+        escalate_quota=escalate_quota,
     )
+    escalate = [p.defense_class for p in hardened if p.defense_class != tr.BASELINE] if escalate_quota else []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -439,7 +446,7 @@ def tradeoff_cmd(repo: str, zoo: str, scenario: str | None, pool_file: str | Non
             with tr.serve(copy, keys_db, log=log) as url, _progress() as progress:
                 part = tr.run_sweep(url, admin_key, config, mine, front=front, rows=rows, eval_x=eval_x,
                                     eval_y=eval_y, progress=progress, step=lambda msg: console.print(msg),
-                                    hardening=setting, baseline_attacks=k == 0)
+                                    hardening=setting, baseline_attacks=k == 0, escalate=escalate)
         except (OracleError, RuntimeError, ValueError, httpx.HTTPError) as err:
             raise click.ClickException(f"{err} (server log: {log})") from None
         if not result:

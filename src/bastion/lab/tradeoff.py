@@ -59,7 +59,6 @@ import yaml
 from bastion.lab.extract import (
     TARGETS,
     TrainConfig,
-    collect,
     evaluate,
     run_extraction,
     train_surrogate,
@@ -408,6 +407,11 @@ class Admin:
         r.raise_for_status()
         return str(r.json()["key"])
 
+    def set_limits(self, tenant: str, limits: Mapping[str, Any]) -> None:
+        """``PUT /v2/admin/tenants/{tenant}/limits``: what the server enforces from then on."""
+        r = self.http.put(f"/v2/admin/tenants/{tenant}/limits", json=dict(limits))
+        r.raise_for_status()
+
     def set_class(self, tenant: str, defense_class: str) -> None:
         r = self.http.put(f"/v2/admin/tenants/{tenant}/class", json={"defense_class": defense_class})
         r.raise_for_status()
@@ -448,6 +452,9 @@ class SweepConfig:
     selections_at: float | None = None  # the strength whose selection frequencies are plotted
     latency_ms: tuple[float, float] | None = None  # benign latency targets; None: calibrated (latency_slo_range)
     targets: tuple[str, ...] = TARGETS  # surrogate training targets tried on the same answers (soft, hard)
+    # escalation: the attacker of the escalated points is a fresh tenant with this quota (requests, in total),
+    # set through the admin API before it starts; the server's 429 ends its queries
+    escalate_quota: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -484,6 +491,46 @@ def _goodput(url: str, zoo: str, key: str, admin: Admin, workload: Sequence[Mapp
     return {"requests": len(workload), "server_outcomes": delta, "goodput": goodput_from_delta(delta),
             "client_statuses": statuses,
             "selections": counter_delta(before["selections"], after["selections"])}
+
+
+_ESCALATED = 0
+
+
+def _escalated_point(url: str, zoo: str, admin: Admin, plain: Mapping[str, Any], point: SweepPoint,
+                     hardening: HardeningSetting, config: SweepConfig, rows: np.ndarray, eval_x: np.ndarray,
+                     eval_y: np.ndarray, victim_probs: np.ndarray, progress: Progress | None) -> dict[str, Any]:
+    """The point again for an attacker the operator has escalated: a fresh tenant (no usage
+    yet) in the point's class with a total quota of ``config.escalate_quota`` requests,
+    both set over the admin API; the server's 429 is what ends its fingerprint or its
+    extraction. Goodput is the benign tenant's of the same point (it is not escalated)."""
+    global _ESCALATED
+    _ESCALATED += 1
+    quota = int(config.escalate_quota or 0)
+    tenant = f"tradeoff-escalated-{_ESCALATED}"
+    key = admin.create_key(tenant, [zoo], f"tradeoff sweep: escalated attacker (quota {quota}/total)")
+    admin.set_limits(tenant, {"quota": quota, "quota_period": "total"})
+    admin.set_class(tenant, point.defense_class)
+    admin.wait_for_key(key, zoo)
+    time.sleep(config.settle_s)
+    escalation = {"quota": quota, "quota_period": "total", "unit": "requests", "tenant": tenant}
+    doc: dict[str, Any] = {"defense": point.defense, "strength": point.strength,
+                           "defense_class": point.defense_class, "spec": point.spec, "hardening": hardening.name,
+                           "hardening_spec": hardening.block, "escalation": escalation,
+                           "goodput": plain["goodput"]}
+    fp_progress = None if progress is None else (lambda d, t: progress("fingerprint", d, t))
+    with Oracle(url, zoo, api_key=key, budget=config.fingerprint_budget, progress=fp_progress) as oracle:
+        fp = fingerprint(oracle, rows, repeats=config.repeats)
+    doc["fingerprint"] = _fingerprint_doc(fp)
+    if fp.victim_trigger is None:
+        doc["extraction"] = None
+        doc["notes"] = [f"no victim trigger found: {fp.notes}"]
+    else:
+        doc["extraction"] = fingerprinted_extraction(url, zoo, key, rows, fp.victim_trigger, config=config,
+                                                     eval_x=eval_x, eval_y=eval_y, victim_probs=victim_probs,
+                                                     progress=progress)
+    with contextlib.suppress(httpx.HTTPError):
+        admin.set_class(tenant, BASELINE)
+    return doc
 
 
 def _victim_consistency(fp: Any) -> float:
@@ -527,7 +574,12 @@ def fingerprinted_extraction(url: str, zoo: str, key: str, rows: np.ndarray, tri
     target on those answers; the attack document with ``by_target`` and ``best``."""
     tick = None if progress is None else (lambda d, t: progress("fingerprinted", d, t))
     with Oracle(url, zoo, api_key=key, budget=config.budget, progress=tick) as oracle:
-        got = collect(oracle, rows, config.budget, batch_size=config.batch_size, targets=trigger)
+        got, stopped = collect_until_refused(oracle, rows, config.budget, batch_size=config.batch_size,
+                                             targets=trigger)
+    if got is None:
+        return {"attacker": "fingerprinted", "queried": zoo, "targets": dict(trigger), "queries": 0,
+                "rows_answered": 0, "accuracy": math.nan, "fidelity": math.nan, "stopped": stopped,
+                "by_target": {}, "best": None}
     by_target: dict[str, dict[str, Any]] = {}
     for target in config.targets:
         surrogate = train_surrogate(got.x, training_targets(got.probs, target), seed=config.seed, config=config.train)
@@ -545,7 +597,38 @@ def fingerprinted_extraction(url: str, zoo: str, key: str, rows: np.ndarray, tri
             "victim_accuracy": victim_accuracy, "eval_rows": len(eval_y),
             "train_seconds": first["train_seconds"], "by_target": by_target,
             "best": {"target": best[0], **best[1]} if best else None,
-            "answer_distinct_values": distinct}
+            "answer_distinct_values": distinct, "stopped": stopped}
+
+
+def collect_until_refused(oracle: Oracle, rows: np.ndarray, budget: int, *, batch_size: int,
+                          targets: Mapping[str, float]) -> tuple[Any, str | None]:
+    """:func:`bastion.lab.extract.collect`, except that a server refusal (a spent quota:
+    429 with no Retry-After) ends the queries and keeps what was answered; returns the
+    collected answers (None if nothing was) and the refusal's message."""
+    from bastion.lab.extract import Collected
+    from bastion.lab.oracle import BudgetExhausted
+
+    xs, ps = [], []
+    before = (oracle.queries, oracle.requests, oracle.rejected)
+    stopped = None
+    for start in range(0, budget, batch_size):
+        chunk = rows[start:min(start + batch_size, budget)]
+        try:
+            answer = oracle.ask(chunk, trigger_or_none(targets))
+        except BudgetExhausted as err:
+            stopped = str(err)
+            break
+        if answer.probs is not None:
+            xs.append(chunk)
+            ps.append(answer.probs)
+    if not xs:
+        return None, stopped or "no request was answered"
+    return Collected(np.concatenate(xs), np.concatenate(ps), oracle.queries - before[0],
+                     oracle.requests - before[1], oracle.rejected - before[2]), stopped
+
+
+def trigger_or_none(targets: Mapping[str, float] | None) -> Mapping[str, float] | None:
+    return dict(targets) if targets else None
 
 
 def run_sweep(
@@ -562,10 +645,13 @@ def run_sweep(
     step: Step | None = None,
     hardening: HardeningSetting = NO_HARDENING,
     baseline_attacks: bool = True,
+    escalate: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Every point on the live server at ``url`` (serving the variants with ``hardening``,
     recorded in each point's document; ``baseline_attacks``: also run the explicit and the
-    naive attacker at the baseline point); returns the result document (JSON-able,
+    naive attacker at the baseline point; ``escalate``: classes that get a second, escalated
+    point: a fresh attacker tenant with ``config.escalate_quota`` requests in total, set
+    through the admin API, fingerprints and extracts until the server refuses); returns the result document (JSON-able,
     NaN for what could not be measured). ``front``: the Pareto variants (``variant``,
     ``quality``, ``latency_ms``) from the repository's profile; the victim is the most
     accurate one."""
@@ -590,7 +676,7 @@ def run_sweep(
         say(f"victim answers ({victim}, {len(eval_x)} held-out rows, asked by name with the admin key)")
         victim_probs = victim_answers(url, victim, admin_key, eval_x, batch_size=config.batch_size)
         results: list[dict[str, Any]] = []
-        baseline_attacks: dict[str, Any] = {}
+        extra_attacks: dict[str, Any] = {}
         for k, point in enumerate(points):
             label = "baseline (none)" if point.defense == "none" else f"{point.defense} {point.strength:g}"
             label = f"hardening {hardening.name}, {label}"
@@ -628,9 +714,14 @@ def run_sweep(
                                        batch_size=config.batch_size, victim_model=victim, eval_x=eval_x,
                                        eval_y=eval_y, victim_probs=victim_probs, seed=config.seed,
                                        train=config.train, progress=progress)
-                    baseline_attacks[name] = _attack_doc(r)
+                    extra_attacks[name] = _attack_doc(r)
             doc["seconds"] = round(time.perf_counter() - started, 3)
             results.append(doc)
+            if point.defense_class in escalate and config.escalate_quota is not None:
+                say(f"[{k + 1}/{len(points)}] {label}: escalated attacker (quota {config.escalate_quota} requests "
+                    "in total)")
+                results.append(_escalated_point(url, zoo, admin, doc, point, hardening, config, rows, eval_x,
+                                                eval_y, victim_probs, progress))
     finally:
         with contextlib.suppress(httpx.HTTPError):
             for tenant in ("tradeoff-attacker", "tradeoff-benign"):
@@ -641,7 +732,7 @@ def run_sweep(
         "requests": len(workload), "seed": config.seed, "latency_ms": list(latency_range),
         "calibration_round_trips_ms": [round(x, 4) for x in calibration],
         "targets": "reachable: accuracy uniform over the front's quality range (widened below by half of it), "
-        "latency log-uniform over latency_ms"}, "baseline_attacks": baseline_attacks, "points": results}
+        "latency log-uniform over latency_ms"}, "baseline_attacks": extra_attacks, "points": results}
 
 
 # ---- the report ------------------------------------------------------------------------------------------
@@ -659,8 +750,8 @@ def _drop(base: Any, value: Any) -> Any:
 
 def baseline_point(result: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The undefended point: no selection defense and no output hardening."""
-    return next((p for p in result["points"] if p["defense"] == "none" and p.get("hardening", "none") == "none"),
-                None)
+    return next((p for p in result["points"] if p["defense"] == "none" and p.get("hardening", "none") == "none"
+                 and not p.get("escalation")), None)
 
 
 def _headline(ext: Mapping[str, Any]) -> tuple[Any, Any, Any]:
@@ -683,8 +774,11 @@ def summary_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
         fp = p.get("fingerprint") or {}
         acc, fid, target = _headline(ext)
         by = ext.get("by_target") or {}
+        esc = p.get("escalation")
         rows.append({
             "hardening": p.get("hardening", "none"),
+            "escalation": f"quota {esc['quota']}/{esc['quota_period']}" if esc else None,
+            "extraction_rows": ext.get("rows_answered"),
             "defense": p["defense"], "strength": p["strength"], "defense_class": p["defense_class"],
             "goodput": p["goodput"]["goodput"], "consistency": fp.get("victim_consistency"),
             "variants_found": fp.get("variants_found"), "fingerprint_queries": fp.get("queries"),
@@ -710,14 +804,15 @@ def best_point(rows: Sequence[Mapping[str, Any]], min_goodput: float = 0.8) -> M
         return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
     ok = [r for r in rows
-          if not (r["defense"] == "none" and r.get("hardening", "none") == "none")
+          if not (r["defense"] == "none" and r.get("hardening", "none") == "none" and not r.get("escalation"))
           and finite(r["goodput"]) and r["goodput"] >= min_goodput
           and finite(r["accuracy_drop"]) and finite(r["fidelity_drop"])]
     return max(ok, key=lambda r: (r["accuracy_drop"], r["fidelity_drop"], r["goodput"])) if ok else None
 
 
 def _selection_label(r: Mapping[str, Any]) -> str:
-    return "none" if r["defense"] == "none" else f"{r['defense']} {r['strength']:g}"
+    label = "none" if r["defense"] == "none" else f"{r['defense']} {r['strength']:g}"
+    return f"{label} + escalated: {r['escalation']} requests" if r.get("escalation") else label
 
 
 def _hardening_section(rows: Sequence[Mapping[str, Any]], result: Mapping[str, Any]) -> list[str]:
@@ -726,13 +821,20 @@ def _hardening_section(rows: Sequence[Mapping[str, Any]], result: Mapping[str, A
              "One server per hardening setting (written into every variant's `config.yaml` of the copy), the "
              "selection points swept on it. The fingerprinted attacker's answers train two surrogates: `soft` "
              "(the returned scores) and `hard` (one-hot of their argmax: the adaptive attacker). `best` is the "
-             "attacker's better one (max accuracy); drops are of `best` vs the undefended best, in points.", "",
-             "| hardening | selection | goodput | consistency | soft acc | soft fid | hard acc | hard fid | best "
-             "| best acc | Δacc (pts) | best fid | Δfid (pts) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+             "attacker's better one (max accuracy); drops are of `best` vs the undefended best, in points. "
+             "`rows`: extraction rows the attacker got answered. An *escalated* point is the same point for a "
+             "fresh attacker tenant whose quota (requests in total, fingerprint included) the operator set through "
+             "`PUT /v2/admin/tenants/{t}/limits`; the server's 429 ended its queries (its goodput is the benign "
+             "tenant's of the same point). Consistency under hardening is what the attacker can observe: "
+             "variants whose hardened answers look alike count as one.", "",
+             "| hardening | selection | goodput | consistency | rows | soft acc | soft fid | hard acc | hard fid | "
+             "best | best acc | Δacc (pts) | best fid | Δfid (pts) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
+        n = "-" if r["extraction_rows"] is None else r["extraction_rows"]
         lines.append(f"| {r['hardening']} | {_selection_label(r)} | {_num(r['goodput'])} | "
-                     f"{_num(r['consistency'], '.2f')} | {_num(r['soft_accuracy'])} | {_num(r['soft_fidelity'])} | "
+                     f"{_num(r['consistency'], '.2f')} | {n} | "
+                     f"{_num(r['soft_accuracy'])} | {_num(r['soft_fidelity'])} | "
                      f"{_num(r['hard_accuracy'])} | {_num(r['hard_fidelity'])} | {r['best_target'] or '-'} | "
                      f"{_num(r['accuracy'])} | {_num(r['accuracy_drop'], '+.1f')} | {_num(r['fidelity'])} | "
                      f"{_num(r['fidelity_drop'], '+.1f')} |")
@@ -790,7 +892,7 @@ def markdown_report(doc: Mapping[str, Any]) -> str:
                   f"{fp.get('variants_found', '-')} variant(s) found in {fp.get('queries', '-')} rows, victim "
                   f"trigger consistency {_num(fp.get('victim_consistency'), '.2f')}.", ""]
     all_rows = summary_rows(result)
-    rows = [r for r in all_rows if r["hardening"] == "none"]
+    rows = [r for r in all_rows if r["hardening"] == "none" and not r["escalation"]]
     base_row = next((r for r in rows if r["defense"] == "none"), None)
     for kind in dict.fromkeys(r["defense"] for r in rows if r["defense"] != "none"):
         unit = "scale_accuracy" if kind == "metric-noise" else "ε"
