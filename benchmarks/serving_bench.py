@@ -57,6 +57,9 @@ from typing import Any
 
 import numpy as np
 
+# the /proc accounting is the bench package's
+from bastion.bench.procstats import memory_kib, process_tree, tree_cpu_seconds
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
 MLSERVER_VERSION = "1.7.1"  # latest on PyPI when this was written (`pip index versions mlserver`)
@@ -167,85 +170,10 @@ def write_bodies(directory: Path) -> dict[str, Body]:
 # --------------------------------------------------------------------------- /proc accounting
 
 
-@dataclass(frozen=True)
-class ProcStat:
-    """The fields of ``/proc/<pid>/stat`` this benchmark uses (times in clock ticks)."""
-
-    pid: int
-    comm: str
-    ppid: int
-    utime: int
-    stime: int
-    cutime: int
-    cstime: int
-
-    @property
-    def ticks(self) -> int:
-        # cutime/cstime hold children this process has reaped: if a worker exits during a
-        # run its time moves from its own line to its parent's, and the tree's sum stays right.
-        return self.utime + self.stime + self.cutime + self.cstime
-
-
-def parse_proc_stat(line: str) -> ProcStat:
-    """Parse one ``/proc/<pid>/stat`` line (see proc(5)).
-
-    ``comm`` is in parentheses and may itself hold spaces and parentheses, so split at the
-    *last* ``)``; the fields after it are numbered from 3 (state) in proc(5).
-    """
-    open_paren, close_paren = line.index("("), line.rindex(")")
-    pid = int(line[:open_paren])
-    comm = line[open_paren + 1 : close_paren]
-    rest = line[close_paren + 2 :].split()
-    # rest[0] is field 3 (state); field n is rest[n - 3]
-    return ProcStat(
-        pid=pid,
-        comm=comm,
-        ppid=int(rest[1]),
-        utime=int(rest[11]),
-        stime=int(rest[12]),
-        cutime=int(rest[13]),
-        cstime=int(rest[14]),
-    )
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None  # the process went away between listing /proc and reading it
-
-
-def process_tree(root: int, proc: str = "/proc") -> dict[int, ProcStat]:
-    """``root`` and all its descendants (workers, MLServer's inference pool, uvicorn's children)."""
-    stats: dict[int, ProcStat] = {}
-    for entry in os.listdir(proc):
-        if entry.isdigit() and (text := _read(f"{proc}/{entry}/stat")):
-            with contextlib.suppress(ValueError, IndexError):
-                stats[int(entry)] = parse_proc_stat(text)
-    tree, frontier = {}, [root]
-    while frontier:
-        pid = frontier.pop()
-        if pid in stats and pid not in tree:
-            tree[pid] = stats[pid]
-            frontier.extend(s.pid for s in stats.values() if s.ppid == pid)
-    return tree
-
-
-def tree_cpu_seconds(tree: dict[int, ProcStat], clock_ticks: int | None = None) -> float:
-    ticks_per_s = clock_ticks or os.sysconf("SC_CLK_TCK")
-    return sum(s.ticks for s in tree.values()) / ticks_per_s
-
-
 def peak_rss_mib(pids: list[int], proc: str = "/proc") -> float:
     """Sum of each process's peak RSS (``VmHWM``). Shared pages count once per process,
     so for several workers this is an upper bound on the memory really used."""
-    total_kib = 0
-    for pid in pids:
-        text = _read(f"{proc}/{pid}/status") or ""
-        match = re.search(r"^VmHWM:\s+(\d+) kB", text, re.MULTILINE)
-        total_kib += int(match.group(1)) if match else 0
-    return total_kib / 1024
+    return sum(memory_kib(pid, proc)[1] for pid in pids) / 1024.0
 
 
 @dataclass(frozen=True)
@@ -972,7 +900,7 @@ def environment(generator: str) -> dict[str, Any]:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
         if match := re.search(r"^Model name:\s+(.+)$", lscpu, re.MULTILINE):
             cpu_model = match.group(1).strip()
-    meminfo = _read("/proc/meminfo") or ""
+    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
     mem = re.search(r"^MemTotal:\s+(\d+) kB", meminfo, re.MULTILINE)
     gen_version = "?"
     with contextlib.suppress(OSError, subprocess.SubprocessError):

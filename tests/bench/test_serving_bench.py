@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bastion.bench import procstats
+
 _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "serving_bench.py"
 _spec = importlib.util.spec_from_file_location("serving_bench", _PATH)
 assert _spec and _spec.loader
@@ -325,7 +327,7 @@ def _stat_line(pid: int, comm: str, ppid: int, utime: int, stime: int, cutime: i
 
 def test_parse_proc_stat_with_awkward_comm() -> None:
     line = _stat_line(4242, "py (worker) 1", 4000, utime=150, stime=30, cutime=7, cstime=3)
-    s = sb.parse_proc_stat(line)
+    s = procstats.parse_proc_stat(line)
     assert (s.pid, s.comm, s.ppid) == (4242, "py (worker) 1", 4000)
     assert (s.utime, s.stime, s.cutime, s.cstime) == (150, 30, 7, 3)
     assert s.ticks == 190
@@ -333,7 +335,7 @@ def test_parse_proc_stat_with_awkward_comm() -> None:
 
 def test_parse_proc_stat_real_line() -> None:
     with open("/proc/self/stat", encoding="ascii") as f:
-        s = sb.parse_proc_stat(f.read())
+        s = procstats.parse_proc_stat(f.read())
     import os
 
     assert s.pid == os.getpid() and s.ppid == os.getppid()
@@ -352,19 +354,19 @@ def test_process_tree_cpu_and_rss(tmp_path: Path) -> None:
     # supervisor 100 -> workers 101, 102 -> 103 (a worker's child); 200 is someone else's
     _fake_proc(tmp_path, [(100, 1, 50, 10, 1024), (101, 100, 300, 100, 2048), (102, 100, 200, 40, 2048),
                           (103, 101, 5, 5, 512), (200, 1, 9999, 9999, 99999)])  # fmt: skip
-    tree = sb.process_tree(100, proc=str(tmp_path))
+    tree = procstats.process_tree(100, proc=str(tmp_path))
     assert sorted(tree) == [100, 101, 102, 103]
-    assert sb.tree_cpu_seconds(tree, clock_ticks=100) == pytest.approx((60 + 400 + 240 + 10) / 100)
+    assert procstats.tree_cpu_seconds(tree, clock_ticks=100) == pytest.approx((60 + 400 + 240 + 10) / 100)
     assert sb.peak_rss_mib(sorted(tree), proc=str(tmp_path)) == pytest.approx((1024 + 4096 + 512) / 1024)
-    assert sb.process_tree(999, proc=str(tmp_path)) == {}
+    assert procstats.process_tree(999, proc=str(tmp_path)) == {}
 
 
 def test_reaped_worker_moves_into_parent_cutime() -> None:
     # Before: worker alive with 400 ticks. After: it exited and the supervisor reaped it.
-    before = {100: sb.parse_proc_stat(_stat_line(100, "sup", 1, 60, 0)),
-              101: sb.parse_proc_stat(_stat_line(101, "w", 100, 400, 0))}  # fmt: skip
-    after = {100: sb.parse_proc_stat(_stat_line(100, "sup", 1, 70, 0, cutime=450))}
-    assert sb.tree_cpu_seconds(after, 100) - sb.tree_cpu_seconds(before, 100) == pytest.approx(0.6)
+    before = {100: procstats.parse_proc_stat(_stat_line(100, "sup", 1, 60, 0)),
+              101: procstats.parse_proc_stat(_stat_line(101, "w", 100, 400, 0))}  # fmt: skip
+    after = {100: procstats.parse_proc_stat(_stat_line(100, "sup", 1, 70, 0, cutime=450))}
+    assert procstats.tree_cpu_seconds(after, 100) - procstats.tree_cpu_seconds(before, 100) == pytest.approx(0.6)
 
 
 def test_machine_cpu() -> None:

@@ -36,7 +36,6 @@ one interval, without a restart. Other tables in the same file (quota usage, see
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
@@ -56,6 +55,7 @@ from typing import Any
 from bastion.core.errors import InvalidInput, NotFound, Unauthenticated
 from bastion.guard.principal import ROLES, Limits, Principal, Role
 from bastion.guard.secrets import derive_key, load_or_create_secret
+from bastion.guard.tls import fingerprint_der, fingerprint_pem
 
 log = logging.getLogger("bastion.guard.keystore")
 
@@ -184,24 +184,24 @@ def limits_as_dict(limits: Limits) -> dict[str, Any]:
     }
 
 
-def cert_fingerprint_of_der(der: bytes) -> str:
-    """The fingerprint keys are registered under: lowercase hex SHA-256 of the DER."""
-    return hashlib.sha256(der).hexdigest()
+# one definition of a certificate's identity, shared with the TLS layer that computes it
+# for each connection
+cert_fingerprint_of_der = fingerprint_der
 
 
 def cert_fingerprint_of_pem(data: bytes) -> str:
     """Fingerprint of the first certificate in PEM ``data`` (DER accepted too)."""
+    try:
+        return fingerprint_pem(data)
+    except ValueError:
+        pass
     from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
 
     try:
-        cert = x509.load_pem_x509_certificate(data)
+        x509.load_der_x509_certificate(data)
     except ValueError:
-        try:
-            cert = x509.load_der_x509_certificate(data)
-        except ValueError:
-            raise InvalidInput("not a PEM or DER X.509 certificate") from None
-    return cert_fingerprint_of_der(cert.public_bytes(serialization.Encoding.DER))
+        raise InvalidInput("not a PEM or DER X.509 certificate") from None
+    return fingerprint_der(data)
 
 
 def normalize_fingerprint(fingerprint: str) -> str:
