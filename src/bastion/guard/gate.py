@@ -110,14 +110,9 @@ class Gate:
         if limiter is not None and (not principal.limits.unlimited or limiter.overridden(principal.tenant)):
             try:
                 limiter.admit(principal)
-            except QuotaExhausted as err:
-                if self.metrics is not None:
-                    self.metrics.rate_limited(principal.tenant, "quota")
-                self.record_rejection(principal, transport, action, model, err)
-                raise
             except BastionError as err:
                 if self.metrics is not None:
-                    self.metrics.rate_limited(principal.tenant, "rate")
+                    self.metrics.rate_limited(principal.tenant, "quota" if isinstance(err, QuotaExhausted) else "rate")
                 self.record_rejection(principal, transport, action, model, err)
                 raise
 

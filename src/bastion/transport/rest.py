@@ -327,27 +327,28 @@ class RestApp:
         rest = parts[2:]
         route = "/" + "/".join(parts)
         who = self._who(req, "admin", "")
+        admin = key_admin(dp.gate.authenticator)
         if rest == ["keys"] and method in ("GET", "POST"):
             if method == "GET":
                 dp.require_admin(who, transport="rest", action="keys.list")
-                return 200, JSON_HEADERS, orjson.dumps(key_admin(dp.gate.authenticator).list_keys(True))
+                return 200, JSON_HEADERS, orjson.dumps(admin.list_keys(True))
             dp.admin_action(who, "rest", "keys.create", "")
             doc = _json_body(await self._read_body(req, receive))
-            return 200, JSON_HEADERS, orjson.dumps(key_admin(dp.gate.authenticator).create(doc))
+            return 200, JSON_HEADERS, orjson.dumps(admin.create(doc))
         if len(rest) == 2 and rest[0] == "keys" and method == "DELETE":
             dp.admin_action(who, "rest", "keys.revoke", rest[1])
-            return 200, JSON_HEADERS, orjson.dumps(key_admin(dp.gate.authenticator).revoke(rest[1]))
+            return 200, JSON_HEADERS, orjson.dumps(admin.revoke(rest[1]))
         if rest == ["tenants"] and method == "GET":
             dp.require_admin(who, transport="rest", action="tenants.list")
-            return 200, JSON_HEADERS, orjson.dumps(key_admin(dp.gate.authenticator).tenants())
+            return 200, JSON_HEADERS, orjson.dumps(admin.tenants())
         if len(rest) == 3 and rest[0] == "tenants" and rest[2] == "limits" and method == "PUT":
             dp.admin_action(who, "rest", "tenants.set_limits", rest[1])
             doc = _json_body(await self._read_body(req, receive))
-            return 200, JSON_HEADERS, orjson.dumps(key_admin(dp.gate.authenticator).set_limits(rest[1], doc))
+            return 200, JSON_HEADERS, orjson.dumps(admin.set_limits(rest[1], doc))
         if len(rest) == 3 and rest[0] == "tenants" and rest[2] == "class" and method == "PUT":
             dp.admin_action(who, "rest", "tenants.set_defense_class", rest[1])
             doc = _json_body(await self._read_body(req, receive))
-            return 200, JSON_HEADERS, orjson.dumps(key_admin(dp.gate.authenticator).set_defense_class(rest[1], doc))
+            return 200, JSON_HEADERS, orjson.dumps(admin.set_defense_class(rest[1], doc))
         dp.require_admin(who, transport="rest", action="admin")
         allow: tuple[str, ...] = ()
         if rest == ["keys"]:
