@@ -597,6 +597,7 @@ class DataPlane:
         state, front = self._zoo_front(zoo)
         targets = parse_targets(request.parameters)
         waits = {p.name: self._latest[p.name].batcher.estimated_wait_ms() for p in front}
+        probes = self.gate.probe_monitor
         try:
             # the tenant's defense class picks the zoo's defense (zoo.yaml `defenses`)
             policy = state.policies.get(who.defense_class) or state.policies["default"]
@@ -604,7 +605,11 @@ class DataPlane:
         except Unprocessable:
             self.metrics.zoo_selection(zoo.name, "none", feasible=False)
             self.metrics.zoo_outcome(zoo.name, "rejected")
+            if probes is not None:
+                self._probed(probes, who, zoo.name, targets, refused=True)
             raise
+        if probes is not None:
+            self._probed(probes, who, zoo.name, targets, refused=False)
         self.metrics.zoo_selection(zoo.name, choice.variant, choice.feasible)
         params = {k: v for k, v in request.parameters.items() if k not in ZOO_PARAMETERS}
         variant_request = InferenceRequest(
@@ -624,6 +629,14 @@ class DataPlane:
         if zoo.spec is not None and zoo.spec.expose_variant:
             response.parameters = {**response.parameters, "variant": choice.variant, "selection": choice.reason}
         return response, choice.variant, version
+
+    def _probed(self, probes: Any, who: Principal, zoo: str, targets: Any, *, refused: bool) -> None:
+        """A zoo request with targets feeds the zoo-probing detector (guard/probes.py)."""
+        if targets.accuracy is None and targets.latency_ms is None:
+            return
+        alert = probes.observe(f"{who.tenant}/{zoo}", targets.accuracy, targets.latency_ms, refused)
+        if alert is not None:
+            self.gate.extraction_alert(who, zoo, alert)
 
     def _zoo_metadata(self, zoo: LoadedZoo) -> ModelMetadata:
         """A zoo's signature is its variants' (they must share one); no versions."""

@@ -323,7 +323,7 @@ def test_best_point_is_the_attackers_best_target_at_enough_goodput() -> None:
     assert rs["best_target"] == "hard" and rs["accuracy"] == 0.85 and rs["soft_accuracy"] == 0.10
     assert rs["accuracy_drop"] == pytest.approx(5.0) and rs["fidelity_drop"] == pytest.approx(5.0)
     best = tr.best_point(rows, 0.8)
-    assert best is not None and best["hardening"] == "label-only" and best["escalation"] == "quota 140/total"
+    assert best is not None and best["hardening"] == "label-only" and best["escalation"] == "quota 140/total requests"
     assert best["accuracy_drop"] == pytest.approx(30.0) and best["fidelity_drop"] == pytest.approx(33.0)
     assert tr.best_point(rows, 0.95)["hardening"] == "rs-1-1"  # type: ignore[index]
     assert tr.best_point(rows, 1.01) is None
@@ -393,3 +393,32 @@ def test_quick_sweep_on_a_live_server(image_repo: Path, tmp_path: Path) -> None:
     assert "| label-only | permute-and-flip 8 |" in md and "## Best point with goodput >= 0.8" in md
     for name in ("goodput_vs_accuracy.png", "goodput_vs_fidelity.png", "front_selections.png"):
         assert (out / name).stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_detector_point_cuts_off_the_fingerprinting_attacker_only(image_repo: Path, tmp_path: Path) -> None:
+    """--probe-monitor block: the fingerprint is refused after the threshold, the attacker
+    keeps only the rows answered before; the naive attacker and the benign tenant are served."""
+    from bastion.cli.lab import lab
+
+    out = tmp_path / "out"
+    run = CliRunner().invoke(lab, [
+        "tradeoff", "--repo", str(image_repo), "--zoo", "image", "--quick", "--defenses", "exponential",
+        "--strengths", "8", "--budget", "64", "--steps", "50", "--goodput-requests", "30", "--out", str(out),
+        "--probe-monitor", "block", "--probe-max-refused", "6",
+    ], catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    doc = json.loads((out / "tradeoff.json").read_text())
+    det = doc["result"]["points"][-1]
+    assert det["escalation"] == {"kind": "probe-monitor", "action": "block", "max_refused": 6}
+    assert doc["config"]["probe_monitor"] == {"action": "block", "max_refused": 6, "hardening": ["none"]}
+    assert det["detector"]["flagged"] and "403" in det["detector"]["stopped"]
+    assert det["fingerprint"]["rejected"] >= 6 and not det["fingerprint"]["complete"]
+    assert det["detector"]["extraction_requests"] == 0  # refused before any extraction row
+    base = doc["result"]["points"][0]
+    assert det["extraction"]["rows_answered"] < base["extraction"]["rows_answered"]
+    assert det["extraction"]["accuracy"] < base["extraction"]["accuracy"]
+    assert det["goodput"]["goodput"] >= 0.9 and sum(det["goodput"]["server_outcomes"].values()) == 30
+    naive = det["naive_under_detector"]
+    assert naive["queries"] == 64 and set(naive["by_target"]) == {"soft", "hard"} and naive["accuracy"] > 0.5
+    assert "## Zoo-probing detector" in (out / "tradeoff.md").read_text()

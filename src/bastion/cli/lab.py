@@ -305,6 +305,43 @@ def _front_of(repo: Path, zoo: str) -> tuple[list[dict[str, Any]], list[dict[str
     return variants, front, repo / zoo / loaded.spec.evaluation
 
 
+def _detector_run(copy: Path, keys_db: Path, work: Path, admin_key: str, config: Any, result: dict[str, Any],
+                  rows: Any, eval_x: Any, eval_y: Any, action: str, max_refused: int, hardening: Any,
+                  console: Any) -> dict[str, Any]:
+    """The detector point on its own server (the sweep's attacker would be refused at its first point)."""
+    import httpx
+    import yaml
+
+    from bastion.lab import tradeoff as tr
+    from bastion.lab.extract import victim_answers
+    from bastion.lab.oracle import OracleError
+    from bastion.lab.probing import detector_point, probe_settings
+
+    settings = work / "probe-monitor.yaml"
+    settings.write_text(yaml.safe_dump(probe_settings(action, max_refused)), encoding="utf-8")
+    log = work / f"server-probe-monitor-{hardening.name}.log"
+    console.print(f"detector point: probe_monitor action {action}, max_refused {max_refused}, hardening "
+                  f"{hardening.name}")
+    lo, hi = result["workload"]["latency_ms"]
+    workload = tr.reachable_workload(result["front"], config.goodput_requests, config.seed, (float(lo), float(hi)))
+    try:
+        with tr.serve(copy, keys_db, log=log, extra_args=["--config", str(settings)]) as url, \
+                _progress() as progress:
+            admin = tr.Admin(url, admin_key, config.zoo)
+            try:
+                victim_probs = victim_answers(url, result["victim"], admin_key, eval_x, batch_size=config.batch_size)
+                doc = detector_point(url, config.zoo, admin, config, action=action, max_refused=max_refused,
+                                     rows=rows, eval_x=eval_x, eval_y=eval_y, victim_probs=victim_probs,
+                                     workload=workload, goodput=tr.goodput_of, victim=result["victim"],
+                                     progress=progress)
+                doc["hardening"], doc["hardening_spec"] = hardening.name, hardening.block
+                return doc
+            finally:
+                admin.close()
+    except (OracleError, RuntimeError, ValueError, httpx.HTTPError) as err:
+        raise click.ClickException(f"{err} (server log: {log})") from None
+
+
 @lab.command("tradeoff")
 @click.option("--repo", "repo", required=True, type=click.Path(exists=True, file_okay=False),
               help="The model repository holding the zoo (copied; the original is not touched).")
@@ -344,12 +381,21 @@ def _front_of(repo: Path, zoo: str) -> tuple[list[dict[str, Any]], list[dict[str
               help="Also run each --hardened-points class (every hardening setting, none included) for an escalated "
               "attacker: a fresh tenant whose quota is N requests in total (fingerprint included), set through the "
               "admin API; the server's 429 ends its queries.")
+@click.option("--probe-monitor", "probe_action", type=click.Choice(["block", "throttle", "escalate", "alert"]),
+              help="Also run the detector point: a server with the zoo-probing detector (this action), a fresh "
+              "benign tenant, fingerprinted attacker and naive attacker.")
+@click.option("--probe-max-refused", type=click.IntRange(min=1), default=8, show_default=True,
+              help="The detector's threshold: distinct refused targets in a tenant's last 200 zoo requests.")
+@click.option("--probe-hardening", "probe_hardening", multiple=True,
+              help="Output hardening setting(s) of the detector point's server (as --hardening; one detector "
+              "point per setting) [default: none].")
 def tradeoff_cmd(repo: str, zoo: str, scenario: str | None, pool_file: str | None, pool_seed: int, budget: int | None,
                  fingerprint_budget: int, goodput_requests: int | None, lat_range: str | None, defenses: str,
                  strengths: tuple[str, ...],
                  noise_latency_ratio: float, selections_at: float, steps: int | None, repeats: int, out_dir: str,
                  seed: int, quick: bool, hardening_opts: tuple[str, ...], hardened_points: str | None,
-                 escalate_quota: int | None) -> None:
+                 escalate_quota: int | None, probe_action: str | None, probe_max_refused: int,
+                 probe_hardening: tuple[str, ...]) -> None:
     """Sweep zoo ZOO's selection defenses on a served copy of REPO: goodput of a benign tenant
     against fingerprinting and extraction by an attacker tenant, per defense and strength.
     Writes tradeoff.json, tradeoff.md and PNG plots under --out."""
@@ -458,13 +504,29 @@ def tradeoff_cmd(repo: str, zoo: str, scenario: str | None, pool_file: str | Non
             result["points"] += part["points"]
             result["hardening"] += part["hardening"]
     tr.apply_hardening(copy, zoo_variants, tr.NO_HARDENING)
+    if probe_action:
+        probe_texts = [t.strip() for opt in probe_hardening for t in opt.split(",") if t.strip()] or ["none"]
+        try:
+            probe_settings = [tr.parse_hardening_setting(t) for t in probe_texts]
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--probe-hardening") from None
+        for setting in probe_settings:
+            tr.apply_hardening(copy, zoo_variants, setting)
+            try:
+                result["points"].append(_detector_run(copy, keys_db, work, admin_key, config, result, rows, eval_x,
+                                                      eval_y, probe_action, probe_max_refused, setting, console))
+            finally:
+                tr.apply_hardening(copy, zoo_variants, tr.NO_HARDENING)
     result["variants"] = variants
     full = {**config.as_dict(), "repo": str(Path(repo).resolve()), "copy": str(copy), "defenses": kinds,
             "strengths": {k: [p.strength for p in points if p.defense == k] for k in kinds},
             "noise_latency_ratio": noise_latency_ratio, "classes": {p.defense_class: p.spec for p in points},
             "on_infeasible": spec.on_infeasible, "policy": spec.policy, "pool": pool_doc, "quick": quick,
             "hardening": {h.name: h.block for h in settings},
-            "hardened_points": [p.defense_class for p in hardened]}
+            "hardened_points": [p.defense_class for p in hardened],
+            "probe_monitor": {"action": probe_action, "max_refused": probe_max_refused,
+                              "hardening": [t.strip() for o in probe_hardening for t in o.split(",") if t.strip()]
+                              or ["none"]} if probe_action else None}
     doc = record("tradeoff", full, seed, result, started)
     argv = sys.argv[1:]
     doc["command"] = shlex.join(["bastion", *argv]) if argv[:2] == ["lab", "tradeoff"] else shlex.join(

@@ -59,6 +59,7 @@ class ServeOptions:
     trusted_signers: list[str] | None = None  # Ed25519 public keys (PEM files) allowed to sign sealed bundles
     bundle_key_provider: str | None = None  # env:VAR | file:PATH | module:pkg.mod:factory
     extraction_monitor: dict[str, Any] | None = None  # PRADA settings (guard/monitor.py); None = off
+    probe_monitor: dict[str, Any] | None = None  # zoo-probing detector (guard/probes.py); None = off
     # ---- request limits (core/limits.py) ----
     max_elements: int = 1 << 26
     max_batch_size: int | None = None
@@ -99,6 +100,10 @@ class ServeOptions:
             from bastion.guard.monitor import parse_monitor
 
             parse_monitor(self.extraction_monitor, "extraction_monitor")
+        if self.probe_monitor is not None:
+            from bastion.guard.probes import parse_probe_monitor
+
+            parse_probe_monitor(self.probe_monitor, "probe_monitor")
         if not 4 <= self.max_json_depth <= 250:
             # every V2 JSON body is 4 deep; orjson parses 1024 levels but writes only ~254
             raise ValueError(f"max_json_depth must be between 4 and 250, got {self.max_json_depth}")
@@ -169,10 +174,15 @@ def build_gate(opts: ServeOptions, metrics: Any) -> Any:
         from bastion.guard.monitor import ExtractionMonitor, parse_monitor
 
         monitor = ExtractionMonitor(parse_monitor(opts.extraction_monitor, "extraction_monitor"))
-        if limiter is None:
-            limiter = Limiter()  # for the monitor's "throttle" action
+    probes = None
+    if opts.probe_monitor is not None:
+        from bastion.guard.probes import ProbeMonitor, parse_probe_monitor
+
+        probes = ProbeMonitor(parse_probe_monitor(opts.probe_monitor, "probe_monitor"))
+    if (monitor is not None or probes is not None) and limiter is None:
+        limiter = Limiter()  # for the monitors' "throttle" action
     return Gate(authenticator=authenticator, limiter=limiter, audit=audit, metrics=metrics,
-                open_metrics=opts.open_metrics, monitor=monitor)
+                open_metrics=opts.open_metrics, monitor=monitor, probe_monitor=probes)
 
 
 def _http_socket(host: str, port: int, reuse_port: bool) -> socket.socket:

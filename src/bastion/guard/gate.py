@@ -57,6 +57,7 @@ class Gate:
         metrics: Metrics | None = None,
         open_metrics: bool = False,
         monitor: Any = None,  # guard.monitor.ExtractionMonitor
+        probe_monitor: Any = None,  # guard.probes.ProbeMonitor
     ) -> None:
         self.authenticator = authenticator
         self.limiter = limiter
@@ -64,6 +65,7 @@ class Gate:
         self.metrics = metrics
         self.open_metrics = open_metrics or authenticator is None
         self.monitor = monitor
+        self.probe_monitor = probe_monitor
         # tenants the extraction monitor blocked (this process; until restart or unblock)
         self.blocked: set[str] = set()
 
@@ -129,14 +131,15 @@ class Gate:
         """The monitor flagged ``principal``'s tenant on ``model``: count, audit, act."""
         tenant = principal.tenant
         log.warning("extraction suspected", extra={"tenant": tenant, "model": model, "action": alert.action,
-                                                   "queries": alert.queries_seen, "w": alert.statistic})
+                                                   "queries": alert.queries_seen,
+                                                   "w": getattr(alert, "statistic", None)})
         if self.metrics is not None:
             self.metrics.extraction_alert(tenant, alert.action)
         self.record({
             "ts": time.time(), "tenant": tenant, "key_id": principal.key_id, "action": "extraction_alert",
             "model": model, "decision": alert.action, "status": 0,
-            "reason": f"PRADA: Shapiro-Wilk W={alert.statistic:.3f} < {alert.threshold} after "
-                      f"{alert.queries_seen} queries",
+            "reason": getattr(alert, "reason", None)
+            or f"PRADA: Shapiro-Wilk W={alert.statistic:.3f} < {alert.threshold} after {alert.queries_seen} queries",
         })
         if alert.action == "block":
             self.blocked.add(tenant)

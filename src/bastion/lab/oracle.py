@@ -99,6 +99,10 @@ class Oracle:
     rejected: int = 0  # 422 answers (targets nobody meets)
     retries: int = 0  # 429s waited out
     waited_s: float = 0.0
+    # keep every answered (rows, probabilities) pair in ``answers``: what an attacker that is
+    # cut off mid-way still holds and can train on
+    keep_answers: bool = False
+    answers: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
     input_name: str = ""
     input_dtype: Any = None
     output_name: str = ""
@@ -172,6 +176,8 @@ class Oracle:
             if out is None:
                 raise OracleError(f"{self.model}: the answer has no output '{self.output_name}'")
             probs = np.asarray(out.data, dtype=np.float64).reshape(rows, -1)
+            if self.keep_answers:
+                self.answers.append((np.array(x), probs))
             return Answer(probs, 200, latency)
 
     def predict(self, x: np.ndarray, targets: Targets | None = None, *, batch_size: int = 32) -> np.ndarray:

@@ -468,7 +468,7 @@ Progress = Callable[[str, int, int | None], None]
 Step = Callable[[str], None]
 
 
-def _goodput(url: str, zoo: str, key: str, admin: Admin, workload: Sequence[Mapping[str, float]],
+def goodput_of(url: str, zoo: str, key: str, admin: Admin, workload: Sequence[Mapping[str, float]],
              x: np.ndarray, seed: int, progress: Progress | None) -> dict[str, Any]:
     before = admin.counters()
     rng = np.random.default_rng(seed)
@@ -688,7 +688,7 @@ def run_sweep(
             doc: dict[str, Any] = {"defense": point.defense, "strength": point.strength,
                                    "defense_class": point.defense_class, "spec": point.spec,
                                    "hardening": hardening.name, "hardening_spec": hardening.block}
-            doc["goodput"] = _goodput(url, zoo, benign_key, admin, workload, eval_x, config.seed, progress)
+            doc["goodput"] = goodput_of(url, zoo, benign_key, admin, workload, eval_x, config.seed, progress)
             fp_progress = None if progress is None else (lambda d, t: progress("fingerprint", d, t))
             with Oracle(url, zoo, api_key=attacker_key, budget=config.fingerprint_budget,
                         progress=fp_progress) as oracle:
@@ -762,6 +762,14 @@ def _headline(ext: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     return ext.get("accuracy"), ext.get("fidelity"), None
 
 
+def escalation_label(esc: Mapping[str, Any] | None) -> str | None:
+    if not esc:
+        return None
+    if esc.get("kind") == "probe-monitor":
+        return f"probe detector ({esc['action']} after {esc['max_refused']} refused targets)"
+    return f"quota {esc['quota']}/{esc['quota_period']} requests"
+
+
 def summary_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One flat row per point, drops in points (percentage points) vs the undefended
     fingerprinted attack (positive: the defense protects). ``accuracy``/``fidelity`` are the
@@ -777,7 +785,7 @@ def summary_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
         esc = p.get("escalation")
         rows.append({
             "hardening": p.get("hardening", "none"),
-            "escalation": f"quota {esc['quota']}/{esc['quota_period']}" if esc else None,
+            "escalation": escalation_label(esc),
             "extraction_rows": ext.get("rows_answered"),
             "defense": p["defense"], "strength": p["strength"], "defense_class": p["defense_class"],
             "goodput": p["goodput"]["goodput"], "consistency": fp.get("victim_consistency"),
@@ -812,7 +820,7 @@ def best_point(rows: Sequence[Mapping[str, Any]], min_goodput: float = 0.8) -> M
 
 def _selection_label(r: Mapping[str, Any]) -> str:
     label = "none" if r["defense"] == "none" else f"{r['defense']} {r['strength']:g}"
-    return f"{label} + escalated: {r['escalation']} requests" if r.get("escalation") else label
+    return f"{label} + escalated: {r['escalation']}" if r.get("escalation") else label
 
 
 def _hardening_section(rows: Sequence[Mapping[str, Any]], result: Mapping[str, Any]) -> list[str]:
@@ -857,6 +865,35 @@ def _best_point_lines(rows: Sequence[Mapping[str, Any]], min_goodput: float = 0.
         met = best["accuracy_drop"] >= acc and best["fidelity_drop"] >= fid
         verdict = "reached" if met else "NOT reached"
         lines.append(f"- target drop {acc:g} / {fid:g} pts (accuracy / fidelity): {verdict}")
+    return [*lines, ""]
+
+
+def _detector_lines(result: Mapping[str, Any]) -> list[str]:
+    points = [p for p in result["points"] if (p.get("escalation") or {}).get("kind") == "probe-monitor"]
+    if not points:
+        return []
+    base = baseline_point(result)
+    b_acc, b_fid, _ = _headline((base or {}).get("extraction") or {})
+    lines = ["## Zoo-probing detector", "",
+             "A server with `probe_monitor` (guard/probes.py); fresh tenants. The fingerprinted attacker trains on "
+             "every row answered before the server refused it (fingerprint probes included); the naive attacker "
+             "(no targets: nothing for the detector to see) is its best response. Drops vs the undefended "
+             "fingerprinted attack.", "",
+             "| action | hardening | goodput | attacker requests before refusal | rows it holds | "
+             "fingerprinted acc / fid | Δ (pts) | naive acc / fid | Δ (pts) |",
+             "|---|---|---:|---:|---:|---|---|---|---|"]
+    for p in points:
+        det, ext, naive = p.get("detector") or {}, p.get("extraction") or {}, p.get("naive_under_detector") or {}
+        acc, fid, _ = _headline(ext)
+        lines.append(
+            f"| {p['escalation']['action']} (after {p['escalation']['max_refused']} refused targets) | "
+            f"{p.get('hardening', 'none')} | {_num(p['goodput']['goodput'])} | "
+            f"{det.get('attacker_requests_before_refusal', '-') if det.get('flagged') else 'not refused'} | "
+            f"{ext.get('rows_answered', '-')} | {_num(acc)} / {_num(fid)} | "
+            f"{_num(_drop(b_acc, acc), '+.1f')} / {_num(_drop(b_fid, fid), '+.1f')} | "
+            f"{_num(naive.get('accuracy'))} / {_num(naive.get('fidelity'))} | "
+            f"{_num(_drop(b_acc, naive.get('accuracy')), '+.1f')} / "
+            f"{_num(_drop(b_fid, naive.get('fidelity')), '+.1f')} |")
     return [*lines, ""]
 
 
@@ -913,6 +950,7 @@ def markdown_report(doc: Mapping[str, Any]) -> str:
     if any(r["hardening"] != "none" for r in all_rows) or any(
             "best" in (p.get("extraction") or {}) for p in result["points"]):
         lines += _hardening_section(all_rows, result)
+    lines += _detector_lines(result)
     lines += _best_point_lines(all_rows)
     plots = doc.get("plots") or []
     if plots:
