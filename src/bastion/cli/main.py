@@ -565,6 +565,9 @@ def _add_guard_commands() -> None:
     from bastion.cli.lab import lab
 
     cli.add_command(lab)
+    from bastion.cli.bench import bench
+
+    cli.add_command(bench)
 
 
 _add_guard_commands()

@@ -1,0 +1,85 @@
+"""What every framework adapter of the benchmark suite provides.
+
+An adapter knows how to serve one ONNX model (a scenario's export) with its framework,
+inside the framework's own virtual environment, and how to speak that framework's
+natural HTTP protocol: the request body for a batch of rows, and how to read the
+model's first output back from the response (the suite checks it against ONNX Runtime
+in-process before it measures anything, so every framework is proven to serve the same
+model with the same answers).
+
+Adapters run in Bastion's process and only *write files and build command lines*; the
+framework's code runs in the child process, under the venv's interpreter. Nothing here
+imports a peer framework.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One scenario model as every framework serves it."""
+
+    scenario: str  # malware | crypto | image | sentiment
+    name: str  # the model's name in URLs (the zoo variant's name, e.g. "image_cnn")
+    onnx_path: Path  # absolute
+    input_name: str
+    datatype: str  # "FP32" or "BYTES" (then the rows are Python str)
+    row_shape: tuple[int, ...]  # one row, without the batch dimension; () for BYTES
+    output_name: str  # the output checked and returned (probabilities or forecast)
+    output_row_shape: tuple[int, ...]  # one row of that output
+
+
+@dataclass
+class Launch:
+    """How to start a prepared server and talk to it."""
+
+    argv: list[str]
+    port: int
+    ready_url: str  # GET answers 200 once the model can be called
+    infer_url: str  # POST the body from ``Framework.encode`` here
+    cwd: Path
+    env: dict[str, str] = field(default_factory=dict)  # added to a clean copy of os.environ
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    ready_timeout_s: float = 180.0
+    stop_argv: list[str] | None = None  # run before signalling (e.g. `torchserve --stop`)
+    notes: str = ""  # anything a reader of the results must know (worker counts, ...)
+
+
+class Framework(abc.ABC):
+    """A peer serving framework (or Bastion itself) as the suite drives it."""
+
+    name: str = ""
+    # The distribution whose version the report shows (``importlib.metadata`` name).
+    package: str = ""
+
+    @abc.abstractmethod
+    def requirements(self) -> list[str]:
+        """Exact pins for the framework's venv, installed in this order of groups:
+        a ``torch==`` pin (if any) is installed first, alone, so nothing pulls a CUDA build."""
+
+    def unavailable(self) -> str | None:
+        """Why this framework cannot run on this machine (missing Java, no wheel...), or None."""
+        return None
+
+    @abc.abstractmethod
+    def prepare(self, model: ModelSpec, workdir: Path, python: Path, port: int, workers: int) -> Launch:
+        """Write whatever the framework needs under ``workdir`` (empty, owned by the adapter)
+        and return how to start it. ``python`` is the venv's interpreter; ``workers`` the
+        number of serving processes the suite asks for (frameworks that cannot, say so in
+        ``Launch.notes``)."""
+
+    @abc.abstractmethod
+    def encode(self, model: ModelSpec, rows: np.ndarray) -> bytes:
+        """The request body for ``rows`` (shape ``(n, *row_shape)``; dtype float32, or
+        object holding str for BYTES), in the framework's usual JSON form."""
+
+    @abc.abstractmethod
+    def decode(self, model: ModelSpec, body: bytes) -> np.ndarray:
+        """``model.output_name`` from a response body, shape ``(n, *output_row_shape)``."""

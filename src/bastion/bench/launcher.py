@@ -1,0 +1,141 @@
+"""Start a prepared framework server, wait until it serves, prove it serves the model, stop it."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from bastion.bench.frameworks.base import Framework, Launch, ModelSpec
+from bastion.bench.models import reference_output
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_request(
+    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 10.0
+) -> tuple[int, bytes]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
+    try:
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@dataclass
+class Running:
+    launch: Launch
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    startup_s: float
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], launch: Launch, log_path: Path) -> float:
+    start = time.monotonic()
+    streak = 0
+    while time.monotonic() - start < launch.ready_timeout_s:
+        if proc.poll() is not None:
+            tail = log_path.read_text(encoding="utf-8", errors="replace")[-4000:]
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready:\n{tail}")
+        try:
+            ok = http_request("GET", launch.ready_url, timeout=2.0)[0] == 200
+        except OSError:
+            ok = False
+        # a few answers in a row: with several workers one may be ready before the rest
+        streak = streak + 1 if ok else 0
+        if streak >= 5:
+            return time.monotonic() - start
+        time.sleep(0.05 if ok else 0.25)
+    tail = log_path.read_text(encoding="utf-8", errors="replace")[-4000:]
+    raise TimeoutError(f"not ready after {launch.ready_timeout_s:.0f} s ({launch.ready_url}):\n{tail}")
+
+
+def _stop(proc: subprocess.Popen[bytes], launch: Launch) -> None:
+    if launch.stop_argv:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(
+                launch.stop_argv,
+                cwd=launch.cwd,
+                env=_env(launch),
+                timeout=60,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+    # children that outlived the leader (worker pools) are still in its process group
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _env(launch: Launch) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
+    env.update(launch.env)
+    return env
+
+
+@contextlib.contextmanager
+def serve(launch: Launch, log_path: Path) -> Iterator[Running]:
+    """Run ``launch`` in its own process group until the block ends (then stop every process of it)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            launch.argv,
+            cwd=launch.cwd,
+            env=_env(launch),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        startup = _wait_ready(proc, launch, log_path)
+        yield Running(launch, proc, log_path, startup)
+    finally:
+        _stop(proc, launch)
+
+
+def check_serves(framework: Framework, model: ModelSpec, launch: Launch, rows: np.ndarray, atol: float = 1e-4) -> None:
+    """POST ``rows`` and compare the answer with ONNX Runtime in-process; raise if they differ."""
+    headers = {"Content-Type": launch.content_type, **launch.headers}
+    status, body = http_request("POST", launch.infer_url, framework.encode(model, rows), headers, timeout=60)
+    if status != 200:
+        raise RuntimeError(f"{framework.name}: {launch.infer_url} answered {status}: {body[:500]!r}")
+    got = framework.decode(model, body)
+    want = reference_output(model, rows)
+    if got.shape != want.shape or not np.allclose(got, want, atol=atol, rtol=1e-4):
+        raise RuntimeError(
+            f"{framework.name} does not serve {model.name} as ONNX Runtime does: "
+            f"shape {got.shape} vs {want.shape}, max |diff| "
+            f"{float(np.max(np.abs(got - want))) if got.shape == want.shape else 'n/a'}"
+        )

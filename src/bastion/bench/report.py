@@ -1,0 +1,304 @@
+"""The study's report: Markdown tables per scenario, the targets judged, PNG charts.
+
+Everything is rendered from ``results.json`` (:class:`~bastion.bench.suite.StudyResults`),
+so a report can be rebuilt without measuring again (``bastion bench --report-only``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bastion.bench.results import BenchResult
+from bastion.bench.suite import StudyResults
+
+OURS = "bastion"
+# the in-process share the issue asks of Bastion at saturation for these scenarios
+LIMIT_SHARE_TARGET = 0.9
+LIMIT_SCENARIOS = ("image", "malware")
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def _by(results: Iterable[BenchResult], **match: object) -> list[BenchResult]:
+    out = []
+    for r in results:
+        if all((r.load.get(k) if k in ("payload", "connections") else getattr(r, k)) == v for k, v in match.items()):
+            out.append(r)
+    return out
+
+
+@dataclass
+class Verdict:
+    target: str
+    scenario: str
+    met: bool | None  # None: not measurable (Bastion or every peer missing)
+    detail: str
+
+
+def _usable(r: BenchResult) -> bool:
+    # a run where most requests failed says nothing about latency
+    return r.stats.ok > 0 and r.stats.error_rate <= 0.01
+
+
+def verdicts(study: StudyResults) -> list[Verdict]:
+    out: list[Verdict] = []
+    scenarios = list(dict.fromkeys(r.scenario for r in study.results))
+    for scenario in scenarios:
+        open_runs = _by(study.results, scenario=scenario, mode="open-loop")
+        for size in dict.fromkeys(r.load.get("payload") for r in open_runs):
+            runs = [r for r in open_runs if r.load.get("payload") == size]
+            out.append(_lowest(f"lowest p99 at {study.config.get('rate', 200):.0f} req/s, {size}", scenario, runs))
+        sat = _by(study.results, scenario=scenario, mode="saturation")
+        limit = next((lim for lim in study.limits if lim["scenario"] == scenario), None)
+        shares: list[tuple[int, float, str]] = []
+        for size in dict.fromkeys(r.load.get("payload") for r in sat):
+            best: dict[str, float] = {}
+            rows = 1
+            for r in sat:
+                if r.load.get("payload") == size and r.stats.ok:
+                    best[r.framework] = max(best.get(r.framework, 0.0), r.stats.throughput)
+                    rows = int(r.load.get("rows", 1))
+            out.append(_highest(f"highest saturation throughput, {size}", scenario, best))
+            if limit is not None and OURS in best:
+                ceiling = rows_ceiling(limit)
+                share = best[OURS] * rows / ceiling if ceiling else math.nan
+                shares.append((rows, share, f"{size}: {best[OURS] * rows:,.0f} of {ceiling:,.0f} rows/s = {share:.1%}"))
+        if scenario in LIMIT_SCENARIOS and shares:
+            # judged at the largest payload: with one row per request the HTTP exchange, not
+            # the model, is the work, and no server can approach a limit that has no exchange
+            rows, share, _ = max(shares)
+            detail = "; ".join(d for _, _, d in sorted(shares))
+            out.append(
+                Verdict(
+                    f">= {LIMIT_SHARE_TARGET:.0%} of the in-process limit",
+                    scenario,
+                    share >= LIMIT_SHARE_TARGET,
+                    detail,
+                )
+            )
+    return out
+
+
+def rows_ceiling(limit: dict[str, Any]) -> float:
+    """Rows/s the model alone answers on every core at its best batch size (a server may
+    batch requests together, so the best batch is the fair ceiling)."""
+    return float(limit["best"]["rows_per_s"]) * int(limit.get("cores", 2))
+
+
+def _lowest(target: str, scenario: str, runs: list[BenchResult]) -> Verdict:
+    ours = [r for r in runs if r.framework == OURS and _usable(r)]
+    peers = [r for r in runs if r.framework != OURS]
+    if not ours or not peers:
+        return Verdict(target, scenario, None, "Bastion or every peer missing")
+    mine = ours[0].stats.latency_ms.p99
+    rivals = [(r.stats.latency_ms.p99 if _usable(r) else math.inf, r.framework) for r in peers]
+    best_p99, best_name = min(rivals)
+    met = mine < best_p99
+    ratio = "inf" if math.isinf(best_p99) else f"{best_p99 / mine:.2f}x"
+    return Verdict(
+        target,
+        scenario,
+        met,
+        f"Bastion {mine:.2f} ms; best peer {best_name} "
+        f"{_f(best_p99 if not math.isinf(best_p99) else None)} ms ({ratio})",
+    )
+
+
+def _highest(target: str, scenario: str, best: dict[str, float]) -> Verdict:
+    if OURS not in best or len(best) < 2:
+        return Verdict(target, scenario, None, "Bastion or every peer missing")
+    name, value = max(((v, k) for k, v in best.items() if k != OURS))[::-1]
+    mine = best[OURS]
+    return Verdict(
+        target,
+        scenario,
+        mine > value,
+        f"Bastion {mine:,.0f} req/s; best peer {name} {value:,.0f} req/s ({mine / value:.2f}x)",
+    )
+
+
+def _open_table(runs: list[BenchResult]) -> list[str]:
+    cols = ("min", "p25", "p50", "p75", "p90", "p99", "max")
+    lines = [
+        "| framework | payload | rows | "
+        + " | ".join(f"{c} ms" for c in cols)
+        + " | ok/s | errors % | CPU µs/req | RSS MiB |",
+        "|---|---|---:|" + "---:|" * (len(cols) + 4),
+    ]
+    for r in runs:
+        lat = r.stats.latency_ms
+        cells = [
+            r.framework,
+            str(r.load.get("payload")),
+            str(r.load.get("rows")),
+            *(_f(lat.get(c)) for c in cols),
+            _f(r.stats.throughput, 1),
+            _f(100 * r.stats.error_rate, 1),
+            _f(r.cpu_us_per_request, 0),
+            _f(r.peak_rss_mib, 0),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _sat_table(runs: list[BenchResult]) -> list[str]:
+    lines = [
+        "| framework | payload | connections | req/s | rows/s | p50 ms | p99 ms | max ms | errors % | CPU µs/req "
+        "| server cores | RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        lat = r.stats.latency_ms
+        cells = [
+            r.framework,
+            str(r.load.get("payload")),
+            str(r.load.get("connections")),
+            _f(r.stats.throughput, 0),
+            _f(r.stats.throughput * int(r.load.get("rows", 1)), 0),
+            _f(lat.p50),
+            _f(lat.p99),
+            _f(lat.max),
+            _f(100 * r.stats.error_rate, 1),
+            _f(r.cpu_us_per_request, 0),
+            _f(r.server_cores),
+            _f(r.peak_rss_mib, 0),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(study: StudyResults) -> str:
+    cfg = study.config
+    m = study.machine
+    lines = [
+        "# Serving frameworks, side by side",
+        "",
+        f"Started {study.started} on {m.get('cpu', '?')} ({m.get('logical_cpus')} logical CPUs, "
+        f"{m.get('memory_gib')} GiB), {m.get('system')}, Python {m.get('python')}.",
+        "",
+        f"Command: `{cfg.get('command') or 'bastion bench'}`",
+        "",
+        f"Open loop: {cfg.get('rate'):.0f} req/s fixed-interval arrivals for {cfg.get('duration_s'):.0f} s after "
+        f"{cfg.get('warmup_s'):.0f} s of warm-up, latency from each request's scheduled time. Saturation: wrk, "
+        f"{', '.join(str(c) for c in cfg.get('connections', []))} connections, {cfg.get('saturation_s'):.0f} s, "
+        f"{', '.join(cfg.get('saturation_payloads', []))} payloads. Each server got {cfg.get('workers')} workers "
+        "(its own notion of them, below). Rows per payload: small 1, medium 4, large 16 (held-out rows of the "
+        "scenario).",
+        "",
+        "## Targets",
+        "",
+        "| scenario | target | met | figures |",
+        "|---|---|---|---|",
+    ]
+    for v in verdicts(study):
+        met = "n/a" if v.met is None else ("yes" if v.met else "**no**")
+        lines.append(f"| {v.scenario} | {v.target} | {met} | {v.detail} |")
+    lines += ["", "## Versions and settings", "", "| framework | versions | settings |", "|---|---|---|"]
+    for name, versions in study.versions.items():
+        vs = ", ".join(f"{k} {v}" for k, v in versions.items())
+        lines.append(f"| {name} | {vs} | {study.launches.get(name, '')} |")
+    if study.skipped:
+        lines += ["", "## Not measured", "", "| scenario | framework | why |", "|---|---|---|"]
+        for s in study.skipped:
+            lines.append(f"| {s.scenario} | {s.framework} | {s.reason.splitlines()[0][:300] if s.reason else ''} |")
+    scenarios = list(dict.fromkeys([*(lim["scenario"] for lim in study.limits), *(r.scenario for r in study.results)]))
+    for scenario in scenarios:
+        lines += ["", f"## {scenario}", ""]
+        limit = next((lim for lim in study.limits if lim["scenario"] == scenario), None)
+        if limit:
+            b1, best = limit["batch1"], limit["best"]
+            lines += [
+                f"Model `{limit['model']}`. In-process limit (ONNX Runtime, one thread, no server): batch 1 "
+                f"p50 {b1['p50_ms']:.3f} ms ({b1['rows_per_s']:,.0f} rows/s per core); best {best['rows_per_s']:,.0f} "
+                f"rows/s per core at batch {best['batch']} (x{limit['cores']} cores).",
+                "",
+            ]
+        runs = _by(study.results, scenario=scenario, mode="open-loop")
+        if runs:
+            lines += [f"Open loop, {cfg.get('rate'):.0f} req/s:", "", *_open_table(runs), ""]
+        sat = _by(study.results, scenario=scenario, mode="saturation")
+        if sat:
+            lines += ["Saturation:", "", *_sat_table(sat), ""]
+        lines += [f"![latency](charts/{scenario}-latency.png) ![throughput](charts/{scenario}-throughput.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def _throughput_of(runs: list[BenchResult], framework: str, point: tuple[str, int]) -> float:
+    for r in runs:
+        if r.framework == framework and (r.load.get("payload"), r.load.get("connections")) == point:
+            return r.stats.throughput
+    return 0.0
+
+
+def write_charts(study: StudyResults, folder: Path) -> list[Path]:
+    """Per scenario: latency distribution per framework and payload (min, p25-p75 box, p50,
+    p90, p99, max), and saturation throughput bars per framework and connections."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for scenario in dict.fromkeys(r.scenario for r in study.results):
+        runs = _by(study.results, scenario=scenario, mode="open-loop")
+        if runs:
+            fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(runs)), 4.0))
+            stats = []
+            for r in runs:
+                lat = r.stats.latency_ms
+                stats.append(
+                    {
+                        "label": f"{r.framework}\n{r.load.get('payload')}",
+                        "whislo": lat.min,
+                        "q1": lat.p25,
+                        "med": lat.p50,
+                        "q3": lat.p75,
+                        "whishi": lat.p99,
+                        "fliers": [lat.max],
+                    }
+                )
+            ax.bxp(stats, showfliers=True)
+            ax.set_yscale("log")
+            ax.set_ylabel("latency ms (box p25-p75, whiskers min-p99, dot max)")
+            ax.set_title(f"{scenario}: open loop {study.config.get('rate', 200):.0f} req/s")
+            ax.tick_params(axis="x", labelsize=7)
+            fig.tight_layout()
+            path = folder / f"{scenario}-latency.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+        sat = _by(study.results, scenario=scenario, mode="saturation")
+        if sat:
+            names = list(dict.fromkeys(r.framework for r in sat))
+            conns = sorted({(str(r.load.get("payload")), int(r.load.get("connections", 0))) for r in sat})
+            fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(names) * len(conns)), 4.0))
+            width = 0.8 / len(conns)
+            for k, c in enumerate(conns):
+                values = [_throughput_of(sat, n, c) for n in names]
+                ax.bar([i + k * width for i in range(len(names))], values, width, label=f"{c[0]}, {c[1]} conn")
+            ax.set_xticks([i + width * (len(conns) - 1) / 2 for i in range(len(names))], names, fontsize=8)
+            ax.set_ylabel("req/s (2xx)")
+            ax.set_title(f"{scenario}: saturation throughput")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = folder / f"{scenario}-throughput.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def write_report(study: StudyResults, out: Path) -> Path:
+    write_charts(study, out / "charts")
+    path = out / "report.md"
+    path.write_text(render(study), encoding="utf-8")
+    return path
