@@ -7,7 +7,8 @@ same machine, each loaded by the same load generator with the same request body:
 
 * **Bastion** — ``bastion serve REPO --grpc-port -1 --poll-interval 0 [--workers N]``;
 * **MLServer** — pinned, installed by this script into ``benchmarks/.venvs/mlserver``,
-  with a small custom runtime (``benchmarks/mlserver_runtime/``) running the same ONNX
+  with a small custom runtime (``bastion/bench/frameworks/peer_code/mlserver_onnx_runtime.py``,
+  the one ``bastion bench`` uses too) running the same ONNX
   file with the same ONNX Runtime threading;
 * **minimal** — ``benchmarks/minimal_app.py``: uvicorn + a bare ASGI callable that
   decodes V2 JSON, calls ``session.run`` inline and encodes V2 JSON. The floor.
@@ -65,7 +66,8 @@ BENCH_DIR = ROOT / "benchmarks"
 MLSERVER_VERSION = "1.7.1"  # latest on PyPI when this was written (`pip index versions mlserver`)
 MLSERVER_UVLOOP_PIN = "uvloop==0.21.0"
 MLSERVER_VENV = BENCH_DIR / ".venvs" / "mlserver"
-MLSERVER_RUNTIME_DIR = BENCH_DIR / "mlserver_runtime"
+# the same custom runtime `bastion bench` gives MLServer (one module for both benchmarks)
+MLSERVER_RUNTIME_DIR = BENCH_DIR.parent / "src" / "bastion" / "bench" / "frameworks" / "peer_code"
 RESULTS_DIR = BENCH_DIR / "results"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 MD_START = "<!-- serving-bench:start (written by benchmarks/serving_bench.py; edits inside are overwritten) -->"
@@ -489,7 +491,7 @@ def write_mlserver_settings(
     }
     model_settings = {
         "name": MODEL,
-        "implementation": "bench_onnx_runtime.OnnxRuntime",
+        "implementation": "mlserver_onnx_runtime.OnnxRuntime",
         "parameters": {"uri": str(model_file), "version": "1"},
     }
     (folder / "settings.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")

@@ -107,15 +107,16 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 
 from bastion.core.errors import InvalidInput
 
-__all__ = ["ACTIONS", "Alert", "ExtractionMonitor", "MonitorConfig", "parse_monitor"]
+__all__ = ["ACTIONS", "Alert", "ExtractionMonitor", "MonitorConfig", "parse_block", "parse_monitor"]
 
 ACTIONS = ("alert", "throttle", "block", "escalate")
+_C = TypeVar("_C")
 # scipy's Shapiro-Wilk p-values are exact up to 5000 samples and it warns beyond
 _MAX_WINDOW = 5000
 _RECENT = 1024  # distinct queries per tenant remembered to recognise retries
@@ -170,7 +171,14 @@ def _is_number(value: Any) -> bool:
 
 def parse_monitor(mapping: Any, where: str) -> MonitorConfig:
     """Validate a parsed YAML/JSON ``extraction_monitor`` block strictly; messages name the field."""
-    keys = tuple(f.name for f in fields(MonitorConfig))
+    return parse_block(MonitorConfig, mapping, where)
+
+
+def parse_block(config: type[_C], mapping: Any, where: str) -> _C:
+    """A settings dataclass from a parsed YAML/JSON block, strictly: unknown keys (with a
+    did-you-mean), wrong types and ranges are ``InvalidInput`` naming ``where.field``. The
+    dataclass's ``__post_init__`` raises ``ValueError("field: message")``."""
+    keys = tuple(f.name for f in fields(config))  # type: ignore[arg-type]
     if not isinstance(mapping, Mapping):
         shown = f"{type(mapping).__name__} {mapping!r}" if mapping is not None else "nothing"
         _fail(where, "", f"expected a mapping of {', '.join(keys)}, got {shown}")
@@ -180,7 +188,7 @@ def parse_monitor(mapping: Any, where: str) -> MonitorConfig:
             hint = f"did you mean {close[0]!r}? " if close else ""
             _fail(where, str(key), f"unknown key; {hint}expected one of {', '.join(keys)}")
     try:
-        return MonitorConfig(**dict(mapping))
+        return config(**dict(mapping))
     except ValueError as exc:
         # __post_init__ messages start with the field name
         field, _, message = str(exc).partition(": ")

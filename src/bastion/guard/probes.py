@@ -40,14 +40,11 @@ Configured as::
 
 from __future__ import annotations
 
-import difflib
 from collections import Counter, OrderedDict, deque
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any, NoReturn
+from dataclasses import dataclass
+from typing import Any
 
-from bastion.core.errors import InvalidInput
-from bastion.guard.monitor import ACTIONS
+from bastion.guard.monitor import ACTIONS, parse_block
 
 __all__ = ["ProbeAlert", "ProbeConfig", "ProbeMonitor", "parse_probe_monitor"]
 
@@ -75,23 +72,7 @@ class ProbeConfig:
 
 def parse_probe_monitor(mapping: Any, where: str) -> ProbeConfig:
     """Validate a parsed ``probe_monitor`` block strictly; messages name the field."""
-    keys = tuple(f.name for f in fields(ProbeConfig))
-    if not isinstance(mapping, Mapping):
-        _fail(where, "", f"expected a mapping of {', '.join(keys)}, got {type(mapping).__name__}")
-    for key in mapping:
-        if key not in keys:
-            close = difflib.get_close_matches(str(key), keys, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            _fail(where, str(key), f"unknown key; {hint}expected one of {', '.join(keys)}")
-    try:
-        return ProbeConfig(**dict(mapping))
-    except ValueError as exc:
-        field, _, message = str(exc).partition(": ")
-        _fail(where, field, message)
-
-
-def _fail(where: str, key: str, message: str) -> NoReturn:
-    raise InvalidInput(f"{where}.{key}: {message}" if key else f"{where}: {message}")
+    return parse_block(ProbeConfig, mapping, where)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,8 @@ imports a peer framework.
 from __future__ import annotations
 
 import abc
+import importlib.metadata
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,3 +85,30 @@ class Framework(abc.ABC):
     @abc.abstractmethod
     def decode(self, model: ModelSpec, body: bytes) -> np.ndarray:
         """``model.output_name`` from a response body, shape ``(n, *output_row_shape)``."""
+
+
+def rows_json(model: ModelSpec, rows: np.ndarray) -> list:
+    """Rows as nested JSON lists (strings for a text model), as every JSON API takes them."""
+    if model.datatype == "BYTES":
+        return [str(t) for t in rows]
+    return np.asarray(rows, dtype=np.float32).tolist()
+
+
+def spec_json(model: ModelSpec, **extra: object) -> str:
+    """The model as the server-side code reads it from a JSON file (it cannot import Bastion)."""
+    doc: dict[str, object] = {
+        "name": model.name,
+        "onnx_path": str(model.onnx_path),
+        "input_name": model.input_name,
+        "datatype": model.datatype,
+        "row_shape": list(model.row_shape),
+        "output_name": model.output_name,
+        **extra,
+    }
+    return json.dumps(doc, indent=2)
+
+
+def pin_as_here(distribution: str) -> str:
+    """``distribution`` pinned at the version in Bastion's own venv (ONNX Runtime: every
+    server runs the same kernels; uvloop/httptools: the same HTTP stack)."""
+    return f"{distribution}=={importlib.metadata.version(distribution)}"

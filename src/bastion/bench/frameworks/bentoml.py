@@ -25,7 +25,6 @@ peers.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from bastion.bench.frameworks.base import Framework, Launch, ModelSpec
+from bastion.bench.frameworks.base import Framework, Launch, ModelSpec, pin_as_here
 
 # The latest BentoML that installs from PyPI here: 1.4.40 needs a certifi release that
 # the index does not have (yet).
@@ -43,9 +42,6 @@ SERVICE_FILE = "bentoml_service.py"
 PEER_CODE = Path(__file__).resolve().parent / "peer_code"
 
 
-def _pin(distribution: str) -> str:
-    """``distribution`` at the version in Bastion's own venv."""
-    return f"{distribution}=={importlib.metadata.version(distribution)}"
 
 
 class BentoMLFramework(Framework):
@@ -54,7 +50,7 @@ class BentoMLFramework(Framework):
 
     def requirements(self) -> list[str]:
         # onnxruntime: every server runs the same kernels. uvloop, httptools: see the module doc.
-        return [f"bentoml=={BENTOML_VERSION}", _pin("onnxruntime"), _pin("uvloop"), _pin("httptools")]
+        return [f"bentoml=={BENTOML_VERSION}", *map(pin_as_here, ("onnxruntime", "uvloop", "httptools"))]
 
     def spec(self, model: ModelSpec, workers: int) -> dict[str, object]:
         """``bench_model.json``, read by the service when BentoML imports it."""

@@ -7,40 +7,21 @@ request body is whatever the ``LitAPI`` decodes; ours follows its docs' examples
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import orjson
 
-from bastion.bench.frameworks.base import Framework, Launch, ModelSpec
+from bastion.bench.frameworks.base import Framework, Launch, ModelSpec, rows_json, spec_json
 
 PEER_CODE = Path(__file__).with_name("peer_code")
 SERVER_FILE = "litserve_server.py"
 SPEC_FILE = "bench_model.json"
 
 
-def spec_json(model: ModelSpec) -> str:
-    """What the server needs to know about the model (it cannot import Bastion)."""
-    return json.dumps(
-        {
-            "name": model.name,
-            "onnx_path": str(model.onnx_path),
-            "input_name": model.input_name,
-            "datatype": model.datatype,
-            "row_shape": list(model.row_shape),
-            "output_name": model.output_name,
-        },
-        indent=2,
-    )
 
 
-def rows_json(model: ModelSpec, rows: np.ndarray) -> list:
-    """Rows as nested JSON lists (strings for a text model)."""
-    if model.datatype == "BYTES":
-        return [str(t) for t in rows]
-    return np.asarray(rows, dtype=np.float32).tolist()
 
 
 class LitServe(Framework):

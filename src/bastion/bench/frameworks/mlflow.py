@@ -26,7 +26,6 @@ each keep-alive request waits ~40 ms on a delayed ACK (measured here: p50 43 ms 
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from bastion.bench.frameworks.base import Framework, Launch, ModelSpec
+from bastion.bench.frameworks.base import Framework, Launch, ModelSpec, pin_as_here
 
 # The latest MLflow that installs from PyPI here: 3.18.0 is listed, but the mlflow-skinny
 # 3.18.0 it pins is not (yet), so pip cannot install it.
@@ -48,9 +47,6 @@ SAVE_TIMEOUT_S = 600
 QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 
-def _pin(distribution: str) -> str:
-    """``distribution`` at Bastion's own version (ONNX Runtime: every server runs the same kernels)."""
-    return f"{distribution}=={importlib.metadata.version(distribution)}"
 
 
 def _child_env(extra: dict[str, str]) -> dict[str, str]:
@@ -71,7 +67,7 @@ class MLflowFramework(Framework):
     def requirements(self) -> list[str]:
         # onnx: mlflow.onnx.save_model writes the model with it. uvloop, httptools: see the
         # module doc (uvicorn's standard speed-ups, as Bastion's uvicorn has them).
-        return [f"mlflow=={MLFLOW_VERSION}", _pin("onnx"), _pin("onnxruntime"), _pin("uvloop"), _pin("httptools")]
+        return [f"mlflow=={MLFLOW_VERSION}", *map(pin_as_here, ("onnx", "onnxruntime", "uvloop", "httptools"))]
 
     def spec(self, model: ModelSpec) -> dict[str, object]:
         """``bench_model.json``: what the save script needs to know about the model."""

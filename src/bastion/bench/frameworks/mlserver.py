@@ -18,14 +18,13 @@ for the other uvicorn-based peers, so none is measured on uvicorn's slower fallb
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from bastion.bench.frameworks.base import Framework, Launch, ModelSpec
+from bastion.bench.frameworks.base import Framework, Launch, ModelSpec, pin_as_here
 from bastion.bench.frameworks.v2json import decode_v2, encode_v2
 
 MLSERVER_VERSION = "1.7.1"  # the latest on PyPI
@@ -36,9 +35,6 @@ RUNTIME_MODULE = "mlserver_onnx_runtime"
 PEER_CODE = Path(__file__).resolve().parent / "peer_code"
 
 
-def _pin(distribution: str) -> str:
-    """``distribution`` at the version in Bastion's own venv."""
-    return f"{distribution}=={importlib.metadata.version(distribution)}"
 
 
 def _free_port() -> int:
@@ -54,7 +50,7 @@ class MLServerFramework(Framework):
     def requirements(self) -> list[str]:
         # onnxruntime: every server runs the same kernels. httptools: uvicorn's fast HTTP
         # parser, which Bastion's uvicorn has too (MLServer already brings uvloop).
-        return [f"mlserver=={MLSERVER_VERSION}", UVLOOP_PIN, _pin("httptools"), _pin("onnxruntime")]
+        return [f"mlserver=={MLSERVER_VERSION}", UVLOOP_PIN, pin_as_here("httptools"), pin_as_here("onnxruntime")]
 
     def settings(self, workdir: Path, port: int, workers: int) -> dict[str, object]:
         """MLServer's ``settings.json``."""

@@ -9,7 +9,6 @@ own JSON: ``{"instances": rows}`` in, ``{"predictions": rows}`` out.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import uuid
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from bastion.bench.frameworks.base import Framework, Launch, ModelSpec
+from bastion.bench.frameworks.base import Framework, Launch, ModelSpec, rows_json, spec_json
 
 PEER_CODE = Path(__file__).with_name("peer_code")
 APP_FILE = "rayserve_app.py"
@@ -30,19 +29,6 @@ SPEC_FILE = "bench_model.json"
 MAX_TEMP_DIR_LEN = 40
 
 
-def spec_json(model: ModelSpec) -> str:
-    """What the server needs to know about the model (it cannot import Bastion)."""
-    return json.dumps(
-        {
-            "name": model.name,
-            "onnx_path": str(model.onnx_path),
-            "input_name": model.input_name,
-            "datatype": model.datatype,
-            "row_shape": list(model.row_shape),
-            "output_name": model.output_name,
-        },
-        indent=2,
-    )
 
 
 def ray_temp_dir(workdir: Path) -> Path:
@@ -113,11 +99,7 @@ class RayServe(Framework):
         )
 
     def encode(self, model: ModelSpec, rows: np.ndarray) -> bytes:
-        if model.datatype == "BYTES":
-            instances: list = [str(t) for t in rows]
-        else:
-            instances = np.asarray(rows, dtype=np.float32).tolist()
-        return orjson.dumps({"instances": instances})
+        return orjson.dumps({"instances": rows_json(model, rows)})
 
     def decode(self, model: ModelSpec, body: bytes) -> np.ndarray:
         out = orjson.loads(body)["predictions"]

@@ -17,7 +17,6 @@ sockets only ever concern this run's server.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from bastion.bench.frameworks.base import Framework, Launch, ModelSpec
+from bastion.bench.frameworks.base import Framework, Launch, ModelSpec, rows_json, spec_json
 from bastion.bench.launcher import free_port
 
 PEER_CODE = Path(__file__).with_name("peer_code")
@@ -37,18 +36,6 @@ MODEL_STORE = "model-store"
 ARCHIVE_TIMEOUT_S = 300
 
 
-def spec_json(model: ModelSpec) -> str:
-    """What the handler needs to know about the model (it cannot import Bastion)."""
-    return json.dumps(
-        {
-            "name": model.name,
-            "input_name": model.input_name,
-            "datatype": model.datatype,
-            "row_shape": list(model.row_shape),
-            "output_name": model.output_name,
-        },
-        indent=2,
-    )
 
 
 def config_properties(
@@ -183,11 +170,7 @@ class TorchServe(Framework):
         )
 
     def encode(self, model: ModelSpec, rows: np.ndarray) -> bytes:
-        if model.datatype == "BYTES":
-            data: list = [str(t) for t in rows]
-        else:
-            data = np.asarray(rows, dtype=np.float32).tolist()
-        return orjson.dumps({"data": data})
+        return orjson.dumps({"data": rows_json(model, rows)})
 
     def decode(self, model: ModelSpec, body: bytes) -> np.ndarray:
         return np.asarray(orjson.loads(body), dtype=np.float32).reshape((-1, *model.output_row_shape))

@@ -18,9 +18,8 @@ The outputs are those the request names (V2 ``outputs``), or all of the model's.
 This module is imported by MLServer inside its own virtual environment, never by
 Bastion's; the adapter (``bastion.bench.frameworks.mlserver``) copies it into the served
 folder, puts that folder on ``PYTHONPATH`` and writes ``model-settings.json`` with
-``"implementation": "mlserver_onnx_runtime.OnnxRuntime"``. (A copy of the example in
-``benchmarks/mlserver_runtime/bench_onnx_runtime.py``, with BYTES inputs and requested
-outputs added.)
+``"implementation": "mlserver_onnx_runtime.OnnxRuntime"``. ``benchmarks/serving_bench.py``
+loads the same module from this folder.
 """
 
 from __future__ import annotations
