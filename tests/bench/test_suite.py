@@ -233,3 +233,23 @@ def test_bench_cli_runs_bastion_end_to_end(tmp_path: Path) -> None:
     assert "## image" in report and "bastion" in report
     assert (tmp_path / "out" / "charts" / "image-latency.png").stat().st_size > 5000
     assert (tmp_path / "out" / "charts" / "image-throughput.png").stat().st_size > 5000
+
+
+def test_resume_keeps_complete_cells_and_refuses_another_load(tmp_path: Path) -> None:
+    from bastion.bench.suite import SuiteConfig, _resumable
+
+    config = SuiteConfig(out=tmp_path, cache=tmp_path, payloads=("small",), connections=(16,),
+                         saturation_payloads=("small",))
+    complete = [_result("bastion", "open-loop", 2.0, 2000), _result("bastion", "saturation", 5.0, 9000)]
+    partial = [_result("triton", "open-loop", 2.0, 2000)]  # its saturation run never happened
+    study = _study([*complete, *partial])
+    study.config = config.to_dict()
+    kept = _resumable(study, config)
+    assert [(r.framework, r.mode) for r in kept.results] == [("bastion", "open-loop"), ("bastion", "saturation")]
+    assert kept.config["resumed"] is True
+    other = SuiteConfig(out=tmp_path, cache=tmp_path, payloads=("small",), connections=(16,),
+                        saturation_payloads=("small",), duration_s=5.0)
+    earlier = _study(complete)
+    earlier.config = config.to_dict()
+    with pytest.raises(ValueError, match="cannot resume: duration_s differ"):
+        _resumable(earlier, other)

@@ -299,10 +299,57 @@ def run_cell(
                 )
 
 
-def run_study(config: SuiteConfig, say: Say = print) -> StudyResults:
+# what must match for a resumed study's earlier results to be comparable with the new ones
+LOAD_KEYS = (
+    "rate",
+    "duration_s",
+    "warmup_s",
+    "connections",
+    "saturation_s",
+    "saturation_payloads",
+    "payloads",
+    "workers",
+    "seed",
+)
+
+
+def _resumable(previous: StudyResults, config: SuiteConfig) -> StudyResults:
+    """The earlier study with only its complete cells (scenario x framework), or an error
+    when its load differs from ``config``'s (figures of two loads cannot share a table)."""
+    now = config.to_dict()
+    differ = [k for k in LOAD_KEYS if _norm(previous.config.get(k)) != _norm(now.get(k))]
+    if differ:
+        raise ValueError(
+            f"cannot resume: {', '.join(differ)} differ from the results in {config.out} "
+            f"(choose another --out, or the same load)"
+        )
+    expected = len(config.payloads) + len(config.saturation_payloads) * len(config.connections)
+    counts: dict[tuple[str, str], int] = {}
+    for r in previous.results:
+        counts[(r.scenario, r.framework)] = counts.get((r.scenario, r.framework), 0) + 1
+    complete = {cell for cell, n in counts.items() if n == expected}
+    previous.results = [r for r in previous.results if (r.scenario, r.framework) in complete]
+    # a cell that failed is tried again; an unavailable framework is asked again
+    previous.skipped = []
+    previous.config = {**now, "resumed": True}
+    return previous
+
+
+def _norm(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def run_study(config: SuiteConfig, say: Say = print, *, resume: bool = False) -> StudyResults:
+    """Run every scenario x framework of ``config``. ``resume``: keep the complete cells of
+    ``out/results.json`` (same load) and run only the others: the full study takes hours,
+    and may be spread over several sittings."""
     config.out.mkdir(parents=True, exist_ok=True)
     path = config.out / "results.json"
     study = StudyResults(config=config.to_dict())
+    if resume and path.exists():
+        study = _resumable(StudyResults.load(path), config)
+    done = {(r.scenario, r.framework) for r in study.results}
+    measured = {str(lim["scenario"]) for lim in study.limits}
 
     def save() -> None:
         study.save(path)
@@ -318,18 +365,23 @@ def run_study(config: SuiteConfig, say: Say = print) -> StudyResults:
             adapters.append(fw)
     save()
     for scenario in config.scenarios:
+        todo = [fw for fw in adapters if (scenario, fw.name) not in done]
+        if not todo:
+            say(f"{scenario}: every framework already measured")
+            continue
         repo = build_scenario(config.cache / "scenarios", scenario, say=say)
         model = model_spec(repo, scenario)
         rows = eval_rows(repo, model)
-        say(f"{scenario}: {model.name}; in-process limit ...")
-        limit = _limit(model, rows, config)
-        study.limits.append(limit.to_dict())
-        save()
-        say(
-            f"  batch 1: {limit.batch1.p50_ms:.3f} ms; best: {limit.best.rows_per_s:,.0f} rows/s at batch "
-            f"{limit.best.batch} (x{limit.cores} cores)"
-        )
-        for fw in adapters:
+        if scenario not in measured:
+            say(f"{scenario}: {model.name}; in-process limit ...")
+            limit = _limit(model, rows, config)
+            study.limits.append(limit.to_dict())
+            save()
+            say(
+                f"  batch 1: {limit.batch1.p50_ms:.3f} ms; best: {limit.best.rows_per_s:,.0f} rows/s at batch "
+                f"{limit.best.batch} (x{limit.cores} cores)"
+            )
+        for fw in todo:
             started = time.monotonic()
             try:
                 run_cell(fw, model, rows, config, study, save, say)

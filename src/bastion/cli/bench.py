@@ -53,6 +53,12 @@ def _split(value: str | None, allowed: tuple[str, ...], what: str) -> tuple[str,
     help="Scenario builds and the frameworks' venvs (reused).",
 )
 @click.option("--report-only", is_flag=True, help="Re-render report.md and charts from OUT/results.json.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Keep the complete scenario x framework cells of OUT/results.json "
+    "(same load settings) and run only the rest: the full study may be spread over several sittings.",
+)
 def bench(
     run_all: bool,
     quick: bool,
@@ -67,6 +73,7 @@ def bench(
     out: Path,
     cache: Path,
     report_only: bool,
+    resume: bool,
 ) -> None:
     """Serve each scenario's model with Bastion and each peer framework (each in its own
     venv, installed with pinned versions), drive open-loop and saturation load, and write
@@ -98,5 +105,8 @@ def bench(
             config.connections = tuple(int(c) for c in connections.split(","))
         except ValueError as exc:
             raise click.BadParameter(f"--connections: {exc}") from None
-    study = run_study(config, say=lambda line: click.echo(line, err=True))
+    try:
+        study = run_study(config, say=lambda line: click.echo(line, err=True), resume=resume)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
     click.echo(f"wrote {out / 'results.json'} and {write_report(study, out)}")
