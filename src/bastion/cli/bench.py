@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -105,6 +106,9 @@ def bench(
             config.connections = tuple(int(c) for c in connections.split(","))
         except ValueError as exc:
             raise click.BadParameter(f"--connections: {exc}") from None
+    # a study is long: on SIGTERM, unwind (SystemExit) so the running server's group is stopped
+    # and results.json keeps every finished run
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         study = run_study(config, say=lambda line: click.echo(line, err=True), resume=resume)
     except ValueError as err:
