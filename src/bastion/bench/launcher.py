@@ -98,10 +98,16 @@ def _stop(proc: subprocess.Popen[bytes], launch: Launch) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _env(launch: Launch) -> dict[str, str]:
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment without its own venv's marks, plus ``extra``: what a
+    server (or a helper run in a peer's venv) starts with."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
-    env.update(launch.env)
+    env.update(extra)
     return env
+
+
+def _env(launch: Launch) -> dict[str, str]:
+    return child_env(launch.env)
 
 
 @contextlib.contextmanager

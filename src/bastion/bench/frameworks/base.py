@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import importlib.metadata
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,3 +113,9 @@ def pin_as_here(distribution: str) -> str:
     """``distribution`` pinned at the version in Bastion's own venv (ONNX Runtime: every
     server runs the same kernels; uvloop/httptools: the same HTTP stack)."""
     return f"{distribution}=={importlib.metadata.version(distribution)}"
+
+
+def venv_env(python: Path) -> dict[str, str]:
+    """What an activated venv gives a server: its ``bin`` first on ``PATH`` (servers that
+    start tools by name, like ``uvicorn``), and unbuffered output for the log."""
+    return {"PYTHONUNBUFFERED": "1", "PATH": os.pathsep.join([str(python.parent), os.environ.get("PATH", os.defpath)])}

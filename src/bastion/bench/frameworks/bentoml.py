@@ -26,14 +26,13 @@ peers.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import orjson
 
-from bastion.bench.frameworks.base import Framework, Launch, ModelSpec, pin_as_here
+from bastion.bench.frameworks.base import Framework, Launch, ModelSpec, pin_as_here, venv_env
 
 # The latest BentoML that installs from PyPI here: 1.4.40 needs a certifi release that
 # the index does not have (yet).
@@ -92,9 +91,7 @@ class BentoMLFramework(Framework):
             env={
                 "BENTOML_HOME": str(workdir / ".bentoml"),  # its store and config, not ~/bentoml
                 "BENTOML_DO_NOT_TRACK": "true",  # no usage reporting (this machine reaches no one)
-                "PYTHONUNBUFFERED": "1",
-                # as in an activated venv, should BentoML start a tool by name
-                "PATH": os.pathsep.join([str(python.parent), os.environ.get("PATH", os.defpath)]),
+                **venv_env(python),
             },
             notes=f"workers={workers} (BentoML worker processes, 1 thread each, its default), "
             "synchronous @bentoml.api, ONNX Runtime 1 intra-op / 1 inter-op thread, uvloop + httptools "

@@ -27,7 +27,6 @@ each keep-alive request waits ~40 ms on a delayed ACK (measured here: p50 43 ms 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -35,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from bastion.bench.frameworks.base import Framework, Launch, ModelSpec, pin_as_here
+from bastion.bench.frameworks.base import Framework, Launch, ModelSpec, pin_as_here, venv_env
+from bastion.bench.launcher import child_env
 
 # The latest MLflow that installs from PyPI here: 3.18.0 is listed, but the mlflow-skinny
 # 3.18.0 it pins is not (yet), so pip cannot install it.
@@ -47,17 +47,6 @@ SAVE_TIMEOUT_S = 600
 QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 
-
-
-def _child_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
-    env.update(extra)
-    return env
-
-
-def _venv_path(python: Path) -> str:
-    """``PATH`` with the venv's ``bin`` first."""
-    return os.pathsep.join([str(python.parent), os.environ.get("PATH", os.defpath)])
 
 
 class MLflowFramework(Framework):
@@ -90,7 +79,7 @@ class MLflowFramework(Framework):
         done = subprocess.run(
             [str(python), SAVE_SCRIPT, str(spec_path), str(out)],
             cwd=workdir,
-            env=_child_env(QUIET_ENV),
+            env=child_env(QUIET_ENV),
             capture_output=True,
             text=True,
             timeout=SAVE_TIMEOUT_S,
@@ -132,9 +121,7 @@ class MLflowFramework(Framework):
             cwd=workdir,
             env={
                 **QUIET_ENV,
-                "PYTHONUNBUFFERED": "1",
-                # as in an activated venv: mlflow execs `uvicorn` by name
-                "PATH": _venv_path(python),
+                **venv_env(python),  # mlflow execs `uvicorn` by name
                 # uvicorn reads its options from UVICORN_* too: no access log, as Bastion runs
                 "UVICORN_ACCESS_LOG": "false",
             },
