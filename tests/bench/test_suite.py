@@ -160,12 +160,78 @@ def test_verdicts_judge_bastion_against_the_best_usable_peer() -> None:
     assert found[("highest saturation throughput, small", "image")].met is True
     large = found[("highest saturation throughput, large", "image")]
     assert large.met is False and "triton 700 req/s (0.86x)" in large.detail
-    share = found[(">= 90% of the in-process limit", "image")]
+    share = found[(">= 90% of the in-process limit (JSON, the study's payloads)", "image")]
     # judged at the largest payload: 600 req/s x 16 rows of 100,000 rows/s
-    assert share.met is False and "large: 9,600 of 100,000 rows/s = 9.6%" in share.detail
+    assert share.met is False and "JSON large: 9,600 of 100,000 rows/s = 9.6%" in share.detail
+    assert "JSON small: 6,000 of 100,000" in share.detail
+    # no limit probe in this study: no binary verdict
+    assert not [t for t, _ in found if "binary" in t]
     md = render(study)
     assert "| image | lowest p99 at 200 req/s, small | yes |" in md
     assert "| image | highest saturation throughput, large | **no** |" in md
+
+
+def _probe(rows: int, ok: int, connections: int = 16, errors: int = 0) -> BenchResult:
+    result = _result("bastion", "saturation", 3.0, ok, errors=errors, connections=connections)
+    result.mode = "limit-probe"
+    result.load = {"payload": f"binary-{rows}", "rows": rows, "connections": connections, "encoding": "binary"}
+    return result
+
+
+def test_limit_probe_is_judged_on_its_own_row_by_its_best_run() -> None:
+    study = _study([
+        _result("bastion", "saturation", 9.0, 6000, payload_size="large"),
+        _result("triton", "saturation", 9.0, 5000, payload_size="large"),
+        _probe(16, 5000), _probe(16, 5500, connections=64),  # 550 req/s x 16 = 8,800 rows/s
+        _probe(64, 1500),  # 150 req/s x 64 = 9,600 rows/s
+        _probe(64, 9000, errors=1000),  # a run with 10 % errors is not a throughput
+    ])
+    study.limits[0]["best"]["rows_per_s"] = 5000.0  # x 2 cores: a ceiling of 10,000 rows/s
+    found = {v.target: v for v in verdicts(study)}
+    binary = found[">= 90% of the in-process limit (binary tensors, Bastion alone)"]
+    assert binary.met is True
+    assert binary.detail == (
+        "binary 16 rows: 8,800 of 10,000 rows/s = 88.0%; binary 64 rows: 9,600 of 10,000 rows/s = 96.0%"
+    )
+    json_row = found[">= 90% of the in-process limit (JSON, the study's payloads)"]
+    assert json_row.met is True and "JSON large: 9,600" in json_row.detail
+    # the probe is Bastion alone: it is no saturation cell, so it does not enter "highest throughput"
+    assert [t for t in found if t.startswith("highest")] == ["highest saturation throughput, large"]
+    md = render(study)
+    assert "Limit probe: Bastion alone, binary-tensor requests" in md and "| bastion | binary-64 | 16 |" in md
+
+
+def test_probe_sizes_follow_the_limit_and_the_model_config() -> None:
+    from bastion.bench.limitprobe import probe_batches, probe_connections
+
+    limit = {"best": {"batch": 16}, "timings": [{"batch": b} for b in (1, 4, 16, 128)]}
+    assert probe_batches(limit, 64) == [16, 64]
+    assert probe_batches(limit, None) == [16, 128]
+    assert probe_batches(limit, 8) == [8]
+    assert probe_connections((1, 16, 64)) == [16, 64]
+    assert probe_connections((1,)) == [1]
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "BYTES"])
+def test_binary_request_decodes_on_the_server_as_the_rows(datatype: str) -> None:
+    from bastion.bench.frameworks.v2json import encode_v2_binary
+    from bastion.protocol import v2_rest
+
+    if datatype == "BYTES":
+        model = ModelSpec("sentiment", "m", Path("m.onnx"), "text", "BYTES", (), "p", (2,))
+        rows = np.array(["good film", "élan, bad"], dtype=object)
+    else:
+        model = ModelSpec("malware", "m", Path("m.onnx"), "x", "FP32", (3,), "p", (2,))
+        rows = np.random.default_rng(0).random((5, 3), dtype=np.float32)
+    body, headers = encode_v2_binary(model, rows)
+    request = v2_rest.decode_infer_request(body, "m", None, int(headers["Inference-Header-Content-Length"]))
+    (tensor,) = request.inputs
+    assert tensor.name == model.input_name and tensor.datatype == datatype and tensor.shape == rows.shape
+    if datatype == "BYTES":
+        assert [b.decode() for b in tensor.data] == list(rows)
+    else:
+        assert np.array_equal(tensor.data, rows)
+    assert request.outputs is not None and request.outputs[0].parameters == {"binary_data": True}
 
 
 def test_verdicts_without_peers_are_not_judged() -> None:
@@ -222,8 +288,11 @@ def test_bench_cli_runs_bastion_end_to_end(tmp_path: Path) -> None:
     assert run.exit_code == 0, run.output
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     modes = [(r["framework"], r["mode"], r["load"]["payload"]) for r in doc["results"]]
+    # then the limit probe: binary at the in-process best batch and the model's max_batch_size (64)
+    best = doc["limits"][0]["best"]["batch"]
+    probe = [("bastion", "limit-probe", f"binary-{n}") for n in sorted({min(best, 64), 64})]
     assert modes == [("bastion", "open-loop", "small"), ("bastion", "saturation", "small"),
-                     ("bastion", "saturation", "large")]
+                     ("bastion", "saturation", "large"), *probe]
     for r in doc["results"]:
         assert r["stats"]["ok"] > 0 and r["stats"]["errors"] == 0
         assert r["cpu_s"] is not None and r["peak_rss_mib"] > 10
@@ -231,6 +300,7 @@ def test_bench_cli_runs_bastion_end_to_end(tmp_path: Path) -> None:
     assert math.isclose(doc["results"][0]["stats"]["offered_rate"], 50.0)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## image" in report and "bastion" in report
+    assert "in-process limit (binary tensors, Bastion alone)" in report
     assert (tmp_path / "out" / "charts" / "image-latency.png").stat().st_size > 5000
     assert (tmp_path / "out" / "charts" / "image-throughput.png").stat().st_size > 5000
 
@@ -242,10 +312,11 @@ def test_resume_keeps_complete_cells_and_refuses_another_load(tmp_path: Path) ->
                          saturation_payloads=("small",))
     complete = [_result("bastion", "open-loop", 2.0, 2000), _result("bastion", "saturation", 5.0, 9000)]
     partial = [_result("triton", "open-loop", 2.0, 2000)]  # its saturation run never happened
-    study = _study([*complete, *partial])
+    study = _study([*complete, *partial, _probe(16, 500)])  # a probe is kept and counts for no cell
     study.config = config.to_dict()
     kept = _resumable(study, config)
-    assert [(r.framework, r.mode) for r in kept.results] == [("bastion", "open-loop"), ("bastion", "saturation")]
+    assert [(r.framework, r.mode) for r in kept.results] == [
+        ("bastion", "open-loop"), ("bastion", "saturation"), ("bastion", "limit-probe")]
     assert kept.config["resumed"] is True
     other = SuiteConfig(out=tmp_path, cache=tmp_path, payloads=("small",), connections=(16,),
                         saturation_payloads=("small",), duration_s=5.0)

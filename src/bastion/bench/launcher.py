@@ -29,13 +29,21 @@ def free_port() -> int:
 def http_request(
     method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 10.0
 ) -> tuple[int, bytes]:
+    status, _, data = http_exchange(method, url, body, headers, timeout)
+    return status, data
+
+
+def http_exchange(
+    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 10.0
+) -> tuple[int, dict[str, str], bytes]:
+    """One request; the status, the response headers (lower-cased names) and the body."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
     try:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         conn.request(method, path, body=body, headers=headers or {})
         response = conn.getresponse()
-        return response.status, response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
         conn.close()
 

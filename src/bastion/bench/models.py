@@ -87,9 +87,20 @@ def eval_rows(repo: Path, model: ModelSpec) -> np.ndarray:
 
 def payload(rows: np.ndarray, size: str, seed: int = 0) -> np.ndarray:
     """``PAYLOAD_ROWS[size]`` rows picked with a seed (the same for every framework)."""
-    n = PAYLOAD_ROWS[size]
+    return pick_rows(rows, PAYLOAD_ROWS[size], seed)
+
+
+def pick_rows(rows: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` rows picked with a seed (with replacement only when there are fewer than ``n``)."""
     pick = np.random.default_rng(seed).choice(len(rows), size=n, replace=len(rows) < n)
     return rows[pick]
+
+
+def max_batch_size(model: ModelSpec) -> int | None:
+    """The most rows one request may carry, from the model's ``config.yaml`` (None: no limit set)."""
+    config = yaml.safe_load((model.onnx_path.parent.parent / "config.yaml").read_text(encoding="utf-8"))
+    value = config.get("max_batch_size") if isinstance(config, dict) else None
+    return int(value) if value else None
 
 
 def reference_output(model: ModelSpec, rows: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ import orjson
 
 from bastion.bench.stats import RunStats
 
-Mode = Literal["open-loop", "saturation"]
+Mode = Literal["open-loop", "saturation", "limit-probe"]  # limit-probe: Bastion, binary, limitprobe.py
 SCHEMA = 1
 
 
@@ -107,7 +107,7 @@ class BenchResult:
         if d.get("schema", SCHEMA) != SCHEMA:
             raise ValueError(f"result schema {d.get('schema')} is not {SCHEMA}")
         mode = d["mode"]
-        if mode not in ("open-loop", "saturation"):
+        if mode not in ("open-loop", "saturation", "limit-probe"):
             raise ValueError(f"unknown mode {mode!r}")
         return cls(
             scenario=d["scenario"],

@@ -33,6 +33,8 @@ from bastion.bench import frameworks
 from bastion.bench.frameworks.base import Framework, Launch, ModelSpec
 from bastion.bench.inprocess import InProcessLimit, measure
 from bastion.bench.launcher import Running, check_serves, free_port, serve
+from bastion.bench.limitprobe import MODE as PROBE_MODE
+from bastion.bench.limitprobe import run_limit_probe
 from bastion.bench.models import PAYLOAD_ROWS, SCENARIOS, build_scenario, eval_rows, model_spec, payload
 from bastion.bench.openloop import OpenLoopConfig, run_open_loop
 from bastion.bench.procstats import TreeMonitor
@@ -58,6 +60,8 @@ class SuiteConfig:
     saturation_payloads: Sequence[str] = ("small", "large")
     workers: int = 2
     inprocess_budget_s: float = 1.0
+    # Bastion alone, binary requests at the in-process best and the largest batch (limitprobe.py)
+    limit_probe: bool = True
     seed: int = 0
     command: str = ""
 
@@ -326,9 +330,11 @@ def _resumable(previous: StudyResults, config: SuiteConfig) -> StudyResults:
     expected = len(config.payloads) + len(config.saturation_payloads) * len(config.connections)
     counts: dict[tuple[str, str], int] = {}
     for r in previous.results:
-        counts[(r.scenario, r.framework)] = counts.get((r.scenario, r.framework), 0) + 1
+        if r.mode != PROBE_MODE:
+            counts[(r.scenario, r.framework)] = counts.get((r.scenario, r.framework), 0) + 1
     complete = {cell for cell, n in counts.items() if n == expected}
-    previous.results = [r for r in previous.results if (r.scenario, r.framework) in complete]
+    # a limit probe is saved only once all its runs are done, so one that is there is complete
+    previous.results = [r for r in previous.results if r.mode == PROBE_MODE or (r.scenario, r.framework) in complete]
     # a cell that failed is tried again; an unavailable framework is asked again
     previous.skipped = []
     previous.config = {**now, "resumed": True}
@@ -348,7 +354,8 @@ def run_study(config: SuiteConfig, say: Say = print, *, resume: bool = False) ->
     study = StudyResults(config=config.to_dict())
     if resume and path.exists():
         study = _resumable(StudyResults.load(path), config)
-    done = {(r.scenario, r.framework) for r in study.results}
+    done = {(r.scenario, r.framework) for r in study.results if r.mode != PROBE_MODE}
+    probed = {r.scenario for r in study.results if r.mode == PROBE_MODE}
     measured = {str(lim["scenario"]) for lim in study.limits}
 
     def save() -> None:
@@ -366,7 +373,8 @@ def run_study(config: SuiteConfig, say: Say = print, *, resume: bool = False) ->
     save()
     for scenario in config.scenarios:
         todo = [fw for fw in adapters if (scenario, fw.name) not in done]
-        if not todo:
+        probe = config.limit_probe and "bastion" in [fw.name for fw in adapters] and scenario not in probed
+        if not todo and not probe:
             say(f"{scenario}: every framework already measured")
             continue
         repo = build_scenario(config.cache / "scenarios", scenario, say=say)
@@ -391,7 +399,36 @@ def run_study(config: SuiteConfig, say: Say = print, *, resume: bool = False) ->
                 study.skipped.append(Skipped(scenario, fw.name, reason))
                 save()
             say(f"  {fw.name}/{scenario}: {time.monotonic() - started:.0f} s")
+        if probe:
+            _probe(model, rows, config, study, save, say)
     return study
+
+
+def _probe(
+    model: ModelSpec, rows: np.ndarray, config: SuiteConfig, study: StudyResults, save: Callable[[], None], say: Say
+) -> None:
+    limit = next(lim for lim in study.limits if lim["scenario"] == model.scenario)
+    say(f"  bastion/{model.scenario}: limit probe (binary tensors, best and largest batch)")
+    try:
+        runs = run_limit_probe(
+            model,
+            rows,
+            limit,
+            workdir=config.out / "work" / "bastion-probe" / model.scenario,
+            workers=config.workers,
+            connections=config.connections,
+            duration_s=config.saturation_s,
+            seed=config.seed,
+            command=config.command,
+            say=say,
+        )
+    except Exception as exc:  # the probe failing must not end the study
+        reason = f"{type(exc).__name__}: {str(exc)[:1500]}"
+        say(f"  bastion/{model.scenario}: limit probe FAILED {reason}")
+        study.skipped.append(Skipped(model.scenario, f"bastion ({PROBE_MODE})", reason))
+    else:
+        study.results.extend(runs)
+    save()
 
 
 def command_line(argv: Sequence[str]) -> str:

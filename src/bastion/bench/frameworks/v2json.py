@@ -26,3 +26,34 @@ def decode_v2(model: ModelSpec, body: bytes) -> np.ndarray:
             return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
     names = [o.get("name") for o in doc.get("outputs", [])]
     raise ValueError(f"no output {model.output_name!r} in the response (outputs: {names})")
+
+
+def encode_v2_binary(model: ModelSpec, rows: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """The same request in the binary-tensor extension, as ``tritonclient`` sends it by
+    default: a JSON header, then the raw little-endian tensor; the output asked for as
+    binary too. Returns the body and the headers it needs (``Inference-Header-Content-Length``)."""
+    from bastion.core.tensors import InferenceRequest, InferTensor, RequestedOutput
+    from bastion.protocol import v2_rest
+
+    if model.datatype == "BYTES":
+        data = np.array([str(t).encode("utf-8") for t in rows], dtype=object)
+    else:
+        data = np.ascontiguousarray(rows, dtype=np.float32)
+    tensor = InferTensor(model.input_name, model.datatype, tuple(data.shape), data)
+    request = InferenceRequest(
+        model.name, None, [tensor], outputs=[RequestedOutput(model.output_name, {"binary_data": True})]
+    )
+    body, header_length = v2_rest.encode_infer_request(request, True)
+    assert header_length is not None
+    return body, {"Inference-Header-Content-Length": str(header_length)}
+
+
+def decode_v2_binary(model: ModelSpec, body: bytes, header_length: int | None) -> np.ndarray:
+    """``model.output_name`` from a V2 response, binary or JSON."""
+    from bastion.protocol import v2_rest
+
+    response = v2_rest.decode_infer_response(body, header_length)
+    for out in response.outputs:
+        if out.name == model.output_name:
+            return np.asarray(out.data, dtype=np.float32).reshape(out.shape)
+    raise ValueError(f"no output {model.output_name!r} in the response (outputs: {[o.name for o in response.outputs]})")

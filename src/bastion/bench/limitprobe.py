@@ -1,0 +1,141 @@
+"""How close Bastion itself comes to the in-process limit: saturation in its best request form.
+
+The study's runs are like for like: every framework gets the same JSON payloads of 1-16
+rows. At 16 rows the image and malware models cost less than the HTTP exchange and the
+JSON decoding around them, so no JSON server can reach the model's in-process rows per
+second there (see BENCHMARKS.md). This probe asks what is left of the server's own
+overhead when the request is shaped for throughput, as a production client would send
+it: the binary-tensor extension (``tritonclient``'s default), with the batch size at
+which the model alone is fastest, and the largest batch the model's config accepts.
+
+It runs Bastion only (a separate server start per scenario), proves the binary answers
+equal ONNX Runtime's, and records wrk saturation runs as ``mode="limit-probe"`` results.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bastion.bench.frameworks.base import ModelSpec
+from bastion.bench.frameworks.bastion import BastionFramework, bastion_python
+from bastion.bench.frameworks.v2json import decode_v2_binary, encode_v2_binary
+from bastion.bench.launcher import Running, free_port, http_exchange, serve
+from bastion.bench.models import max_batch_size, pick_rows, reference_output
+from bastion.bench.procstats import TreeMonitor
+from bastion.bench.results import BenchResult
+from bastion.bench.saturation import SaturationConfig, run_wrk
+
+MODE = "limit-probe"
+
+
+def probe_batches(limit: dict[str, Any], max_batch: int | None) -> list[int]:
+    """Rows per request to probe: the in-process best batch and the largest the model takes
+    (both capped at ``max_batch``), smallest first, without repeats."""
+    best = int(limit["best"]["batch"])
+    largest = max_batch if max_batch is not None else max(int(t["batch"]) for t in limit["timings"])
+    return sorted({min(best, largest), largest})
+
+
+def probe_connections(connections: Sequence[int]) -> list[int]:
+    """Saturation needs more requests in flight than workers: one connection never fills two."""
+    return [c for c in connections if c > 1] or list(connections)
+
+
+def check_binary(model: ModelSpec, url: str, rows: np.ndarray, atol: float = 1e-4) -> None:
+    """POST ``rows`` in the binary form and compare with ONNX Runtime in-process."""
+    body, headers = encode_v2_binary(model, rows)
+    status, resp_headers, data = http_exchange(
+        "POST", url, body, {"Content-Type": "application/octet-stream", **headers}, timeout=60
+    )
+    if status != 200:
+        raise RuntimeError(f"bastion (binary): {url} answered {status}: {data[:500]!r}")
+    length = resp_headers.get("inference-header-content-length")
+    got = decode_v2_binary(model, data, int(length) if length else None)
+    want = reference_output(model, rows)
+    if got.shape != want.shape or not np.allclose(got, want, atol=atol, rtol=1e-4):
+        raise RuntimeError(f"bastion (binary) does not serve {model.name} as ONNX Runtime does")
+
+
+def run_limit_probe(
+    model: ModelSpec,
+    rows: np.ndarray,
+    limit: dict[str, Any],
+    *,
+    workdir: Path,
+    workers: int,
+    connections: Sequence[int],
+    duration_s: float,
+    seed: int = 0,
+    command: str = "",
+    say: Callable[[str], None] = print,
+) -> list[BenchResult]:
+    """Start Bastion on ``model``, saturate it with binary requests of each probed batch size
+    at each of ``connections``, and return the runs (all of them, or raise)."""
+    fw = BastionFramework()
+    batches = probe_batches(limit, max_batch_size(model))
+    conns = probe_connections(connections)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    launch = fw.prepare(model, workdir, bastion_python(), free_port(), workers)
+    results: list[BenchResult] = []
+    with serve(launch, workdir / "server.log") as running:
+        check_binary(model, launch.infer_url, pick_rows(rows, 4, seed + 1))
+        for batch in batches:
+            body, headers = encode_v2_binary(model, pick_rows(rows, batch, seed))
+            for conn in conns:
+                result = _saturate(model, running, body, headers, batch, conn, duration_s, command)
+                results.append(result)
+                say(
+                    f"    limit probe binary {batch:4} rows {conn:3} conn: {result.stats.throughput:9.1f} req/s = "
+                    f"{result.stats.throughput * batch:10,.0f} rows/s  errors {100 * result.stats.error_rate:5.1f} %"
+                )
+    return results
+
+
+def _saturate(
+    model: ModelSpec,
+    running: Running,
+    body: bytes,
+    headers: dict[str, str],
+    batch: int,
+    connections: int,
+    duration_s: float,
+    command: str,
+) -> BenchResult:
+    cfg = SaturationConfig(
+        url=running.launch.infer_url,
+        body=body,
+        connections=connections,
+        duration_s=duration_s,
+        content_type="application/octet-stream",
+        headers=headers,
+    )
+    with TreeMonitor(running.proc.pid) as monitor:
+        stats = run_wrk(cfg)
+    usage = monitor.usage
+    assert usage is not None
+    return BenchResult(
+        scenario=model.scenario,
+        framework="bastion",
+        mode=MODE,
+        payload_bytes=len(body),
+        load={
+            "connections": connections,
+            "duration_s": duration_s,
+            "payload": f"binary-{batch}",
+            "rows": batch,
+            "encoding": "binary",
+        },
+        stats=stats,
+        generator="wrk",
+        cpu_s=usage.cpu_s,
+        peak_rss_mib=usage.peak_rss_mib,
+        command=command,
+        notes=running.launch.notes + "; binary-tensor extension, output asked for as binary",
+    )
