@@ -26,9 +26,8 @@ from bastion.bench.frameworks.bastion import BastionFramework, bastion_python
 from bastion.bench.frameworks.v2json import decode_v2_binary, encode_v2_binary
 from bastion.bench.launcher import Running, free_port, http_exchange, serve
 from bastion.bench.models import max_batch_size, pick_rows, reference_output
-from bastion.bench.procstats import TreeMonitor
 from bastion.bench.results import BenchResult
-from bastion.bench.saturation import SaturationConfig, run_wrk
+from bastion.bench.saturation import SaturationConfig, run_wrk_on
 
 MODE = "limit-probe"
 
@@ -116,10 +115,7 @@ def _saturate(
         content_type="application/octet-stream",
         headers=headers,
     )
-    with TreeMonitor(running.proc.pid) as monitor:
-        stats = run_wrk(cfg)
-    usage = monitor.usage
-    assert usage is not None
+    stats, usage = run_wrk_on(running.proc.pid, cfg)
     return BenchResult(
         scenario=model.scenario,
         framework="bastion",

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import orjson
 
+from bastion.bench.procstats import TreeMonitor, TreeUsage
 from bastion.bench.stats import RunStats, Summary
 
 LUA = r"""
@@ -133,3 +134,12 @@ def run_wrk(config: SaturationConfig) -> RunStats:
     if out.returncode != 0:
         raise WrkError(f"wrk exited {out.returncode}: {out.stderr.strip()[-1000:]}")
     return parse_wrk_output(out.stdout)
+
+
+def run_wrk_on(pid: int, config: SaturationConfig) -> tuple[RunStats, TreeUsage]:
+    """One wrk run while the server's process tree (rooted at ``pid``) is measured."""
+    with TreeMonitor(pid) as monitor:
+        stats = run_wrk(config)
+    usage = monitor.usage
+    assert usage is not None
+    return stats, usage

@@ -39,7 +39,7 @@ from bastion.bench.models import PAYLOAD_ROWS, SCENARIOS, build_scenario, eval_r
 from bastion.bench.openloop import OpenLoopConfig, run_open_loop
 from bastion.bench.procstats import TreeMonitor
 from bastion.bench.results import BenchResult, machine_info, utc_now
-from bastion.bench.saturation import SaturationConfig, run_wrk
+from bastion.bench.saturation import SaturationConfig, run_wrk_on
 from bastion.bench.venvs import ensure_venv, installed_version
 
 Say = Callable[[str], None]
@@ -231,10 +231,7 @@ def _saturation(
         content_type=launch.content_type,
         headers=dict(launch.headers),
     )
-    with TreeMonitor(running.proc.pid) as monitor:
-        stats = run_wrk(cfg)
-    usage = monitor.usage
-    assert usage is not None
+    stats, usage = run_wrk_on(running.proc.pid, cfg)
     return BenchResult(
         scenario=model.scenario,
         framework=fw.name,

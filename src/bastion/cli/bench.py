@@ -60,6 +60,13 @@ def _split(value: str | None, allowed: tuple[str, ...], what: str) -> tuple[str,
     help="Keep the complete scenario x framework cells of OUT/results.json "
     "(same load settings) and run only the rest: the full study may be spread over several sittings.",
 )
+@click.option(
+    "--limit-probe/--no-limit-probe",
+    default=True,
+    show_default=True,
+    help="Also saturate Bastion alone with binary-tensor requests at the in-process best and the "
+    "largest batch, to show its distance from the in-process limit.",
+)
 def bench(
     run_all: bool,
     quick: bool,
@@ -75,6 +82,7 @@ def bench(
     cache: Path,
     report_only: bool,
     resume: bool,
+    limit_probe: bool,
 ) -> None:
     """Serve each scenario's model with Bastion and each peer framework (each in its own
     venv, installed with pinned versions), drive open-loop and saturation load, and write
@@ -96,7 +104,7 @@ def bench(
     config.frameworks = _split(names, frameworks.NAMES, "framework")
     if payloads:
         config.payloads = _split(payloads, tuple(PAYLOAD_ROWS), "payload")
-    config.rate, config.workers = rate, workers
+    config.rate, config.workers, config.limit_probe = rate, workers, limit_probe
     if duration is not None:
         config.duration_s = duration
     if saturation_duration is not None:
