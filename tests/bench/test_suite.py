@@ -201,6 +201,29 @@ def test_limit_probe_is_judged_on_its_own_row_by_its_best_run() -> None:
     assert "Limit probe: Bastion alone, binary-tensor requests" in md and "| bastion | binary-64 | 16 |" in md
 
 
+def test_summary_has_a_row_per_cell_with_its_day_and_no_latency_for_failed_runs() -> None:
+    from bastion.bench.report import summary_table
+
+    study = _study([
+        _result("mlserver", "open-loop", 9.0, 2000),
+        _result("bastion", "open-loop", 2.0, 2000),
+        _result("bastion", "saturation", 5.0, 60000),
+        _result("rayserve", "open-loop", 10000.0, 100, errors=900),
+        _probe(16, 500),  # Bastion's limit probe has its own table
+    ])
+    study.config.update(payloads=["small"], saturation_payloads=["small"], connections=[16],
+                        scenarios=["image"], frameworks=["bastion", "mlserver", "rayserve"])
+    for r in study.results:
+        r.date = "2026-12-02T10:00:00+00:00"
+    lines = summary_table(study)
+    assert lines[0] == "| scenario | framework | measured | small | sat. small 16 |"
+    assert lines[2:] == [
+        "| image | **bastion** | 2026-12-02 | 0.30 / 2.00 / 4.0 | 6,000 |",
+        "| image | mlserver | 2026-12-02 | 0.30 / 9.00 / 18.0 | n/a |",
+        "| image | rayserve | 2026-12-02 | 90 % errors | n/a |",
+    ]
+
+
 def test_probe_sizes_follow_the_limit_and_the_model_config() -> None:
     from bastion.bench.limitprobe import probe_batches, probe_connections
 

@@ -217,6 +217,7 @@ def render(study: StudyResults) -> str:
     for v in verdicts(study):
         met = "n/a" if v.met is None else ("yes" if v.met else "**no**")
         lines.append(f"| {v.scenario} | {v.target} | {met} | {v.detail} |")
+    lines += ["", "## Summary", "", *summary_table(study)]
     lines += ["", "## Versions and settings", "", "| framework | versions | settings |", "|---|---|---|"]
     for name, versions in study.versions.items():
         vs = ", ".join(f"{k} {v}" for k, v in versions.items())
@@ -254,6 +255,43 @@ def render(study: StudyResults) -> str:
             ]
         lines += [f"![latency](charts/{scenario}-latency.png) ![throughput](charts/{scenario}-throughput.png)"]
     return "\n".join(lines) + "\n"
+
+
+def summary_table(study: StudyResults) -> list[str]:
+    """One row per scenario x framework: open-loop p50 / p99 / max per payload (ms) and
+    saturation req/s per payload at each connection count, with the day it was measured
+    (a study resumed over several sittings says which cell came from which)."""
+    cfg = study.config
+    payloads = [str(p) for p in cfg.get("payloads", ())]
+    sat_payloads = [str(p) for p in cfg.get("saturation_payloads", ())]
+    conns = [int(c) for c in cfg.get("connections", ())]
+    head = ["scenario", "framework", "measured", *payloads]
+    head += [f"sat. {p} {' / '.join(map(str, conns))}" for p in sat_payloads]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---|" * len(payloads) + "---:|" * len(sat_payloads)]
+    order = {name: i for i, name in enumerate([*cfg.get("scenarios", ()), *cfg.get("frameworks", ())])}
+    cells = sorted(
+        dict.fromkeys((r.scenario, r.framework) for r in study.results if r.mode != PROBE_MODE),
+        key=lambda c: (order.get(c[0], len(order)), order.get(c[1], len(order))),
+    )
+    for scenario, framework in cells:
+        mine = [r for r in study.results if (r.scenario, r.framework) == (scenario, framework)]
+        days = sorted({r.date[:10] for r in mine if r.date})
+        row = [scenario, f"**{framework}**" if framework == OURS else framework, ", ".join(days)]
+        for size in payloads:
+            run = next((r for r in _by(mine, mode="open-loop", payload=size)), None)
+            if run is None:
+                row.append("n/a")
+                continue
+            lat = run.stats.latency_ms
+            if _usable(run):
+                row.append(f"{_f(lat.p50)} / {_f(lat.p99)} / {_f(lat.max, 1)}")
+            else:  # the latency of a run that mostly failed is its timeout, not the server's
+                row.append(f"{100 * run.stats.error_rate:.0f} % errors")
+        for size in sat_payloads:
+            by_conn = {int(r.load.get("connections", 0)): r for r in _by(mine, mode="saturation", payload=size)}
+            row.append(" / ".join(_f(by_conn[c].stats.throughput, 0) if c in by_conn else "n/a" for c in conns))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def _throughput_of(runs: list[BenchResult], framework: str, point: tuple[str, int]) -> float:
