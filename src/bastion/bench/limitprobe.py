@@ -9,7 +9,8 @@ it: the binary-tensor extension (``tritonclient``'s default), with the batch siz
 which the model alone is fastest, and the largest batch the model's config accepts.
 
 It runs Bastion only (a separate server start per scenario), proves the binary answers
-equal ONNX Runtime's, and records wrk saturation runs as ``mode="limit-probe"`` results.
+equal ONNX Runtime's, and records wrk saturation runs as ``mode="limit-probe"`` results, each with the
+in-process ceiling measured just before it (``load["ceiling_rows_per_s"]``).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def run_limit_probe(
     at each of ``connections``, and return the runs (all of them, or raise)."""
     fw = BastionFramework()
     batches = probe_batches(limit, max_batch_size(model))
+    ceiling = float(limit["best"]["rows_per_s"]) * int(limit.get("cores", 2))
     conns = probe_connections(connections)
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -88,7 +90,7 @@ def run_limit_probe(
         for batch in batches:
             body, headers = encode_v2_binary(model, pick_rows(rows, batch, seed))
             for conn in conns:
-                result = _saturate(model, running, body, headers, batch, conn, duration_s, command)
+                result = _saturate(model, running, body, headers, batch, conn, duration_s, command, ceiling)
                 results.append(result)
                 say(
                     f"    limit probe binary {batch:4} rows {conn:3} conn: {result.stats.throughput:9.1f} req/s = "
@@ -106,6 +108,7 @@ def _saturate(
     connections: int,
     duration_s: float,
     command: str,
+    ceiling: float,
 ) -> BenchResult:
     cfg = SaturationConfig(
         url=running.launch.infer_url,
@@ -127,6 +130,8 @@ def _saturate(
             "payload": f"binary-{batch}",
             "rows": batch,
             "encoding": "binary",
+            # the in-process ceiling measured just before, in the same sitting (rows/s, all cores)
+            "ceiling_rows_per_s": ceiling,
         },
         stats=stats,
         generator="wrk",

@@ -72,7 +72,9 @@ def verdicts(study: StudyResults) -> list[Verdict]:
                 json_shares.append((rows, _share(f"JSON {size}", best[OURS], rows, limit)))
         if scenario in LIMIT_SCENARIOS and limit is not None:
             json_shares.sort()
-            probed = [_share(f"binary {n} rows", tput, n, limit) for n, tput in _probe_best(study, scenario)]
+            probed = [
+                _share(f"binary {n} rows", tput, n, limit, ceiling) for n, tput, ceiling in _probe_best(study, scenario)
+            ]
             # JSON is judged at its largest payload: with one row per request the HTTP exchange,
             # not the model, is the work, and no server approaches a limit that has no exchange
             forms = (
@@ -87,20 +89,24 @@ def verdicts(study: StudyResults) -> list[Verdict]:
     return out
 
 
-def _share(label: str, throughput: float, rows: int, limit: dict[str, Any]) -> tuple[float, str]:
-    ceiling = rows_ceiling(limit)
+def _share(
+    label: str, throughput: float, rows: int, limit: dict[str, Any], ceiling: float | None = None
+) -> tuple[float, str]:
+    ceiling = ceiling or rows_ceiling(limit)
     share = throughput * rows / ceiling if ceiling else math.nan
     return share, f"{label}: {throughput * rows:,.0f} of {ceiling:,.0f} rows/s = {share:.1%}"
 
 
-def _probe_best(study: StudyResults, scenario: str) -> list[tuple[int, float]]:
-    """Bastion's limit probe: (rows per request, best throughput over connections), by rows."""
-    best: dict[int, float] = {}
+def _probe_best(study: StudyResults, scenario: str) -> list[tuple[int, float, float | None]]:
+    """Bastion's limit probe: (rows per request, best throughput over connections, the
+    in-process ceiling measured with it), by rows."""
+    best: dict[int, tuple[float, float | None]] = {}
     for r in _by(study.results, scenario=scenario, mode=PROBE_MODE):
         if r.stats.ok and r.stats.error_rate <= 0.01:
             rows = int(r.load.get("rows", 1))
-            best[rows] = max(best.get(rows, 0.0), r.stats.throughput)
-    return sorted(best.items())
+            if r.stats.throughput > best.get(rows, (0.0, None))[0]:
+                best[rows] = (r.stats.throughput, r.load.get("ceiling_rows_per_s"))
+    return [(rows, tput, ceiling) for rows, (tput, ceiling) in sorted(best.items())]
 
 
 def rows_ceiling(limit: dict[str, Any]) -> float:
@@ -246,9 +252,11 @@ def render(study: StudyResults) -> str:
             lines += ["Saturation:", "", *_sat_table(sat), ""]
         probe = _by(study.results, scenario=scenario, mode=PROBE_MODE)
         if probe:
+            ceiling = probe[0].load.get("ceiling_rows_per_s")
+            measured = f"; in-process ceiling measured just before: {ceiling:,.0f} rows/s, all cores" if ceiling else ""
             lines += [
                 "Limit probe: Bastion alone, binary-tensor requests (tritonclient's default form) at the "
-                "in-process best batch and the largest batch the model accepts, wrk saturation:",
+                f"in-process best batch and the largest batch the model accepts, wrk saturation{measured}:",
                 "",
                 *_sat_table(probe),
                 "",

@@ -404,8 +404,13 @@ def run_study(config: SuiteConfig, say: Say = print, *, resume: bool = False) ->
 def _probe(
     model: ModelSpec, rows: np.ndarray, config: SuiteConfig, study: StudyResults, save: Callable[[], None], say: Say
 ) -> None:
-    limit = next(lim for lim in study.limits if lim["scenario"] == model.scenario)
-    say(f"  bastion/{model.scenario}: limit probe (binary tensors, best and largest batch)")
+    # the limit again, right before the probe: a ratio of two figures from different sittings
+    # (a resumed study) would carry the machine's drift between them
+    limit = _limit(model, rows, config).to_dict()
+    say(
+        f"  bastion/{model.scenario}: limit probe (binary tensors); in-process now "
+        f"{limit['best']['rows_per_s']:,.0f} rows/s per core at batch {limit['best']['batch']}"
+    )
     try:
         runs = run_limit_probe(
             model,
