@@ -61,6 +61,13 @@ class InProcessLimit:
         }
 
 
+def rows_ceiling(limit: dict[str, Any]) -> float:
+    """Rows/s the model alone answers on every core at its best batch size, from
+    :meth:`InProcessLimit.to_dict` (a server may batch requests together, so the best batch
+    is the fair ceiling)."""
+    return float(limit["best"]["rows_per_s"]) * int(limit.get("cores", 2))
+
+
 def _session(model: ModelSpec) -> Any:
     import onnxruntime as ort
 

@@ -9,8 +9,8 @@ it: the binary-tensor extension (``tritonclient``'s default), with the batch siz
 which the model alone is fastest, and the largest batch the model's config accepts.
 
 It runs Bastion only (a separate server start per scenario), proves the binary answers
-equal ONNX Runtime's, and records wrk saturation runs as ``mode="limit-probe"`` results, each with the
-in-process ceiling measured just before it (``load["ceiling_rows_per_s"]``).
+equal ONNX Runtime's, and records wrk saturation runs as ``mode="limit-probe"`` results,
+each with the in-process ceiling measured just before it (``load["ceiling_rows_per_s"]``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 from bastion.bench.frameworks.base import ModelSpec
 from bastion.bench.frameworks.bastion import BastionFramework, bastion_python
 from bastion.bench.frameworks.v2json import decode_v2_binary, encode_v2_binary
+from bastion.bench.inprocess import rows_ceiling
 from bastion.bench.launcher import Running, free_port, http_exchange, serve
 from bastion.bench.models import max_batch_size, pick_rows, reference_output
 from bastion.bench.results import BenchResult
@@ -78,7 +79,7 @@ def run_limit_probe(
     at each of ``connections``, and return the runs (all of them, or raise)."""
     fw = BastionFramework()
     batches = probe_batches(limit, max_batch_size(model))
-    ceiling = float(limit["best"]["rows_per_s"]) * int(limit.get("cores", 2))
+    ceiling = rows_ceiling(limit)
     conns = probe_connections(connections)
     if workdir.exists():
         shutil.rmtree(workdir)

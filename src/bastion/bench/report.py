@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bastion.bench.inprocess import rows_ceiling
 from bastion.bench.limitprobe import MODE as PROBE_MODE
 from bastion.bench.results import BenchResult
 from bastion.bench.suite import StudyResults
@@ -107,12 +108,6 @@ def _probe_best(study: StudyResults, scenario: str) -> list[tuple[int, float, fl
             if r.stats.throughput > best.get(rows, (0.0, None))[0]:
                 best[rows] = (r.stats.throughput, r.load.get("ceiling_rows_per_s"))
     return [(rows, tput, ceiling) for rows, (tput, ceiling) in sorted(best.items())]
-
-
-def rows_ceiling(limit: dict[str, Any]) -> float:
-    """Rows/s the model alone answers on every core at its best batch size (a server may
-    batch requests together, so the best batch is the fair ceiling)."""
-    return float(limit["best"]["rows_per_s"]) * int(limit.get("cores", 2))
 
 
 def _lowest(target: str, scenario: str, runs: list[BenchResult]) -> Verdict:
