@@ -277,7 +277,7 @@ def summary_table(study: StudyResults) -> list[str]:
         key=lambda c: (order.get(c[0], len(order)), order.get(c[1], len(order))),
     )
     for scenario, framework in cells:
-        mine = [r for r in study.results if (r.scenario, r.framework) == (scenario, framework)]
+        mine = [r for r in study.results if (r.scenario, r.framework) == (scenario, framework) and r.mode != PROBE_MODE]
         days = sorted({r.date[:10] for r in mine if r.date})
         row = [scenario, f"**{framework}**" if framework == OURS else framework, ", ".join(days)]
         for size in payloads:
