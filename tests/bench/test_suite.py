@@ -315,8 +315,11 @@ def test_bench_cli_runs_bastion_end_to_end(tmp_path: Path) -> None:
     assert run.exit_code == 0, run.output
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     modes = [(r["framework"], r["mode"], r["load"]["payload"]) for r in doc["results"]]
-    # then the limit probe: binary at the in-process best batch and the model's max_batch_size (64)
-    best = doc["limits"][0]["best"]["batch"]
+    # then the limit probe: binary at the best batch of the in-process limit it measured
+    # again just before, and at the model's max_batch_size (64)
+    probes = [r for r in doc["results"] if r["mode"] == "limit-probe"]
+    best = probes[0]["load"]["limit_best_batch"]
+    assert all(r["load"]["limit_best_batch"] == best and r["load"]["ceiling_rows_per_s"] > 0 for r in probes)
     probe = [("bastion", "limit-probe", f"binary-{n}") for n in sorted({min(best, 64), 64})]
     assert modes == [("bastion", "open-loop", "small"), ("bastion", "saturation", "small"),
                      ("bastion", "saturation", "large"), *probe]

@@ -79,7 +79,7 @@ def run_limit_probe(
     at each of ``connections``, and return the runs (all of them, or raise)."""
     fw = BastionFramework()
     batches = probe_batches(limit, max_batch_size(model))
-    ceiling = rows_ceiling(limit)
+    ceiling, best = rows_ceiling(limit), int(limit["best"]["batch"])
     conns = probe_connections(connections)
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -91,7 +91,7 @@ def run_limit_probe(
         for batch in batches:
             body, headers = encode_v2_binary(model, pick_rows(rows, batch, seed))
             for conn in conns:
-                result = _saturate(model, running, body, headers, batch, conn, duration_s, command, ceiling)
+                result = _saturate(model, running, body, headers, batch, conn, duration_s, command, ceiling, best)
                 results.append(result)
                 say(
                     f"    limit probe binary {batch:4} rows {conn:3} conn: {result.stats.throughput:9.1f} req/s = "
@@ -110,6 +110,7 @@ def _saturate(
     duration_s: float,
     command: str,
     ceiling: float,
+    best_batch: int,
 ) -> BenchResult:
     cfg = SaturationConfig(
         url=running.launch.infer_url,
@@ -133,6 +134,7 @@ def _saturate(
             "encoding": "binary",
             # the in-process ceiling measured just before, in the same sitting (rows/s, all cores)
             "ceiling_rows_per_s": ceiling,
+            "limit_best_batch": best_batch,
         },
         stats=stats,
         generator="wrk",
