@@ -145,11 +145,15 @@ def check_serves(framework: Framework, model: ModelSpec, launch: Launch, rows: n
     status, body = http_request("POST", launch.infer_url, framework.encode(model, rows), headers, timeout=60)
     if status != 200:
         raise RuntimeError(f"{framework.name}: {launch.infer_url} answered {status}: {body[:500]!r}")
-    got = framework.decode(model, body)
+    check_answer(framework.name, model, rows, framework.decode(model, body), atol)
+
+
+def check_answer(server: str, model: ModelSpec, rows: np.ndarray, got: np.ndarray, atol: float = 1e-4) -> None:
+    """Raise unless ``got`` is ONNX Runtime's own output for ``rows`` (to ``atol``)."""
     want = reference_output(model, rows)
     if got.shape != want.shape or not np.allclose(got, want, atol=atol, rtol=1e-4):
         raise RuntimeError(
-            f"{framework.name} does not serve {model.name} as ONNX Runtime does: "
+            f"{server} does not serve {model.name} as ONNX Runtime does: "
             f"shape {got.shape} vs {want.shape}, max |diff| "
             f"{float(np.max(np.abs(got - want))) if got.shape == want.shape else 'n/a'}"
         )

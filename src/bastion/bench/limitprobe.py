@@ -26,12 +26,12 @@ from bastion.bench.frameworks.base import ModelSpec
 from bastion.bench.frameworks.bastion import BastionFramework, bastion_python
 from bastion.bench.frameworks.v2json import decode_v2_binary, encode_v2_binary
 from bastion.bench.inprocess import rows_ceiling
-from bastion.bench.launcher import Running, free_port, http_exchange, serve
-from bastion.bench.models import max_batch_size, pick_rows, reference_output
-from bastion.bench.results import BenchResult
-from bastion.bench.saturation import SaturationConfig, run_wrk_on
+from bastion.bench.launcher import check_answer, free_port, http_exchange, serve
+from bastion.bench.models import pick_rows
+from bastion.bench.results import BenchResult, Mode
+from bastion.bench.saturation import SaturationConfig, measure_saturation
 
-MODE = "limit-probe"
+MODE: Mode = "limit-probe"
 
 
 def probe_batches(limit: dict[str, Any], max_batch: int | None) -> list[int]:
@@ -56,10 +56,7 @@ def check_binary(model: ModelSpec, url: str, rows: np.ndarray, atol: float = 1e-
     if status != 200:
         raise RuntimeError(f"bastion (binary): {url} answered {status}: {data[:500]!r}")
     length = resp_headers.get("inference-header-content-length")
-    got = decode_v2_binary(model, data, int(length) if length else None)
-    want = reference_output(model, rows)
-    if got.shape != want.shape or not np.allclose(got, want, atol=atol, rtol=1e-4):
-        raise RuntimeError(f"bastion (binary) does not serve {model.name} as ONNX Runtime does")
+    check_answer("bastion (binary)", model, rows, decode_v2_binary(model, data, int(length) if length else None), atol)
 
 
 def run_limit_probe(
@@ -78,7 +75,7 @@ def run_limit_probe(
     """Start Bastion on ``model``, saturate it with binary requests of each probed batch size
     at each of ``connections``, and return the runs (all of them, or raise)."""
     fw = BastionFramework()
-    batches = probe_batches(limit, max_batch_size(model))
+    batches = probe_batches(limit, model.max_batch_size)
     ceiling, best = rows_ceiling(limit), int(limit["best"]["batch"])
     conns = probe_connections(connections)
     if workdir.exists():
@@ -91,55 +88,34 @@ def run_limit_probe(
         for batch in batches:
             body, headers = encode_v2_binary(model, pick_rows(rows, batch, seed))
             for conn in conns:
-                result = _saturate(model, running, body, headers, batch, conn, duration_s, command, ceiling, best)
+                cfg = SaturationConfig(
+                    url=launch.infer_url,
+                    body=body,
+                    connections=conn,
+                    duration_s=duration_s,
+                    content_type="application/octet-stream",
+                    headers=headers,
+                )
+                result = measure_saturation(
+                    running.proc.pid,
+                    cfg,
+                    scenario=model.scenario,
+                    framework=fw.name,
+                    mode=MODE,
+                    load={
+                        "payload": f"binary-{batch}",
+                        "rows": batch,
+                        "encoding": "binary",
+                        # the in-process ceiling measured just before, in the same sitting
+                        "ceiling_rows_per_s": ceiling,
+                        "limit_best_batch": best,
+                    },
+                    command=command,
+                    notes=launch.notes + "; binary-tensor extension, output asked for as binary",
+                )
                 results.append(result)
                 say(
                     f"    limit probe binary {batch:4} rows {conn:3} conn: {result.stats.throughput:9.1f} req/s = "
                     f"{result.stats.throughput * batch:10,.0f} rows/s  errors {100 * result.stats.error_rate:5.1f} %"
                 )
     return results
-
-
-def _saturate(
-    model: ModelSpec,
-    running: Running,
-    body: bytes,
-    headers: dict[str, str],
-    batch: int,
-    connections: int,
-    duration_s: float,
-    command: str,
-    ceiling: float,
-    best_batch: int,
-) -> BenchResult:
-    cfg = SaturationConfig(
-        url=running.launch.infer_url,
-        body=body,
-        connections=connections,
-        duration_s=duration_s,
-        content_type="application/octet-stream",
-        headers=headers,
-    )
-    stats, usage = run_wrk_on(running.proc.pid, cfg)
-    return BenchResult(
-        scenario=model.scenario,
-        framework="bastion",
-        mode=MODE,
-        payload_bytes=len(body),
-        load={
-            "connections": connections,
-            "duration_s": duration_s,
-            "payload": f"binary-{batch}",
-            "rows": batch,
-            "encoding": "binary",
-            # the in-process ceiling measured just before, in the same sitting (rows/s, all cores)
-            "ceiling_rows_per_s": ceiling,
-            "limit_best_batch": best_batch,
-        },
-        stats=stats,
-        generator="wrk",
-        cpu_s=usage.cpu_s,
-        peak_rss_mib=usage.peak_rss_mib,
-        command=command,
-        notes=running.launch.notes + "; binary-tensor extension, output asked for as binary",
-    )

@@ -66,6 +66,7 @@ def model_spec(repo: Path, scenario: str, variant: str | None = None) -> ModelSp
         row_shape=tuple(int(d) for d in inp["shape"][1:]),
         output_name=str(out["name"]),
         output_row_shape=tuple(int(d) for d in out["shape"][1:]),
+        max_batch_size=int(config["max_batch_size"]) if config.get("max_batch_size") else None,
     )
 
 
@@ -94,13 +95,6 @@ def pick_rows(rows: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """``n`` rows picked with a seed (with replacement only when there are fewer than ``n``)."""
     pick = np.random.default_rng(seed).choice(len(rows), size=n, replace=len(rows) < n)
     return rows[pick]
-
-
-def max_batch_size(model: ModelSpec) -> int | None:
-    """The most rows one request may carry, from the model's ``config.yaml`` (None: no limit set)."""
-    config = yaml.safe_load((model.onnx_path.parent.parent / "config.yaml").read_text(encoding="utf-8"))
-    value = config.get("max_batch_size") if isinstance(config, dict) else None
-    return int(value) if value else None
 
 
 def reference_output(model: ModelSpec, rows: np.ndarray) -> np.ndarray:

@@ -72,22 +72,32 @@ def verdicts(study: StudyResults) -> list[Verdict]:
             if limit is not None and OURS in best:
                 json_shares.append((rows, _share(f"JSON {size}", best[OURS], rows, limit)))
         if scenario in LIMIT_SCENARIOS and limit is not None:
-            json_shares.sort()
-            probed = [
-                _share(f"binary {n} rows", tput, n, limit, ceiling) for n, tput, ceiling in _probe_best(study, scenario)
-            ]
-            # JSON is judged at its largest payload: with one row per request the HTTP exchange,
-            # not the model, is the work, and no server approaches a limit that has no exchange
-            forms = (
-                ("JSON, the study's payloads", [s for _, s in json_shares], json_shares[-1:]),
-                ("binary tensors, Bastion alone", probed, [(0, s) for s in probed]),
-            )
-            for form, shown, judged in forms:
-                if judged:
-                    met = max(share for _, (share, _) in judged) >= LIMIT_SHARE_TARGET
-                    target = f">= {LIMIT_SHARE_TARGET:.0%} of the in-process limit ({form})"
-                    out.append(Verdict(target, scenario, met, "; ".join(d for _, d in shown)))
+            out += _limit_verdicts(study, scenario, limit, [s for _, s in sorted(json_shares)])
     return out
+
+
+def _limit_verdicts(
+    study: StudyResults, scenario: str, limit: dict[str, Any], json_shares: list[tuple[float, str]]
+) -> list[Verdict]:
+    """The in-process target in each request form. JSON (shares by rows per request) is
+    judged at its largest payload: with one row per request the HTTP exchange, not the
+    model, is the work, and no server approaches a limit that has no exchange. The binary
+    probe is judged at its best run."""
+    probed = [_share(f"binary {n} rows", tput, n, limit, ceiling) for n, tput, ceiling in _probe_best(study, scenario)]
+    forms = []
+    if json_shares:
+        forms.append(("JSON, the study's payloads", json_shares, json_shares[-1][0]))
+    if probed:
+        forms.append(("binary tensors, Bastion alone", probed, max(share for share, _ in probed)))
+    return [
+        Verdict(
+            f">= {LIMIT_SHARE_TARGET:.0%} of the in-process limit ({form})",
+            scenario,
+            judged >= LIMIT_SHARE_TARGET,
+            "; ".join(detail for _, detail in shown),
+        )
+        for form, shown, judged in forms
+    ]
 
 
 def _share(
@@ -272,12 +282,14 @@ def summary_table(study: StudyResults) -> list[str]:
     head += [f"sat. {p} {' / '.join(map(str, conns))}" for p in sat_payloads]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---|" * len(payloads) + "---:|" * len(sat_payloads)]
     order = {name: i for i, name in enumerate([*cfg.get("scenarios", ()), *cfg.get("frameworks", ())])}
+    # the limit probe is Bastion alone, in its own table: no cell of the study
+    cell_runs = [r for r in study.results if r.mode != PROBE_MODE]
     cells = sorted(
-        dict.fromkeys((r.scenario, r.framework) for r in study.results if r.mode != PROBE_MODE),
+        dict.fromkeys((r.scenario, r.framework) for r in cell_runs),
         key=lambda c: (order.get(c[0], len(order)), order.get(c[1], len(order))),
     )
     for scenario, framework in cells:
-        mine = [r for r in study.results if (r.scenario, r.framework) == (scenario, framework) and r.mode != PROBE_MODE]
+        mine = [r for r in cell_runs if (r.scenario, r.framework) == (scenario, framework)]
         days = sorted({r.date[:10] for r in mine if r.date})
         row = [scenario, f"**{framework}**" if framework == OURS else framework, ", ".join(days)]
         for size in payloads:

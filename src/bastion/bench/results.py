@@ -13,7 +13,7 @@ import platform
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 
@@ -107,7 +107,7 @@ class BenchResult:
         if d.get("schema", SCHEMA) != SCHEMA:
             raise ValueError(f"result schema {d.get('schema')} is not {SCHEMA}")
         mode = d["mode"]
-        if mode not in ("open-loop", "saturation", "limit-probe"):
+        if mode not in get_args(Mode):
             raise ValueError(f"unknown mode {mode!r}")
         return cls(
             scenario=d["scenario"],

@@ -20,10 +20,12 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
-from bastion.bench.procstats import TreeMonitor, TreeUsage
+from bastion.bench.procstats import TreeMonitor
+from bastion.bench.results import BenchResult, Mode
 from bastion.bench.stats import RunStats, Summary
 
 LUA = r"""
@@ -136,10 +138,33 @@ def run_wrk(config: SaturationConfig) -> RunStats:
     return parse_wrk_output(out.stdout)
 
 
-def run_wrk_on(pid: int, config: SaturationConfig) -> tuple[RunStats, TreeUsage]:
-    """One wrk run while the server's process tree (rooted at ``pid``) is measured."""
+def measure_saturation(
+    pid: int,
+    config: SaturationConfig,
+    *,
+    scenario: str,
+    framework: str,
+    mode: Mode,
+    load: dict[str, Any],
+    command: str,
+    notes: str,
+) -> BenchResult:
+    """One wrk run while the server's process tree (rooted at ``pid``) is measured, as a
+    result row; ``load`` adds to the connections and duration every such row records."""
     with TreeMonitor(pid) as monitor:
         stats = run_wrk(config)
     usage = monitor.usage
     assert usage is not None
-    return stats, usage
+    return BenchResult(
+        scenario=scenario,
+        framework=framework,
+        mode=mode,
+        payload_bytes=len(config.body),
+        load={"connections": config.connections, "duration_s": config.duration_s, **load},
+        stats=stats,
+        generator="wrk",
+        cpu_s=usage.cpu_s,
+        peak_rss_mib=usage.peak_rss_mib,
+        command=command,
+        notes=notes,
+    )

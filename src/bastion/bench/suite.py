@@ -39,7 +39,7 @@ from bastion.bench.models import PAYLOAD_ROWS, SCENARIOS, build_scenario, eval_r
 from bastion.bench.openloop import OpenLoopConfig, run_open_loop
 from bastion.bench.procstats import TreeMonitor
 from bastion.bench.results import BenchResult, machine_info, utc_now
-from bastion.bench.saturation import SaturationConfig, run_wrk_on
+from bastion.bench.saturation import SaturationConfig, measure_saturation
 from bastion.bench.venvs import ensure_venv, installed_version
 
 Say = Callable[[str], None]
@@ -231,22 +231,14 @@ def _saturation(
         content_type=launch.content_type,
         headers=dict(launch.headers),
     )
-    stats, usage = run_wrk_on(running.proc.pid, cfg)
-    return BenchResult(
+    load = {"payload": size, "rows": PAYLOAD_ROWS[size]}
+    return measure_saturation(
+        running.proc.pid,
+        cfg,
         scenario=model.scenario,
         framework=fw.name,
         mode="saturation",
-        payload_bytes=len(body),
-        load={
-            "connections": connections,
-            "duration_s": config.saturation_s,
-            "payload": size,
-            "rows": PAYLOAD_ROWS[size],
-        },
-        stats=stats,
-        generator="wrk",
-        cpu_s=usage.cpu_s,
-        peak_rss_mib=usage.peak_rss_mib,
+        load=load,
         command=config.command,
         notes=launch.notes,
     )

@@ -36,6 +36,7 @@ class ModelSpec:
     row_shape: tuple[int, ...]  # one row, without the batch dimension; () for BYTES
     output_name: str  # the output checked and returned (probabilities or forecast)
     output_row_shape: tuple[int, ...]  # one row of that output
+    max_batch_size: int | None = None  # the most rows one request may carry (config.yaml); None: unset
 
 
 @dataclass

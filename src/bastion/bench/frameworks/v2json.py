@@ -6,6 +6,8 @@ import numpy as np
 import orjson
 
 from bastion.bench.frameworks.base import ModelSpec
+from bastion.core.tensors import InferenceRequest, InferTensor, RequestedOutput
+from bastion.protocol import v2_rest
 
 
 def encode_v2(model: ModelSpec, rows: np.ndarray, *, request_output: bool = True) -> bytes:
@@ -32,9 +34,6 @@ def encode_v2_binary(model: ModelSpec, rows: np.ndarray) -> tuple[bytes, dict[st
     """The same request in the binary-tensor extension, as ``tritonclient`` sends it by
     default: a JSON header, then the raw little-endian tensor; the output asked for as
     binary too. Returns the body and the headers it needs (``Inference-Header-Content-Length``)."""
-    from bastion.core.tensors import InferenceRequest, InferTensor, RequestedOutput
-    from bastion.protocol import v2_rest
-
     if model.datatype == "BYTES":
         data = np.array([str(t).encode("utf-8") for t in rows], dtype=object)
     else:
@@ -50,8 +49,6 @@ def encode_v2_binary(model: ModelSpec, rows: np.ndarray) -> tuple[bytes, dict[st
 
 def decode_v2_binary(model: ModelSpec, body: bytes, header_length: int | None) -> np.ndarray:
     """``model.output_name`` from a V2 response, binary or JSON."""
-    from bastion.protocol import v2_rest
-
     response = v2_rest.decode_infer_response(body, header_length)
     for out in response.outputs:
         if out.name == model.output_name:
