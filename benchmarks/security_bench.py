@@ -17,22 +17,23 @@ guarded / open. Results go to BENCHMARKS.md between this script's markers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
-import platform
 import statistics
 import sys
-import tempfile
-import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serving_bench as sb
+from bastion.bench.frameworks.bastion import BastionFramework, bastion_python
+from bastion.bench.launcher import check_v2, free_port, serve
+from bastion.bench.models import DEMO_MODEL, build_demo, demo_spec
+from bastion.bench.results import machine_info, write_marked_section
+from bastion.bench.serving import Body, Load, fresh_dir, make_bodies, saturate
 
-MD_START = "<!-- security-bench:start (written by benchmarks/security_bench.py; edits inside are overwritten) -->"
-MD_END = "<!-- security-bench:end -->"
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+CACHE = ROOT / ".bench"  # the demo build, shared with `bastion bench serving`
 TARGET_RPS_LOSS = 0.05  # the issue: <= 5 % throughput loss
 TARGET_P99_GAIN = 0.10  # and <= 10 % p99 increase
 
@@ -45,50 +46,34 @@ def make_keys(scratch: Path) -> tuple[Path, str]:
     store = KeyStore(db)
     # limits far above what the load reaches: both are counted on every request, never hit
     token, _ = store.create_key(
-        "bench", models=[sb.MODEL], limits=Limits(rate_per_s=1e6, burst=1_000_000, quota=10**9, quota_period="day")
+        "bench", models=[DEMO_MODEL], limits=Limits(rate_per_s=1e6, burst=1_000_000, quota=10**9, quota_period="day")
     )
     store.close()
     return db, token
 
 
-def launch(ctx: sb.Context, mode: str, keys_db: Path) -> sb.Launch:
-    base = ctx.launch(sb.Row("bastion", 1, "json1"))
-    argv = [a for a in base.argv if a not in ("--insecure-no-auth", "--no-audit")]
-    if mode == "open":
-        argv += ["--insecure-no-auth", "--no-audit"]
-    elif mode == "auth-only":
-        argv += ["--keys", str(keys_db), "--no-audit"]
-    else:
-        argv += ["--keys", str(keys_db)]
-    return replace(base, argv=argv)
+def server(mode: str, keys_db: Path) -> BastionFramework:
+    """Bastion as the serving benchmark runs it, with the guard switched per mode."""
+    auth = ("--insecure-no-auth",) if mode == "open" else ("--keys", str(keys_db))
+    audit = ("--audit",) if mode == "guarded" else ("--no-audit",)
+    return BastionFramework(extra_args=("--poll-interval", "0", *audit), auth=auth)
 
 
-def wait_ready(server: sb.Server, timeout: float = sb.STARTUP_TIMEOUT_S) -> None:
-    """Server readiness only: it is open, strict (every model loaded) and needs no key,
-    while the model's readiness follows the key's scope."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert server.proc is not None
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"server exited {server.proc.returncode}:\n{server.log_tail()}")
-        try:
-            if sb.http("GET", f"{server.base}/v2/health/ready", timeout=1.0)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{server.log_tail()}")
-
-
-def measure(ctx: sb.Context, mode: str, keys_db: Path, body: sb.Body, duration: float, log: Path) -> dict[str, Any]:
-    with sb.Server(sb.Row("bastion", 1, f"json1-{mode}"), launch(ctx, mode, keys_db), log) as server:
-        wait_ready(server)
-        url = f"{server.base}{sb.infer_path()}"
-        sb.run_load("wrk", url, body, 3, 16, ctx.scratch)  # warm-up
-        result, _, _ = sb.run_load("wrk", url, body, duration, 16, ctx.scratch)
-    if result.errors:
-        raise RuntimeError(f"{mode}: {result.errors} errors ({result.status_counts}); see {log}")
-    return {"rps": result.rps, "p50_ms": result.latency_ms["p50"], "p99_ms": result.latency_ms["p99"]}
+def measure(mode: str, keys_db: Path, body: Body, duration: float, workdir: Path) -> dict[str, Any]:
+    model = demo_spec(build_demo(CACHE))
+    launch = server(mode, keys_db).prepare(model, fresh_dir(workdir), bastion_python(), free_port(), 1)
+    # server readiness: open and strict (every model loaded), while a model's readiness
+    # follows the caller's key scope
+    launch.ready_url = launch.infer_url.split("/v2/")[0] + "/v2/health/ready"
+    with serve(launch, workdir / "server.log") as running:
+        check_v2(mode, model, launch.infer_url, body.payload, body.request_headers, body.rows)
+        result, _ = saturate(
+            running, launch.infer_url, body, Load(16, duration, 3.0), scenario=DEMO_MODEL, framework=f"bastion-{mode}"
+        )
+    stats = result.stats
+    if stats.errors:
+        raise RuntimeError(f"{mode}: {stats.errors} errors ({stats.status_counts}); see {workdir / 'server.log'}")
+    return {"rps": stats.throughput, "p50_ms": stats.latency_ms.p50, "p99_ms": stats.latency_ms.p99}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,29 +84,27 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     started = dt.datetime.now(dt.UTC)
     rows: dict[str, list[dict[str, Any]]] = {"open": [], "auth-only": [], "guarded": []}
-    with tempfile.TemporaryDirectory(prefix="bastion-secbench-") as tmp:
-        scratch = Path(tmp)
-        repository = sb.single_model_repository(sb.build_repository(scratch), scratch)
-        ctx = sb.Context(repository, scratch)
-        keys_db, token = make_keys(scratch)
-        plain = sb.write_bodies(scratch / "bodies")["json1"]
-        keyed = replace(plain, key="json1-auth", headers={**plain.headers, "Authorization": f"Bearer {token}"})
-        bodies = {"open": plain, "auth-only": keyed, "guarded": keyed}
-        for r in range(args.rounds):
-            order = ("open", "auth-only", "guarded") if r % 2 == 0 else ("guarded", "auth-only", "open")
-            for mode in order:
-                m = measure(ctx, mode, keys_db, bodies[mode], args.duration, scratch / f"{mode}-{r}.log")
-                rows[mode].append(m)
-                print(f"round {r + 1} {mode:8s} {m['rps']:9.0f} req/s  p99 {m['p99_ms']:.2f} ms", file=sys.stderr)
-        audit_records = sum(1 for f in (keys_db.parent / "audit").glob("*.jsonl") for _ in f.open("rb"))
-    med = {mode: {k: statistics.median(m[k] for m in ms) for k in ("rps", "p50_ms", "p99_ms")}
-           for mode, ms in rows.items()}
+    scratch = fresh_dir(CACHE / "security-bench")
+    keys_db, token = make_keys(scratch)
+    plain = make_bodies(demo_spec(build_demo(CACHE)))["json1"]
+    keyed = dataclasses.replace(plain, headers={**plain.headers, "Authorization": f"Bearer {token}"})
+    bodies = {"open": plain, "auth-only": keyed, "guarded": keyed}
+    for r in range(args.rounds):
+        order = ("open", "auth-only", "guarded") if r % 2 == 0 else ("guarded", "auth-only", "open")
+        for mode in order:
+            m = measure(mode, keys_db, bodies[mode], args.duration, scratch / f"{mode}-{r}")
+            rows[mode].append(m)
+            print(f"round {r + 1} {mode:8s} {m['rps']:9.0f} req/s  p99 {m['p99_ms']:.2f} ms", file=sys.stderr)
+    audit_records = sum(1 for f in (keys_db.parent / "audit").glob("*.jsonl") for _ in f.open("rb"))
+    med = {
+        mode: {k: statistics.median(m[k] for m in ms) for k in ("rps", "p50_ms", "p99_ms")} for mode, ms in rows.items()
+    }
     rps_ratio = med["guarded"]["rps"] / med["open"]["rps"]
     p99_ratio = med["guarded"]["p99_ms"] / med["open"]["p99_ms"]
     auth_rps_ratio = med["auth-only"]["rps"] / med["open"]["rps"]
     report = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.node()} {platform.machine()}, {sb.os.cpu_count()} cores",
+        "machine": "{cpu}, {logical_cpus} cores".format(**machine_info()),
         "command": "python benchmarks/security_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rounds": rows,
         "median": med,
@@ -161,14 +144,7 @@ def write_markdown(report: dict[str, Any]) -> None:
         f"**{report['auth_only_throughput_ratio']:.3f}**",
         f"- audit records written during the guarded rounds: {report['audit_records_written']:,}",
     ]
-    block = f"{MD_START}\n" + "\n".join(lines) + f"\n{MD_END}"
-    text = sb.BENCHMARKS_MD.read_text(encoding="utf-8")
-    if MD_START in text and MD_END in text:
-        head, rest = text.split(MD_START, 1)
-        text = head + block + rest.split(MD_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    sb.BENCHMARKS_MD.write_text(text, encoding="utf-8")
+    write_marked_section(BENCHMARKS_MD, "security-bench", "\n".join(lines), "benchmarks/security_bench.py")
 
 
 if __name__ == "__main__":

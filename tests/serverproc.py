@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -13,6 +14,23 @@ import time
 from pathlib import Path
 
 import httpx
+
+
+@functools.cache
+def _default_ssl_context(cafile: str | None, capath: str | None) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cafile, capath=capath)
+
+
+def default_ssl_context(trust_env: bool = True) -> ssl.SSLContext:
+    """The context ``httpx`` builds for ``verify=True`` (SSL_CERT_FILE, SSL_CERT_DIR, else
+    certifi's bundle), built once: building it costs tens of milliseconds a client."""
+    if trust_env and os.environ.get("SSL_CERT_FILE"):
+        return _default_ssl_context(os.environ["SSL_CERT_FILE"], None)
+    if trust_env and os.environ.get("SSL_CERT_DIR"):
+        return _default_ssl_context(None, os.environ["SSL_CERT_DIR"])
+    import certifi
+
+    return _default_ssl_context(certifi.where(), None)
 
 
 def free_port() -> int:
@@ -33,7 +51,7 @@ class ServerProcess:
         (cert, key), present that client certificate."""
         self.http_port = free_port()
         self.grpc_port = free_port()
-        self.verify: ssl.SSLContext | bool = True  # for httpx's ``verify=``
+        self.verify: ssl.SSLContext = default_ssl_context()  # for httpx's ``verify=``
         if tls_ca is not None:
             self.verify = ssl.create_default_context(cafile=str(tls_ca))
             if tls_client_cert is not None:
@@ -56,20 +74,24 @@ class ServerProcess:
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1.0, verify=self.verify).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        # a new connection each probe: with --workers, a kept-alive one would ask one worker only
+        fresh = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(timeout=1.0, verify=self.verify, limits=fresh) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
+                try:
+                    if client.get(f"{self.url}/v2/health/ready").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.logs()}")
 
     def logs(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # still running; after stop() the file is complete
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 30.0) -> int:

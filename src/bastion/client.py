@@ -1,11 +1,16 @@
-"""A small public client for Bastion's REST API (V2 + repository extension).
+"""A small public client for Bastion's REST API (V2 + repository extension + admin API).
 
-The CLI uses it, and so will the lab and benchmarks: they talk to a server only
-through the public protocol, like any outside client.
+The CLI, the lab and the benchmarks use it: they talk to a server only through the
+public protocol, like any outside client. :class:`AdminClient` adds the operator's calls
+(``/v2/admin/...``, load/unload, ``/metrics``); :func:`zoo_counters` reads a zoo's
+counters from the ``/metrics`` exposition, the one parser of it on the client side.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,12 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             resp = self._http.request(method, path, **kwargs)
@@ -76,6 +87,22 @@ class Client:
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "")
         return orjson.loads(self._call("GET", path).content)
+
+    def wait_until_accepted(self, model: str, timeout_s: float = 10.0, interval_s: float = 0.2) -> None:
+        """Poll ``model``'s metadata until this client's key is accepted. A key created on a
+        running server reaches its workers within about a second (each reloads the key
+        store's snapshot), so the first requests with it may still get 401."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.model_metadata(model)
+                return
+            except ClientError as err:
+                if err.status != 401:
+                    raise  # anything but an unknown key will not change by waiting
+                if time.monotonic() > deadline:
+                    raise ClientError(f"the key is still refused after {timeout_s:g} s ({err})", 401) from None
+            time.sleep(interval_s)
 
     def infer(
         self,
@@ -158,3 +185,103 @@ class Client:
                 for t in response.outputs
             ],
         }
+
+
+# ---- the operator's side ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NewKey:
+    """A key the server just created. ``token`` is in this one answer and nowhere else (the
+    server stores only its HMAC); ``info`` is the key's record as the admin API lists it."""
+
+    token: str
+    key_id: str
+    tenant: str
+    info: dict[str, Any]
+
+
+class AdminClient(Client):
+    """A client with an admin key: the REST admin API (keys, tenants' limits and defense
+    classes), and ``/metrics``. Load and unload are :class:`Client`'s own."""
+
+    def __init__(self, url: str, api_key: str, *, timeout: float = 30.0, verify: str | bool = True) -> None:
+        super().__init__(url, timeout=timeout, api_key=api_key, verify=verify)
+        self._url = url.rstrip("/")
+        self._verify = verify
+
+    def create_key(self, tenant: str, *, role: str = "infer", models: Sequence[str] | None = None,
+                   description: str = "") -> NewKey:
+        """``POST /v2/admin/keys``: a new key for ``tenant`` (created with it when new);
+        ``models``: the only models the key may call (None: every model)."""
+        doc: dict[str, Any] = {"tenant": tenant, "role": role, "description": description}
+        if models is not None:
+            doc["models"] = list(models)
+        got = orjson.loads(self._call("POST", "/v2/admin/keys", json=doc).content)
+        token = got.pop("key")
+        return NewKey(str(token), str(got.get("key_id", "")), str(got.get("tenant", tenant)), got)
+
+    def set_limits(self, tenant: str, *, rate_per_s: float | None = None, burst: int | None = None,
+                   quota: int | None = None, quota_period: str | None = None) -> dict[str, Any]:
+        """``PUT /v2/admin/tenants/{tenant}/limits``: what the server enforces from then on
+        (a field left None is unlimited; ``quota_period`` is ``day`` or ``total``). Returns
+        the tenant's record."""
+        given = {"rate_per_s": rate_per_s, "burst": burst, "quota": quota, "quota_period": quota_period}
+        doc = {k: v for k, v in given.items() if v is not None}
+        return orjson.loads(self._call("PUT", f"/v2/admin/tenants/{tenant}/limits", json=doc).content)
+
+    def set_defense_class(self, tenant: str, defense_class: str) -> dict[str, Any]:
+        """``PUT /v2/admin/tenants/{tenant}/class``: the zoo defense class the tenant's
+        requests are served under. Returns the tenant's record; raises if the server reports
+        another class (an experiment must not measure the wrong defense)."""
+        got = orjson.loads(self._call("PUT", f"/v2/admin/tenants/{tenant}/class",
+                                      json={"defense_class": defense_class}).content)
+        if got.get("defense_class") != defense_class:
+            raise ClientError(f"tenant {tenant}: class {got.get('defense_class')!r} after setting {defense_class!r}")
+        return got
+
+    def metrics_text(self) -> str:
+        """The ``/metrics`` page (Prometheus text exposition; admin role only)."""
+        return self._call("GET", "/metrics").text
+
+    def zoo_counters(self, zoo: str) -> ZooCounters:
+        return zoo_counters(self.metrics_text(), zoo)
+
+    def wait_for_key(self, token: str, model: str, timeout_s: float = 10.0) -> None:
+        """Wait until the server accepts a key just created (see :meth:`Client.wait_until_accepted`)."""
+        with Client(self._url, api_key=token, timeout=5.0, verify=self._verify) as client:
+            client.wait_until_accepted(model, timeout_s)
+
+
+# ---- /metrics --------------------------------------------------------------------------------------
+# the outcome label of ``bastion_zoo_requests_total``: met counts toward goodput
+ZOO_OUTCOMES = ("met", "missed_accuracy", "missed_latency", "missed_both", "rejected")
+
+
+@dataclass(frozen=True)
+class ZooCounters:
+    """One zoo's counters on a ``/metrics`` page: requests by outcome (every outcome of
+    :data:`ZOO_OUTCOMES` present) and selections by variant (feasible or not, summed)."""
+
+    requests: dict[str, float]
+    selections: dict[str, float]
+
+
+def zoo_counters(metrics_text: str, zoo: str) -> ZooCounters:
+    """``bastion_zoo_requests_total`` and ``bastion_zoo_selections_total`` of ``zoo`` from a
+    ``/metrics`` page (with several workers the page already holds their sum)."""
+    # imported here: only the tools that read /metrics need the parser
+    from prometheus_client.parser import text_string_to_metric_families
+
+    requests = dict.fromkeys(ZOO_OUTCOMES, 0.0)
+    selections: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name not in ("bastion_zoo_requests", "bastion_zoo_selections"):
+            continue
+        for s in family.samples:
+            if not s.name.endswith("_total") or s.labels.get("zoo") != zoo:
+                continue
+            if family.name == "bastion_zoo_requests":
+                requests[s.labels["outcome"]] = requests.get(s.labels["outcome"], 0.0) + s.value
+            else:
+                variant = s.labels.get("variant", "")
+                selections[variant] = selections.get(variant, 0.0) + s.value
+    return ZooCounters(requests, selections)

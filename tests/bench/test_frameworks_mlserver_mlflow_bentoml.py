@@ -103,13 +103,16 @@ def test_peer_code_defines_what_the_adapters_name() -> None:
 
     def top_level(path: Path) -> set[str]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        return {n.name for n in tree.body if isinstance(n, ast.ClassDef | ast.FunctionDef)}
+        return {n.name for n in tree.body if isinstance(n, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)}
 
     assert "OnnxRuntime" in top_level(PEER_CODE / "mlserver_onnx_runtime.py")
     assert "OnnxService" in top_level(PEER_CODE / "bentoml_service.py")
     assert "main" in top_level(PEER_CODE / "mlflow_save_model.py")
-    # benchmarks/serving_bench.py loads the same runtime
-    assert (ROOT / "benchmarks" / "serving_bench.py").read_text().count("mlserver_onnx_runtime.OnnxRuntime") == 1
+    assert {"app", "infer_json"} <= top_level(PEER_CODE / "minimal_app.py")
+    # `bastion bench serving` serves MLServer through the study's adapter (one runtime for both)
+    from bastion.bench.serving import adapter
+
+    assert type(adapter("mlserver")) is MLServerFramework
 
 
 # --------------------------------------------------------------------------- MLServer

@@ -7,11 +7,11 @@ import http.server
 import json
 import math
 import shutil
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -27,6 +27,9 @@ from bastion.bench.saturation import SaturationConfig, WrkError, parse_wrk_outpu
 from bastion.bench.stats import RunStats, Summary
 from bastion.bench.suite import StudyResults
 from bastion.bench.venvs import installed_version
+
+if TYPE_CHECKING:
+    from tests.conftest import BuiltScenario
 
 WRK_LINE = (
     'Running 4s test @ http://127.0.0.1:9/x\n  1 threads and 16 connections\n'
@@ -296,19 +299,19 @@ def test_installed_version_reads_another_interpreter() -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is installed by `make test`")
-def test_bench_cli_runs_bastion_end_to_end(tmp_path: Path) -> None:
+def test_bench_cli_runs_bastion_end_to_end(image_scenario: BuiltScenario, tmp_path: Path) -> None:
     """The whole pipeline once, with Bastion only and tiny durations: build cache, limit,
     serve, verify answers, open loop, wrk, results.json, report and charts."""
     from bastion.cli.bench import bench
 
     cache = tmp_path / "cache"
     repo = cache / "scenarios" / "image"
-    out = subprocess.run([sys.executable, "-m", "bastion.cli.main", "scenario", "build", "image", "--out", str(repo),
-                          "--small"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    # the session's `bastion scenario build image --small`, copied: the cache is the bench's to write
+    shutil.copytree(image_scenario.repo, repo)
     (repo / ".built").write_text("ok\n")
+    # --quick: a 1 s warm-up and a short in-process limit; the options after it set the rest
     run = CliRunner().invoke(bench, [
-        "--frameworks", "bastion", "--scenarios", "image", "--payloads", "small", "--duration", "1",
+        "--quick", "--frameworks", "bastion", "--scenarios", "image", "--payloads", "small", "--duration", "1",
         "--saturation-duration", "1", "--connections", "4", "--rate", "50", "--workers", "1",
         "--out", str(tmp_path / "out"), "--cache", str(cache),
     ], catch_exceptions=False)

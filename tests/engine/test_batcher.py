@@ -1,7 +1,8 @@
 """The dynamic batcher: merging, splitting, bounds and failures.
 
 The runtime here is a real (tiny) numpy model implementing the Runtime protocol, with a
-gate so a test can hold a batch "computing" while it queues more requests.
+gate so a test can hold a batch "computing" while it queues more requests. The tests wait
+for what they need (a batch inside the runtime, requests in the queue) instead of sleeping.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 from bastion.core.errors import Overloaded, Unprocessable
 from bastion.core.metadata import BatchingConfig, TensorSpec
 from bastion.engine.batcher import Batcher, BatchObserver
+from tests.polling import async_wait_until
 
 
 class AffineRuntime:
@@ -25,6 +27,7 @@ class AffineRuntime:
 
     def __init__(self, fail_on: float | None = None) -> None:
         self.calls: list[int] = []
+        self.entered: list[int] = []  # batch sizes that reached predict, before the gate
         self.gate = threading.Event()
         self.gate.set()
         self.fail_on = fail_on
@@ -38,6 +41,7 @@ class AffineRuntime:
         return (TensorSpec("y", "FP32", (-1, -1)),)
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.entered.append(inputs["x"].shape[0])
         self.gate.wait(5)
         x = inputs["x"]
         self.calls.append(x.shape[0])
@@ -52,6 +56,10 @@ class AffineRuntime:
 class Recorder(BatchObserver):
     def __init__(self) -> None:
         self.batches: list[tuple[int, int]] = []
+        self.depth = 0
+
+    def queue_depth(self, depth: int) -> None:
+        self.depth = depth
 
     def batch_done(self, rows: int, requests: int, queue_s: list[float], compute_s: float) -> None:
         self.batches.append((rows, requests))
@@ -63,6 +71,16 @@ def _x(rows: int, value: float, width: int = 4) -> dict[str, np.ndarray]:
 
 def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
+
+
+async def computing(rt: AffineRuntime, batches: int = 1) -> None:
+    """Until ``batches`` batches have reached the runtime (held there while the gate is shut)."""
+    await async_wait_until(lambda: len(rt.entered) >= batches, 10, what=f"{batches} batch(es) in the runtime")
+
+
+async def queued(rec: Recorder, depth: int) -> None:
+    """Until the batcher reports ``depth`` requests waiting."""
+    await async_wait_until(lambda: rec.depth == depth, 10, what=f"{depth} request(s) queued")
 
 
 @pytest.fixture
@@ -79,9 +97,9 @@ def test_requests_queued_while_busy_are_merged_and_split_back(executor) -> None:
     async def scenario() -> list[dict[str, np.ndarray]]:
         rt.gate.clear()
         first = asyncio.ensure_future(b.submit(_x(1, 0.0), 1))
-        await asyncio.sleep(0.01)  # first batch is computing (held by the gate)
+        await computing(rt)  # the first batch is computing (held by the gate)
         rest = [asyncio.ensure_future(b.submit(_x(r, float(i)), r)) for i, r in enumerate([1, 2, 3], start=1)]
-        await asyncio.sleep(0.01)
+        await queued(rec, 3)
         rt.gate.set()
         return [await first, *[await f for f in rest]]
 
@@ -100,7 +118,7 @@ def test_max_batch_size_and_preferred_sizes_cut_batches(executor) -> None:  # ty
     async def scenario() -> None:
         rt.gate.clear()
         futs = [asyncio.ensure_future(b.submit(_x(1, float(i)), 1)) for i in range(7)]
-        await asyncio.sleep(0.01)
+        await computing(rt)  # the first cut is in the runtime, the rest waits behind it
         rt.gate.set()
         await asyncio.gather(*futs)
 
@@ -122,18 +140,19 @@ def test_requests_of_one_loop_iteration_share_a_batch(executor) -> None:  # type
 
 def test_incompatible_shapes_are_not_merged(executor) -> None:  # type: ignore[no-untyped-def]
     rt = AffineRuntime()
-    b = Batcher(rt, executor, max_batch_size=64, batching=BatchingConfig())
+    rec = Recorder()
+    b = Batcher(rt, executor, max_batch_size=64, batching=BatchingConfig(), observer=rec)
 
     async def scenario() -> list[dict[str, np.ndarray]]:
         rt.gate.clear()
         head = asyncio.ensure_future(b.submit(_x(1, 0.0), 1))
-        await asyncio.sleep(0.01)
+        await computing(rt)
         futs = [
             asyncio.ensure_future(b.submit(_x(1, 1.0, width=4), 1)),
             asyncio.ensure_future(b.submit(_x(1, 2.0, width=8), 1)),
             asyncio.ensure_future(b.submit(_x(1, 3.0, width=4), 1)),
         ]
-        await asyncio.sleep(0.01)
+        await queued(rec, 3)
         rt.gate.set()
         await head
         return [await f for f in futs]
@@ -146,19 +165,20 @@ def test_incompatible_shapes_are_not_merged(executor) -> None:  # type: ignore[n
 
 def test_queue_bound_rejects_at_once_with_retry_after(executor) -> None:  # type: ignore[no-untyped-def]
     rt = AffineRuntime()
-    b = Batcher(rt, executor, max_batch_size=0, batching=BatchingConfig(max_queue_size=2))
+    rec = Recorder()
+    b = Batcher(rt, executor, max_batch_size=0, batching=BatchingConfig(max_queue_size=2), observer=rec)
 
     async def scenario() -> None:
         rt.gate.clear()
         running = asyncio.ensure_future(b.submit(_x(1, 0.0), 1))
-        await asyncio.sleep(0.01)
-        queued = [asyncio.ensure_future(b.submit(_x(1, 1.0), 1)) for _ in range(2)]
-        await asyncio.sleep(0)
+        await computing(rt)
+        waiting = [asyncio.ensure_future(b.submit(_x(1, 1.0), 1)) for _ in range(2)]
+        await queued(rec, 2)
         with pytest.raises(Overloaded) as err:
             await b.submit(_x(1, 2.0), 1)
         assert err.value.retry_after is not None and err.value.retry_after >= 1
         rt.gate.set()
-        await asyncio.gather(running, *queued)
+        await asyncio.gather(running, *waiting)
         # capacity is back once the queue drained
         await b.submit(_x(1, 3.0), 1)
 
@@ -198,16 +218,17 @@ def test_a_failing_batch_fails_its_requests_only(executor) -> None:  # type: ign
 
 def test_a_bad_request_does_not_fail_the_requests_batched_with_it(executor) -> None:  # type: ignore[no-untyped-def]
     rt = AffineRuntime(fail_on=9.0)
-    b = Batcher(rt, executor, max_batch_size=8, batching=BatchingConfig())
+    rec = Recorder()
+    b = Batcher(rt, executor, max_batch_size=8, batching=BatchingConfig(), observer=rec)
 
     async def scenario() -> None:
         rt.gate.clear()  # hold the first batch so the next three queue and merge
         first = asyncio.ensure_future(b.submit(_x(1, 1.0), 1))
-        await asyncio.sleep(0.01)
+        await computing(rt)
         good1 = asyncio.ensure_future(b.submit(_x(1, 2.0), 1))
         bad = asyncio.ensure_future(b.submit(_x(1, 9.0), 1))
         good2 = asyncio.ensure_future(b.submit(_x(2, 3.0), 2))
-        await asyncio.sleep(0.01)
+        await queued(rec, 3)
         rt.gate.set()
         assert (await first)["y"].shape == (1, 4)
         assert (await good1)["y"][0, 0] == 5
@@ -225,9 +246,10 @@ def test_close_drains_then_refuses(executor) -> None:  # type: ignore[no-untyped
     async def scenario() -> None:
         rt.gate.clear()
         fut = asyncio.ensure_future(b.submit(_x(1, 1.0), 1))
-        await asyncio.sleep(0.01)
+        await computing(rt)
         closing = asyncio.ensure_future(b.close())
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # one loop turn: close() has begun (it refuses, then waits for the batch)
+        assert not closing.done()
         rt.gate.set()
         await closing
         assert (await fut)["y"][0, 0] == 3

@@ -33,6 +33,7 @@ from bastion.guard.audit import (
     verify,
 )
 from bastion.guard.secrets import derive_key
+from tests.polling import wait_until
 
 T0 = 1_750_000_000.0
 SEG0 = "audit-0-000000.jsonl"
@@ -471,12 +472,10 @@ def test_background_thread_fsyncs(tmp_path: Path, key: bytes, monkeypatch: pytes
     with AuditLog(tmp_path, key, fsync_interval_s=0.02) as log:
         log.append(record(0))
         assert synced == []  # not on the caller's path
-        deadline = time.monotonic() + 5
-        while not synced and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: synced, 30, 0.01, what="the background thread's fsync")
         assert synced == [log._fd]
         n = len(synced)
-        time.sleep(0.1)
+        time.sleep(0.1)  # five intervals in which nothing may happen (an absence cannot be polled for)
         assert len(synced) == n  # nothing new appended: nothing to sync
 
 

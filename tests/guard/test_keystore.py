@@ -455,8 +455,9 @@ def test_master_secret_derivations_are_independent(store: KeyStore) -> None:
 # -- concurrency ----------------------------------------------------------------------
 
 
-def _create_many(path: str, tenant: str, n: int, start: multiprocessing.synchronize.Event, out) -> None:
-    start.wait(10)
+def _create_many(path: str, tenant: str, n: int, start: multiprocessing.synchronize.Event, out, ready) -> None:
+    ready.put(tenant)  # imported, at the start line
+    assert start.wait(60)
     store = KeyStore(Path(path))  # both processes may be the one that creates the file
     tokens = [store.create_key(tenant)[0] for _ in range(n)]
     store.close()
@@ -465,11 +466,11 @@ def _create_many(path: str, tenant: str, n: int, start: multiprocessing.synchron
 
 def test_two_processes_create_keys_at_once(db: Path) -> None:
     ctx = multiprocessing.get_context("spawn")
-    start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_create_many, args=(str(db), f"t{i}", 25, start, out)) for i in range(2)]
+    start, out, ready = ctx.Event(), ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_create_many, args=(str(db), f"t{i}", 25, start, out, ready)) for i in range(2)]
     for p in procs:
         p.start()
-    time.sleep(0.5)  # let both import and wait at the start line
+    assert sorted(ready.get(timeout=60) for _ in procs) == ["t0", "t1"]  # both at the start line
     start.set()
     results = [out.get(timeout=60) for _ in procs]
     for p in procs:

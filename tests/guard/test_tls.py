@@ -7,6 +7,7 @@ import asyncio
 import socket
 import ssl
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -344,12 +345,14 @@ def test_uvicorn_option_puts_the_fingerprint_in_the_scope(certs: dict[str, Path]
         url = f"https://127.0.0.1:{port}/"
         try:
             async with httpx.AsyncClient(verify=_client_ctx(certs, certs["alice"], certs["alice_key"])) as client:
-                for _ in range(50):  # uvicorn starts serving in a task
+                deadline = time.monotonic() + 30
+                while True:  # uvicorn starts serving in a task
                     try:
                         r = await client.get(url)
                         break
                     except httpx.ConnectError:
-                        await asyncio.sleep(0.05)
+                        assert time.monotonic() < deadline, "uvicorn did not start serving"
+                        await asyncio.sleep(0.01)
                 assert r.text == f"https {fingerprint_pem(certs['alice'].read_bytes())}"
             async with httpx.AsyncClient(verify=_client_ctx(certs)) as client:
                 with pytest.raises(httpx.TransportError):

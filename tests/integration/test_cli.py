@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.polling import wait_until
 from tests.serverproc import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -58,8 +61,8 @@ def test_infer_errors_are_readable(demo_server: ServerProcess, tmp_path: Path) -
     assert out.returncode != 0 and "404" in out.stderr
 
 
-def test_load_unload_commands(demo_repo: Path) -> None:
-    with ServerProcess(demo_repo, "--poll-interval", "0", "--grpc-port", "-1") as server:
+def test_load_unload_commands(onnx_demo_repo: Path) -> None:
+    with ServerProcess(onnx_demo_repo, "--poll-interval", "0", "--grpc-port", "-1") as server:
         assert "unloaded digits" in bastion("models", "unload", "digits", "--url", server.url).stdout
         rows = json.loads(bastion("models", "list", "--url", server.url, "--json").stdout)
         assert {r["name"]: r["state"] for r in rows}["digits"] == "UNAVAILABLE"
@@ -68,22 +71,45 @@ def test_load_unload_commands(demo_repo: Path) -> None:
         assert out.returncode != 0 and "404" in out.stderr
 
 
-def test_demo_build_only(tmp_path: Path) -> None:
-    out = bastion("demo", "--build-only", "--out", str(tmp_path / "r"))
-    assert "simple" in out.stderr and "digits" in out.stderr
+def test_demo_build_only(demo_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--build-only`` builds, reports and exits without serving. The command runs in
+    process with the build replaced by a copy of the session's demo repository: the real
+    build through ``bastion demo`` is checked by the serving test below, and building
+    twice costs seconds."""
+    from click.testing import CliRunner
+
+    import bastion.scenarios.demo as demo_module
+    from bastion.cli import main as cli_main
+
+    built: list[tuple[Path, int]] = []
+
+    def build(out: Path, *, progress: Callable[[str], None] | None = None, seed: int = 0) -> list[str]:
+        built.append((Path(out), seed))
+        shutil.copytree(demo_repo, out)
+        return list(demo_module.DEMO_MODELS)
+
+    def serve(opts: object) -> int:
+        raise AssertionError("--build-only went on to serve")
+
+    monkeypatch.setattr(demo_module, "build_demo_repository", build)
+    monkeypatch.setattr(cli_main, "_serve_with_progress", serve)
+    result = CliRunner().invoke(cli_main.cli, ["demo", "--build-only", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert built == [(tmp_path / "r", 0)]
+    assert "simple" in result.stderr and "digits" in result.stderr
     assert (tmp_path / "r" / "simple" / "config.yaml").exists()
 
 
-def test_serve_config_file_and_unknown_setting(demo_repo: Path, tmp_path: Path) -> None:
+def test_serve_config_file_and_unknown_setting(onnx_demo_repo: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "serve.yaml"
     cfg.write_text("poll_interval_s: 0\nmax_body_bytes: 2048\n")
-    with ServerProcess(demo_repo, "--config", str(cfg), "--grpc-port", "-1") as server:
+    with ServerProcess(onnx_demo_repo, "--config", str(cfg), "--grpc-port", "-1") as server:
         import httpx
 
         r = httpx.post(f"{server.url}/v2/models/simple/infer", content=b"{" + b" " * 4000 + b"}")
         assert r.status_code == 413
     cfg.write_text("http_prot: 9000\n")
-    out = bastion("serve", str(demo_repo), "--config", str(cfg), check=False)
+    out = bastion("serve", str(onnx_demo_repo), "--config", str(cfg), check=False)
     assert out.returncode != 0 and "http_prot" in out.stderr
 
 
@@ -103,7 +129,6 @@ def test_demo_serves_with_a_fresh_key_and_its_examples_work(tmp_path: Path) -> N
     import signal
     import subprocess
     import sys
-    import time
 
     import httpx
 
@@ -120,17 +145,21 @@ def test_demo_serves_with_a_fresh_key_and_its_examples_work(tmp_path: Path) -> N
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
+
+        def ready() -> bool:
             assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
             try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
+                return httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+                return False
+
+        wait_until(ready, 180, 0.05, what="`bastion demo` to build and serve", details=log.read_text)
         text = log.read_text()
+        # the command built the repository and said so
+        from bastion.scenarios.demo import DEMO_MODELS
+
+        assert f"built {len(DEMO_MODELS)} models in" in text, text
+        assert all((out / name / "config.yaml").exists() for name in DEMO_MODELS)
         token = re.search(r"export BASTION_API_KEY=(\S+)", text).group(1)  # type: ignore[union-attr]
         assert httpx.get(f"{url}/v2/models/simple").status_code == 401
         curl = next(line for line in text.splitlines() if line.strip().startswith("curl") and "infer" in line)

@@ -38,7 +38,6 @@ Deliberate exclusions and choices:
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ from schemathesis.checks import CheckContext, CheckFunction
 from schemathesis.core.transport import Response
 
 from bastion.guard.keystore import KeyStore
+from tests.polling import wait_until
 from tests.serverproc import ServerProcess
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
@@ -415,8 +415,9 @@ def _wrong_methods() -> Iterator[tuple[str, str, set[str]]]:
 def test_undocumented_methods_are_405(fuzzed: tuple[ServerProcess, Keys]) -> None:
     """Method dispatch matches the document: any other method is 405, naming the allowed ones."""
     server, keys = fuzzed
-    for method, path, allowed in _wrong_methods():
-        r = httpx.request(method, server.url + path, headers=_bearer(keys.admin), timeout=10)
+    with httpx.Client(headers=_bearer(keys.admin), timeout=10) as http:
+        answers = [(m, path, allowed, http.request(m, server.url + path)) for m, path, allowed in _wrong_methods()]
+    for method, path, allowed, r in answers:
         assert r.status_code == 405, f"{method} {path}: {r.status_code} {r.text}"
         assert all(m in r.json()["error"] for m in allowed), r.text
 
@@ -425,8 +426,9 @@ def test_405_lists_the_allowed_methods_in_allow(fuzzed: tuple[ServerProcess, Key
     """RFC 9110, 15.5.6: a 405 MUST carry ``Allow`` (schemathesis' unsupported_method check)."""
     server, keys = fuzzed
     missing = []
-    for method, path, allowed in _wrong_methods():
-        r = httpx.request(method, server.url + path, headers=_bearer(keys.admin), timeout=10)
+    with httpx.Client(headers=_bearer(keys.admin), timeout=10) as http:
+        answers = [(m, path, allowed, http.request(m, server.url + path)) for m, path, allowed in _wrong_methods()]
+    for method, path, allowed, r in answers:
         if "GET" in allowed:
             allowed = {*allowed, "HEAD"}  # HEAD is served wherever GET is
         if {m.strip() for m in r.headers.get("allow", "").split(",")} != allowed:
@@ -440,10 +442,8 @@ def test_server_still_serves_after_the_fuzzing(fuzzed: tuple[ServerProcess, Keys
     # put back what unload may have taken away, then the server must be fully ready
     r = httpx.post(f"{server.url}/v2/repository/models/{SPARE}/load", headers=_bearer(keys.admin), timeout=60)
     assert r.status_code == 200, r.text
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, "server not ready after the fuzzing"
-        time.sleep(0.1)
+    wait_until(lambda: httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200, 30, 0.05,
+               what="the server ready after the fuzzing", details=server.logs)
     r = httpx.post(f"{server.url}/v2/models/simple/infer", json=SIMPLE_BODY, headers=_bearer(keys.admin), timeout=10)
     assert r.status_code == 200, r.text
     assert r.json()["outputs"][0]["data"] == [i + 1 for i in range(16)]

@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from bastion.guard.keystore import KeyStore
 from bastion.guard.principal import Limits
+from tests.polling import wait_until
 from tests.serverproc import ServerProcess
 
 SIMPLE_BODY = {
@@ -31,6 +32,9 @@ SIMPLE_BODY = {
     ]
 }
 TFS_BODY = {"instances": [{"INPUT0": list(range(16)), "INPUT1": [1] * 16}]}
+# key changes reach a running server "within a second" (docs/SECURITY.md); the waits allow
+# five, for a loaded machine, and return as soon as the change is seen
+REACHES_S = 5.0
 
 
 class Keys:
@@ -261,17 +265,14 @@ def test_revocation_reaches_the_running_server(guarded, tmp_path: Path) -> None:
         capture_output=True, text=True, check=True,
     )
     token = out.stdout.strip().splitlines()[-1]
-    deadline = time.monotonic() + 5
-    while rest_infer(server, token).status_code != 200:
-        assert time.monotonic() < deadline, "a new key did not reach the server"
-        time.sleep(0.2)
+    # the documented bound is "within a second": 5 s is that with room for a loaded machine
+    wait_until(lambda: rest_infer(server, token).status_code == 200, REACHES_S, 0.05,
+               what="a new key to reach the server")
     key_id = token.split("_")[1]
     subprocess.run([sys.executable, "-m", "bastion.cli.main", "keys", "revoke", key_id, "--keys", str(db)],
                    check=True, capture_output=True)
-    deadline = time.monotonic() + 5
-    while rest_infer(server, token).status_code != 401:
-        assert time.monotonic() < deadline, "revocation did not reach the server"
-        time.sleep(0.2)
+    wait_until(lambda: rest_infer(server, token).status_code == 401, REACHES_S, 0.05,
+               what="the revocation to reach the server")
     assert grpc_status(server, token) == "StatusCode.UNAUTHENTICATED"
 
 
@@ -328,14 +329,14 @@ def test_serve_refuses_to_run_without_keys_or_open_on_a_public_address(demo_repo
     assert out.returncode == 2 and "loopback" in out.stderr
 
 
-def test_acknowledged_requests_survive_sigkill(demo_repo: Path, tmp_path: Path) -> None:
+def test_acknowledged_requests_survive_sigkill(onnx_demo_repo: Path, tmp_path: Path) -> None:
     """Every request whose response reached the client is in the audit log, even when the
     server is killed (SIGKILL) while requests are in flight."""
     db = tmp_path / "keys.db"
     store = KeyStore(db)
     token, _ = store.create_key("killtest")
     store.close()
-    server = ServerProcess(demo_repo, "--keys", str(db), "--poll-interval", "0")
+    server = ServerProcess(onnx_demo_repo, "--keys", str(db), "--poll-interval", "0")
     acked: list[str] = []
     stop = False
 
@@ -391,11 +392,9 @@ def test_admin_api_manages_keys_and_tenants(guarded) -> None:  # type: ignore[no
     made = r.json()
     token, key_id = made["key"], made["key_id"]
     assert made["tenant"] == "grace" and made["models"] == ["simple"] and made["limits"]["burst"] == 2
-    deadline = time.monotonic() + 5
-    while rest_infer(server, token).status_code == 401:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    # the loop's 200 spent one token of the burst of 2
+    wait_until(lambda: rest_infer(server, token).status_code != 401, REACHES_S, 0.05,
+               what="the key made over the API to reach the server")
+    # the wait's 200 spent one token of the burst of 2
     assert [rest_infer(server, token).status_code for _ in range(2)] == [200, 429]
     listed = httpx.get(f"{url}/keys", headers=admin)
     assert listed.status_code == 200 and token not in listed.text and token.rsplit("_", 1)[1] not in listed.text
@@ -415,10 +414,8 @@ def test_admin_api_manages_keys_and_tenants(guarded) -> None:  # type: ignore[no
     assert httpx.patch(f"{url}/keys", headers=admin).status_code == 405
     r = httpx.delete(f"{url}/keys/{key_id}", headers=admin)
     assert r.status_code == 200 and r.json()["revoked_at"]
-    deadline = time.monotonic() + 5
-    while rest_infer(server, token).status_code != 401:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_until(lambda: rest_infer(server, token).status_code == 401, REACHES_S, 0.05,
+               what="the revocation over the API to reach the server")
 
 
 def test_every_transport_is_audited(guarded) -> None:  # type: ignore[no-untyped-def]

@@ -94,22 +94,22 @@ def test_malformed_http_gets_400_and_server_keeps_serving(demo_server: ServerPro
     assert httpx.post(f"{demo_server.url}/v2/models/simple/infer", content=BODY).status_code == 200
 
 
-def test_body_limit_refused_before_reading_it(demo_repo: Path) -> None:
-    with ServerProcess(demo_repo, "--poll-interval", "0", "--max-body-bytes", "1000", "--grpc-port", "-1") as server:
-        with _connect(server) as s, s.makefile("rb") as f:
-            # the client announces a huge body and sends none of it: the answer comes anyway
-            s.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n")
-            status, headers, body = _read_response(f)
-            assert status == 413 and b"1000" in body and headers["connection"] == "close"
-        with _connect(server) as s, s.makefile("rb") as f:
-            s.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                      + b"800\r\n" + b" " * 0x800 + b"\r\n")
-            assert _read_response(f)[0] == 413
-        assert httpx.post(f"{server.url}/v2/models/simple/infer", content=BODY).status_code == 200
+def test_body_limit_refused_before_reading_it(small_body_server: ServerProcess) -> None:
+    server = small_body_server  # --max-body-bytes 1000
+    with _connect(server) as s, s.makefile("rb") as f:
+        # the client announces a huge body and sends none of it: the answer comes anyway
+        s.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n")
+        status, headers, body = _read_response(f)
+        assert status == 413 and b"1000" in body and headers["connection"] == "close"
+    with _connect(server) as s, s.makefile("rb") as f:
+        s.sendall(b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  + b"800\r\n" + b" " * 0x800 + b"\r\n")
+        assert _read_response(f)[0] == 413
+    assert httpx.post(f"{server.url}/v2/models/simple/infer", content=BODY).status_code == 200
 
 
-def test_uvicorn_option_serves_the_same_api(demo_repo: Path) -> None:
-    with ServerProcess(demo_repo, "--poll-interval", "0", "--http-impl", "uvicorn", "--grpc-port", "-1") as server:
+def test_uvicorn_option_serves_the_same_api(onnx_demo_repo: Path) -> None:
+    with ServerProcess(onnx_demo_repo, "--poll-interval", "0", "--http-impl", "uvicorn", "--grpc-port", "-1") as server:
         r = httpx.post(f"{server.url}/v2/models/simple/infer", content=BODY)
         assert r.status_code == 200 and r.json()["outputs"][1]["data"][0] == -1
         assert httpx.get(f"{server.url}/v2/models/nope").status_code == 404

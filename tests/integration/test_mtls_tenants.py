@@ -25,7 +25,7 @@ BODY = {
 
 
 @pytest.fixture(scope="module")
-def setup(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, dict, str]]:
+def setup(onnx_demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, dict, str]]:
     d = tmp_path_factory.mktemp("mtls-tenants")
     certs = write_dev_certificates(d / "certs", clients=("acme", "stranger"))
     db = d / "keys.db"
@@ -33,7 +33,7 @@ def setup(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         store.create_key("acme", models=["simple"], cert_fingerprint=fingerprint_pem(certs["acme"].read_bytes()))
         token, _ = store.create_key("keyholder")
     server = ServerProcess(
-        demo_repo, "--keys", str(db), "--poll-interval", "0",
+        onnx_demo_repo, "--keys", str(db), "--poll-interval", "0",
         "--tls-cert", str(certs["server"]), "--tls-key", str(certs["server_key"]),
         "--tls-client-ca", str(certs["ca"]), "--tls-client-auth", "required",
         tls_ca=certs["ca"], tls_client_cert=(certs["acme"], certs["acme_key"]),
@@ -91,7 +91,7 @@ def test_a_registered_certificate_is_the_tenants_credential_on_grpc(setup) -> No
     try:
         assert client.infer("simple", _inputs()).as_numpy("OUTPUT0").tolist() == [[i + 1 for i in range(16)]]
         with pytest.raises(InferenceServerException) as err:
-            client.infer("digits_skops", _inputs())
+            client.infer("digits", _inputs())  # outside the certificate's scope
         assert str(err.value.status()) == "StatusCode.PERMISSION_DENIED"
     finally:
         client.close()

@@ -73,13 +73,26 @@ def test_overload_rejects_fast_and_completes_accepted(slow_repo: Path) -> None:
 
 
 def test_sigterm_drains_in_flight_then_exits_zero(slow_repo: Path) -> None:
+    # room for all three whatever the order they arrive in: with a queue of 2, three
+    # requests landing before the first is dispatched would turn the third into a 503
+    write_slow_model(slow_repo, max_queue_size=16)
     server = ServerProcess(slow_repo, "--poll-interval", "0")
 
     async def scenario() -> list[int]:
         async with httpx.AsyncClient(timeout=60) as client:
             tasks = [asyncio.create_task(client.post(f"{server.url}/v2/models/slow/infer", json=BODY))
                      for _ in range(3)]
-            await asyncio.sleep(0.05)  # the requests are in flight (one computing, two queued)
+
+            async def queued() -> float | None:
+                text = (await client.get(f"{server.url}/metrics")).text
+                return sample(text, "bastion_inference_queue_depth", model="slow")
+
+            # SIGTERM once the requests are in flight: one computing (~100 ms), two queued behind it
+            deadline = time.monotonic() + 30
+            while await queued() != 2:
+                assert not any(t.done() for t in tasks), "a request was answered before all three were in"
+                assert time.monotonic() < deadline, f"the requests never were in flight:\n{server.logs()}"
+                await asyncio.sleep(0.002)
             server.proc.send_signal(signal.SIGTERM)
             return [(await t).status_code for t in tasks]
 

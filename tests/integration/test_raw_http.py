@@ -184,15 +184,17 @@ def test_method_not_allowed(demo_server: ServerProcess) -> None:
     assert "POST" in r.json()["error"]
 
 
-def test_oversized_body_is_413(demo_repo) -> None:  # type: ignore[no-untyped-def]
-    with ServerProcess(demo_repo, "--poll-interval", "0", "--max-body-bytes", "4096", "--grpc-port", "-1") as server:
-        r = _post(server, "/v2/models/simple/infer", b"{" + b" " * 10_000 + b"}")
-        assert r.status_code == 413
-        assert "4096" in r.json()["error"]
-        # a small gzip body that inflates past the limit is refused the same way
-        r = _post(server, "/v2/models/simple/infer", gzip.compress(b" " * 100_000), {"content-encoding": "gzip"})
-        assert r.status_code == 413
-        assert _post(server, "/v2/models/simple/infer", SIMPLE).status_code == 200
+def test_oversized_body_is_413(small_body_server: ServerProcess) -> None:
+    server = small_body_server  # --max-body-bytes 1000
+    r = _post(server, "/v2/models/simple/infer", b"{" + b" " * 10_000 + b"}")
+    assert r.status_code == 413
+    assert "1000" in r.json()["error"]
+    # a small gzip body that inflates past the limit is refused the same way
+    compressed = gzip.compress(b" " * 100_000)
+    assert len(compressed) < 1000
+    r = _post(server, "/v2/models/simple/infer", compressed, {"content-encoding": "gzip"})
+    assert r.status_code == 413
+    assert _post(server, "/v2/models/simple/infer", SIMPLE).status_code == 200
 
 
 def test_tfserving_predict_and_status(demo_server: ServerProcess) -> None:

@@ -15,8 +15,8 @@ from tests.serverproc import ServerProcess
 
 
 @pytest.fixture(scope="module")
-def server(demo_repo: Path) -> Iterator[ServerProcess]:
-    s = ServerProcess(demo_repo, "--poll-interval", "0", "--max-batch-size", "2", "--max-elements", "40",
+def server(onnx_demo_repo: Path) -> Iterator[ServerProcess]:
+    s = ServerProcess(onnx_demo_repo, "--poll-interval", "0", "--max-batch-size", "2", "--max-elements", "40",
                       "--max-string-bytes", "8", "--max-json-depth", "6")
     yield s
     assert s.stop() == 0, s.logs()

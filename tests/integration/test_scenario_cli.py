@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
@@ -13,17 +11,21 @@ import pytest
 
 from tests.serverproc import ServerProcess
 
+if TYPE_CHECKING:
+    from tests.conftest import BuiltScenario
+
 pytestmark = pytest.mark.slow
 
 
-def test_image_scenario_built_profiled_and_served(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    out = subprocess.run([sys.executable, "-m", "bastion.cli.main", "scenario", "build", "image", "--out", str(repo),
-                          "--small"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+def test_image_scenario_built_profiled_and_served(image_scenario: BuiltScenario) -> None:
+    # the session's `bastion scenario build image --small` (tests/conftest.py), which exited 0
+    repo = image_scenario.repo
+    assert "built image" in image_scenario.stderr
     profile = json.loads((repo / "image" / "profile.json").read_text())
     quality = {v["variant"]: v["quality"] for v in profile["variants"]}
     assert len(quality) >= 4
+    for variant, q in quality.items():  # the CLI printed the profile it measured
+        assert variant in image_scenario.stdout and f"{q:.4f}" in image_scenario.stdout
     eval_set = np.load(repo / "image" / "eval.npz")
     x, y = eval_set["image"][:8], eval_set["y"][:8]
     with ServerProcess(repo, "--poll-interval", "0", "--grpc-port", "-1") as server:

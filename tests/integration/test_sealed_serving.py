@@ -18,6 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from bastion.guard.bundles import generate_signing_key, seal_bundle, write_public_key
 from bastion.guard.keyproviders import encode_master_key, generate_master_key, load_key_provider
 from bastion.runtimes.export import sklearn_to_skops
+from tests.polling import wait_until
 from tests.runtimes.onnx_models import affine_model, write_model
 from tests.serverproc import ServerProcess
 
@@ -39,13 +40,8 @@ def _index(url: str) -> dict[str, dict[str, str]]:
     return {row["name"]: row for row in r.json()}
 
 
-def _wait(check: Callable[[], bool], what: str, server: ServerProcess, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}:\n{server.logs()}")
+def _wait(check: Callable[[], bool], what: str, server: ServerProcess, timeout: float = 30.0) -> None:
+    wait_until(check, timeout, 0.05, what=what, details=server.logs)
 
 
 def _drop(repo: Path, name: str, data: bytes) -> None:
@@ -55,7 +51,9 @@ def _drop(repo: Path, name: str, data: bytes) -> None:
     tmp.rename(repo / name)
 
 
-def _files_containing(roots: list[Path], needle: bytes, since: float | None = None) -> list[str]:
+def _files_containing(roots: list[Path], needles: tuple[bytes, ...], since: float | None = None) -> list[str]:
+    """Files under ``roots`` (modified since ``since``) holding any of ``needles``: one walk
+    and one read per file for all the needles."""
     found = []
     for root in roots:
         for dirpath, _, names in os.walk(root, onerror=lambda _: None):
@@ -68,8 +66,9 @@ def _files_containing(roots: list[Path], needle: bytes, since: float | None = No
                     if since is not None and st.st_mtime < since:
                         continue
                     with open(path, "rb") as f:
-                        if needle in f.read():
-                            found.append(path)
+                        data = f.read()
+                    if any(needle in data for needle in needles):
+                        found.append(path)
                 except OSError:  # vanished or unreadable: not ours
                     continue
     return found
@@ -149,11 +148,11 @@ def test_sealed_models_serve_and_never_touch_the_disk_in_plaintext(
 
         # no plaintext model anywhere on disk: not in the repository, not in the server's temp
         # dir, not in any file written under the system temp dirs since the server started
-        for needle in (onnx_bytes, affine_model(new_offset), skops_bytes):
-            assert not _files_containing([repo, server_tmp], needle)
-            system_tmp = [Path(p) for p in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(p)]
-            hits = _files_containing(system_tmp, needle, since=started)
-            assert not hits, hits
+        needles = (onnx_bytes, affine_model(new_offset), skops_bytes)
+        assert not _files_containing([repo, server_tmp], needles)
+        system_tmp = [Path(p) for p in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(p)]
+        hits = _files_containing(system_tmp, needles, since=started)
+        assert not hits, hits
         # nor an unlinked temp file the server still holds open
         fd_dir = Path(f"/proc/{server.proc.pid}/fd")
         if fd_dir.is_dir():

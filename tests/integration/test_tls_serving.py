@@ -54,15 +54,15 @@ def _tls_args(certs: dict[str, Path], client_auth: str = "none") -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tls_server(demo_repo: Path, certs: dict[str, Path]) -> Iterator[ServerProcess]:
-    server = ServerProcess(demo_repo, *_tls_args(certs), tls_ca=certs["ca"])
+def tls_server(onnx_demo_repo: Path, certs: dict[str, Path]) -> Iterator[ServerProcess]:
+    server = ServerProcess(onnx_demo_repo, *_tls_args(certs), tls_ca=certs["ca"])
     yield server
     assert server.stop() == 0, server.logs()
 
 
 @pytest.fixture(scope="module")
-def mtls_server(demo_repo: Path, certs: dict[str, Path]) -> Iterator[ServerProcess]:
-    server = ServerProcess(demo_repo, *_tls_args(certs, "required"), tls_ca=certs["ca"],
+def mtls_server(onnx_demo_repo: Path, certs: dict[str, Path]) -> Iterator[ServerProcess]:
+    server = ServerProcess(onnx_demo_repo, *_tls_args(certs, "required"), tls_ca=certs["ca"],
                            tls_client_cert=(certs["alice"], certs["alice_key"]))
     yield server
     assert server.stop() == 0, server.logs()
@@ -222,8 +222,8 @@ def test_mtls_http_tritonclient(mtls_server: ServerProcess, certs: dict[str, Pat
         client.close()
 
 
-def test_mtls_with_uvicorn(demo_repo: Path, certs: dict[str, Path]) -> None:
-    with ServerProcess(demo_repo, *_tls_args(certs, "required"), "--http-impl", "uvicorn", "--grpc-port", "-1",
+def test_mtls_with_uvicorn(onnx_demo_repo: Path, certs: dict[str, Path]) -> None:
+    with ServerProcess(onnx_demo_repo, *_tls_args(certs, "required"), "--http-impl", "uvicorn", "--grpc-port", "-1",
                        tls_ca=certs["ca"], tls_client_cert=(certs["alice"], certs["alice_key"])) as server:
         with httpx.Client(base_url=server.url, verify=_ctx(certs, certs["alice"], certs["alice_key"])) as client:
             _check_infer(client.post("/v2/models/simple/infer", content=BODY))
@@ -242,10 +242,10 @@ def test_mtls_with_uvicorn(demo_repo: Path, certs: dict[str, Path]) -> None:
     (["--tls-cert", "{server}", "--tls-key", "{alice_key}"], "cannot load the TLS certificate"),
 ])
 def test_inconsistent_tls_settings_stop_the_server(
-    demo_repo: Path, certs: dict[str, Path], args: list[str], message: str
+    onnx_demo_repo: Path, certs: dict[str, Path], args: list[str], message: str
 ) -> None:
     names = {k: str(v) for k, v in certs.items()}
-    server = ServerProcess(demo_repo, "--poll-interval", "0", "--insecure-no-auth",
+    server = ServerProcess(onnx_demo_repo, "--poll-interval", "0", "--insecure-no-auth",
                            *(a.format(**names) for a in args), wait_ready=False)
     try:
         code = server.proc.wait(60)

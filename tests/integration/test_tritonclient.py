@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -162,8 +163,8 @@ def test_grpc_errors(grpc) -> None:  # type: ignore[no-untyped-def]
     assert grpc.is_server_live()
 
 
-def test_load_unload_through_both_clients(demo_repo: Path) -> None:
-    with ServerProcess(demo_repo, "--poll-interval", "0") as server:
+def test_load_unload_through_both_clients(onnx_demo_repo: Path) -> None:
+    with ServerProcess(onnx_demo_repo, "--poll-interval", "0") as server:
         http = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
         grpc = grpcclient.InferenceServerClient(server.grpc_url)
         index = {m["name"]: m for m in http.get_model_repository_index()}
@@ -179,6 +180,14 @@ def test_load_unload_through_both_clients(demo_repo: Path) -> None:
         grpc.unload_model("simple")
         assert not http.is_model_ready("simple")
         http.load_model("simple")
+        assert http.is_model_ready("simple")
+        # a client-supplied config is refused alike on both transports (one rule, in the plane)
+        for client in (http, grpc):
+            with pytest.raises(InferenceServerException, match="only from its model repository"):
+                client.load_model("simple", config='{"backend": "python"}')
+        refused = httpx.post(f"{server.url}/v2/repository/models/simple/unload", json={"parameters": {"force": True}})
+        assert refused.status_code == 400
+        assert "parameters['force']: unknown unloading a model parameter" in refused.json()["error"]
         assert http.is_model_ready("simple")
         http.close()
         grpc.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
@@ -10,11 +9,13 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from tests.polling import wait_until
 from tests.promtext import sample
 from tests.serverproc import ServerProcess
 
 pytestmark = pytest.mark.slow
 
+DIGITS_READY = "/v2/models/digits/ready"
 SIMPLE = {"inputs": [
     {"name": "INPUT0", "datatype": "INT32", "shape": [1, 16], "data": [1] * 16},
     {"name": "INPUT1", "datatype": "INT32", "shape": [1, 16], "data": [2] * 16},
@@ -26,10 +27,27 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()]
 
 
-def test_two_workers_serve_and_agree(demo_repo: Path) -> None:
-    with ServerProcess(demo_repo, "--poll-interval", "0", "--workers", "2") as server:
+def _ready_on_fresh_connections(url: str, path: str, n: int = 20) -> list[int]:
+    """``n`` answers to GET ``path``, each on a new connection (the kernel spreads new
+    connections over the workers' listeners: 20 all on one of two workers is a 1 in 500,000 chance)."""
+    codes = []
+    for _ in range(n):
+        with httpx.Client() as c:
+            codes.append(c.get(f"{url}{path}").status_code)
+    return codes
+
+
+def _every_worker_ready(server: ServerProcess) -> None:
+    """ServerProcess returns once one worker answers ready; the others may still be loading."""
+    wait_until(lambda: all(c == 200 for c in _ready_on_fresh_connections(server.url, "/v2/health/ready")), 60, 0.05,
+               what="every worker ready", details=server.logs)
+
+
+def test_two_workers_serve_and_agree(onnx_demo_repo: Path) -> None:
+    with ServerProcess(onnx_demo_repo, "--poll-interval", "0", "--workers", "2") as server:
         workers = _children(server.proc.pid)
         assert len(workers) >= 2
+        _every_worker_ready(server)
         # both workers answer: with fresh connections the kernel spreads them over the listeners
         for _ in range(40):
             with httpx.Client() as c:
@@ -40,27 +58,26 @@ def test_two_workers_serve_and_agree(demo_repo: Path) -> None:
         inp2 = grpcclient.InferInput("INPUT1", [1, 16], "INT32")
         inp2.set_data_from_numpy(np.ones((1, 16), np.int32))
         assert (grpc.infer("simple", [inp, inp2]).as_numpy("OUTPUT0") == 2).all()
+
         # metrics are the sum over workers (each flushes its tallies once a second)
-        time.sleep(1.5)
-        text = httpx.get(f"{server.url}/metrics").text
-        success = sample(text, "bastion_inference_requests_total", model="simple", outcome="success")
-        assert success is not None and success >= 41
-        # an operator's unload reaches every worker
+        def successes() -> float | None:
+            text = httpx.get(f"{server.url}/metrics").text
+            return sample(text, "bastion_inference_requests_total", model="simple", outcome="success")
+
+        wait_until(lambda: (successes() or 0) >= 41, 30, 0.1, what="41 successes summed over the workers",
+                   details=server.logs)
+        # an operator's unload reaches every worker: 20 fresh connections in a row all see it
         assert httpx.post(f"{server.url}/v2/repository/models/digits/unload").status_code == 200
-        time.sleep(1.0)
-        for _ in range(20):
-            with httpx.Client() as c:
-                assert c.get(f"{server.url}/v2/models/digits/ready").status_code != 200
+        wait_until(lambda: all(c != 200 for c in _ready_on_fresh_connections(server.url, DIGITS_READY)), 30, 0.1,
+                   what="digits unloaded on every worker", details=server.logs)
         assert httpx.post(f"{server.url}/v2/repository/models/digits/load").status_code == 200
-        time.sleep(1.0)
-        for _ in range(20):
-            with httpx.Client() as c:
-                assert c.get(f"{server.url}/v2/models/digits/ready").status_code == 200
+        wait_until(lambda: all(c == 200 for c in _ready_on_fresh_connections(server.url, DIGITS_READY)), 30, 0.1,
+                   what="digits loaded on every worker", details=server.logs)
         grpc.close()
         assert server.stop() == 0
 
 
-def test_workers_share_one_query_budget_and_each_keeps_an_audit_chain(demo_repo: Path, tmp_path: Path) -> None:
+def test_workers_share_one_query_budget_and_each_keeps_an_audit_chain(onnx_demo_repo: Path, tmp_path: Path) -> None:
     """Two workers draw on one quota through the key store's ledger: exactly the budget is
     served, whichever worker each connection lands on; each worker chains its own audit log."""
     import subprocess
@@ -73,8 +90,9 @@ def test_workers_share_one_query_budget_and_each_keeps_an_audit_chain(demo_repo:
     with KeyStore(db) as store:
         token, _ = store.create_key("metered", limits=Limits(quota=30, quota_period="total"))
     codes = []
-    with ServerProcess(demo_repo, "--keys", str(db), "--poll-interval", "0", "--workers", "2") as server:
+    with ServerProcess(onnx_demo_repo, "--keys", str(db), "--poll-interval", "0", "--workers", "2") as server:
         assert len(_children(server.proc.pid)) >= 2
+        _every_worker_ready(server)  # health is open: no query of the budget is spent
         for _ in range(45):
             with httpx.Client(headers={"authorization": f"Bearer {token}"}) as c:  # a new connection each time
                 codes.append(c.post(f"{server.url}/v2/models/simple/infer", json=SIMPLE).status_code)

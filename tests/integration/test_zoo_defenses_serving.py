@@ -9,7 +9,6 @@ import collections
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,18 +16,20 @@ import httpx
 import pytest
 
 from bastion.guard.keystore import KeyStore
+from tests.polling import wait_until
 from tests.serverproc import ServerProcess
-from tests.zoo_fixture import build_digits_zoo
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, dict[str, str], Path, dict]]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory, make_digits_zoo
+) -> Iterator[tuple[ServerProcess, dict[str, str], Path, dict]]:
     d = tmp_path_factory.mktemp("zoo-defenses")
     repo = d / "repo"
     repo.mkdir()
-    build_digits_zoo(repo, expose_variant=True, on_infeasible="closest", defenses={
+    make_digits_zoo(repo, expose_variant=True, on_infeasible="closest", defenses={
         "default": {"kind": "permute-and-flip", "epsilon": 0.5},
         "trusted": {"kind": "none"},
     })
@@ -64,8 +65,8 @@ def test_the_defense_class_decides_how_the_variant_is_chosen(served) -> None:  #
     defended = _variants(server, tokens["plain"], target, 60)
     assert defended[best] < 60 and len(defended) >= 2, defended
     # escalate "plain" to the trusted class: no restart, same answer as vip within a second
+    # (the wait allows five, for a loaded machine)
     with KeyStore(db) as store:
         store.set_defense_class("plain", "trusted")
-    deadline = time.monotonic() + 5
-    while _variants(server, tokens["plain"], target, 20) != {best: 20}:
-        assert time.monotonic() < deadline, "the new defense class did not reach the server"
+    wait_until(lambda: _variants(server, tokens["plain"], target, 20) == {best: 20}, 5, 0.05,
+               what="the new defense class to reach the server", details=server.logs)

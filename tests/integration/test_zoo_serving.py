@@ -15,16 +15,16 @@ import tritonclient.grpc as grpcclient
 
 from tests.promtext import sample
 from tests.serverproc import ServerProcess
-from tests.zoo_fixture import VARIANTS, build_digits_zoo
+from tests.zoo_fixture import VARIANTS
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def zoo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def zoo_repo(tmp_path_factory: pytest.TempPathFactory, make_digits_zoo) -> Path:  # type: ignore[no-untyped-def]
     repo = tmp_path_factory.mktemp("zoo") / "repo"
     repo.mkdir()
-    build_digits_zoo(repo)
+    make_digits_zoo(repo)
     out = subprocess.run([sys.executable, "-m", "bastion.cli.main", "profile", str(repo), "--zoo", "digits_zoo",
                           "--iterations", "50", "--json"], capture_output=True, text=True, check=True, timeout=300)
     profile = json.loads(out.stdout)
@@ -120,10 +120,10 @@ def test_zoo_over_grpc_and_tfserving(zoo_server: ServerProcess) -> None:
     assert status[0]["state"] == "AVAILABLE"
 
 
-def test_expose_variant_switch(tmp_path: Path) -> None:
+def test_expose_variant_switch(tmp_path: Path, make_digits_zoo) -> None:  # type: ignore[no-untyped-def]
     repo = tmp_path / "repo"
     repo.mkdir()
-    build_digits_zoo(repo, expose_variant=True)
+    make_digits_zoo(repo, expose_variant=True)
     subprocess.run([sys.executable, "-m", "bastion.cli.main", "profile", str(repo), "--zoo", "digits_zoo",
                     "--iterations", "20"], capture_output=True, check=True, timeout=300)
     with ServerProcess(repo, "--poll-interval", "0", "--grpc-port", "-1") as server:
@@ -132,10 +132,10 @@ def test_expose_variant_switch(tmp_path: Path) -> None:
         assert doc["model_name"] == "digits_zoo"
 
 
-def test_zoo_without_profile_is_not_ready(tmp_path: Path) -> None:
+def test_zoo_without_profile_is_not_ready(tmp_path: Path, make_digits_zoo) -> None:  # type: ignore[no-untyped-def]
     repo = tmp_path / "repo"
     repo.mkdir()
-    build_digits_zoo(repo)
+    make_digits_zoo(repo)
     with ServerProcess(repo, "--poll-interval", "0", "--grpc-port", "-1") as server:
         r = httpx.post(f"{server.url}/v2/models/digits_zoo/infer", json=_body())
         assert r.status_code == 503 and "bastion profile" in r.json()["error"]

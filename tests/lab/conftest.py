@@ -1,4 +1,4 @@
-"""One small image scenario, built and profiled once for the lab's tests, served with auth."""
+"""The session's small image scenario (tests/conftest.py: built and profiled once), served with auth for the lab."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.serverproc import ServerProcess
+
+if TYPE_CHECKING:
+    from tests.conftest import BuiltScenario
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,6 @@ class LabServer:
         return ("--keys", str(self.keys_db), "--poll-interval", "0", "--grpc-port", "-1")
 
 
-def build_image_repo(repo: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "bastion.cli.main", "scenario", "build", "image", "--out", str(repo),
-                          "--small"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-
-
 def pareto_front(repo: Path, zoo: str = "image") -> list[dict]:
     """What `bastion zoo show --json` says (the test may read the repository; the lab may not)."""
     out = subprocess.run([sys.executable, "-m", "bastion.cli.main", "zoo", "show", zoo, "--repository", str(repo),
@@ -44,18 +42,17 @@ def pareto_front(repo: Path, zoo: str = "image") -> list[dict]:
 
 
 @pytest.fixture(scope="package")
-def image_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("lab") / "repo"
-    build_image_repo(repo)
-    return repo
+def image_repo(image_scenario: BuiltScenario) -> Path:
+    """Read-only (shared with other packages): a test that changes it works on a copy."""
+    return image_scenario.repo
 
 
 @pytest.fixture(scope="package")
-def lab_server(image_repo: Path) -> Iterator[LabServer]:
+def lab_server(image_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
     from bastion.guard.keystore import KeyStore
 
-    db = image_repo.parent / "keys" / "keys.db"
-    db.parent.mkdir()
+    # the keys and the audit chain beside them live outside the shared repository's folder
+    db = tmp_path_factory.mktemp("lab_keys") / "keys.db"
     with KeyStore(db) as store:
         attacker, _ = store.create_key("attacker", models=["image"], description="lab attacker")
         experimenter, _ = store.create_key("experimenter", description="lab experimenter")

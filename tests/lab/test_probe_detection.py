@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from bastion.guard.keystore import KeyStore
+from bastion.lab.benign import reachable_workload
 from bastion.lab.fingerprint import fingerprint
 from bastion.lab.oracle import Oracle, OracleError
 from bastion.lab.pools import image_pool
-from bastion.lab.tradeoff import reachable_workload
 from tests.lab.conftest import LabServer
 from tests.serverproc import ServerProcess
 

@@ -12,7 +12,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from bastion.lab import tradeoff as tr
+from bastion.client import ZOO_OUTCOMES, zoo_counters
+from bastion.lab import benign
+from bastion.lab import sweep_plan as plan
+from bastion.lab import tradeoff_report as report
 from bastion.zoo.spec import load_zoo_spec, parse_zoo_spec
 
 ZOO = {
@@ -33,24 +36,24 @@ FRONT = [
 
 
 def test_class_names_fit_the_defense_class_alphabet() -> None:
-    assert tr.class_name("permute-and-flip", 0.5) == "pf-0p5"
-    assert tr.class_name("exponential", 2.0) == "exp-2"
-    assert tr.class_name("metric-noise", 0.02) == "noise-0p02"
-    assert tr.class_name("metric-noise", 0.005) == "noise-0p005"
-    for kind, strengths in tr.DEFAULT_STRENGTHS.items():
+    assert plan.class_name("permute-and-flip", 0.5) == "pf-0p5"
+    assert plan.class_name("exponential", 2.0) == "exp-2"
+    assert plan.class_name("metric-noise", 0.02) == "noise-0p02"
+    assert plan.class_name("metric-noise", 0.005) == "noise-0p005"
+    for kind, strengths in plan.DEFAULT_STRENGTHS.items():
         assert len(strengths) >= 5
         for s in strengths:
-            assert re.fullmatch(r"[a-z0-9_-]{1,32}", tr.class_name(kind, s))
+            assert re.fullmatch(r"[a-z0-9_-]{1,32}", plan.class_name(kind, s))
     with pytest.raises(ValueError, match="defense"):
-        tr.class_name("laplace", 1.0)
+        plan.class_name("laplace", 1.0)
     with pytest.raises(ValueError, match="strength"):
-        tr.class_name("exponential", 0.0)
+        plan.class_name("exponential", 0.0)
     with pytest.raises(ValueError, match="strength"):
-        tr.class_name("exponential", math.inf)
+        plan.class_name("exponential", math.inf)
 
 
 def test_plan_has_the_baseline_first_and_one_class_per_point() -> None:
-    points = tr.plan_points({"permute-and-flip": [8, 0.5, 2], "metric-noise": [0.01]}, noise_latency_ratio=10)
+    points = plan.plan_points({"permute-and-flip": [8, 0.5, 2], "metric-noise": [0.01]}, noise_latency_ratio=10)
     assert [p.defense_class for p in points] == ["default", "pf-0p5", "pf-2", "pf-8", "noise-0p01"]
     assert points[0].spec == {"kind": "none"} and points[0].strength is None
     assert points[1].spec == {"kind": "permute-and-flip", "epsilon": 0.5}
@@ -59,8 +62,8 @@ def test_plan_has_the_baseline_first_and_one_class_per_point() -> None:
 
 
 def test_zoo_yaml_rewrite_keeps_the_zoo_and_validates(tmp_path: Path) -> None:
-    points = tr.plan_points(tr.QUICK_STRENGTHS)
-    data = tr.rewrite_zoo_yaml(ZOO, points)
+    points = plan.plan_points(plan.QUICK_STRENGTHS)
+    data = plan.rewrite_zoo_yaml(ZOO, points)
     assert "defense" not in data
     assert {k: v for k, v in data.items() if k != "defenses"} == {k: v for k, v in ZOO.items() if k != "defense"}
     spec = parse_zoo_spec("image", data, source="image/zoo.yaml")
@@ -76,13 +79,13 @@ def test_zoo_yaml_rewrite_keeps_the_zoo_and_validates(tmp_path: Path) -> None:
     (repo / "image" / "zoo.yaml").write_text(yaml.safe_dump({**ZOO, "on_infeasible": "closest"}))
     (repo / "image_logreg").mkdir()
     (repo / "image_logreg" / "config.yaml").write_text("x: 1\n")
-    copy = tr.prepare_copy(repo, "image", tmp_path / "work", points)
+    copy = plan.prepare_copy(repo, "image", tmp_path / "work", points)
     assert copy != repo and (copy / "image_logreg" / "config.yaml").read_text() == "x: 1\n"
     loaded = load_zoo_spec(copy / "image")
     assert loaded.on_infeasible == "closest" and len(loaded.defenses) == len(points)
     assert "defenses" not in yaml.safe_load((repo / "image" / "zoo.yaml").read_text())
     with pytest.raises(ValueError, match="no zoo"):
-        tr.prepare_copy(repo, "malware", tmp_path / "work2", points)
+        plan.prepare_copy(repo, "malware", tmp_path / "work2", points)
 
 
 METRICS = """\
@@ -101,39 +104,75 @@ bastion_zoo_selections_total{feasible="true",variant="fast",zoo="image"} 4.0
 
 
 def test_goodput_and_selections_come_from_counter_deltas() -> None:
-    before = tr.zoo_counters(METRICS, "image")
-    assert before["requests"]["met"] == 12 and before["requests"]["missed_both"] == 0
-    assert before["selections"] == {"best": 12.0, "fast": 4.0}
+    before = zoo_counters(METRICS, "image")
+    assert before.requests["met"] == 12 and before.requests["missed_both"] == 0
+    assert before.selections == {"best": 12.0, "fast": 4.0}
     after_text = (METRICS.replace('"met",zoo="image"} 12.0', '"met",zoo="image"} 42.0')
                   .replace('"missed_accuracy",zoo="image"} 3.0', '"missed_accuracy",zoo="image"} 13.0')
                   .replace('variant="fast",zoo="image"} 4.0', 'variant="fast",zoo="image"} 44.0'))
-    after = tr.zoo_counters(after_text, "image")
-    delta = tr.counter_delta(before["requests"], after["requests"])
+    after = zoo_counters(after_text, "image")
+    delta = benign.counter_delta(before.requests, after.requests)
     assert delta == {"met": 30, "missed_accuracy": 10, "missed_both": 0, "missed_latency": 0, "rejected": 0}
-    assert tr.goodput_from_delta(delta) == 0.75
-    assert tr.counter_delta(before["selections"], after["selections"]) == {"best": 0, "fast": 40}
-    assert math.isnan(tr.goodput_from_delta(dict.fromkeys(tr.OUTCOMES, 0)))
+    assert benign.goodput_from_delta(delta) == 0.75
+    assert benign.counter_delta(before.selections, after.selections) == {"best": 0, "fast": 40}
+    assert math.isnan(benign.goodput_from_delta(dict.fromkeys(ZOO_OUTCOMES, 0)))
+
+
+def test_escalated_tenants_are_never_named_twice() -> None:
+    """Every server of one run shares the key store, where a spent quota stays with the
+    tenant's name: the names come from one object the caller passes to every sweep."""
+    from bastion.lab.sweep import EscalatedTenants
+
+    names = EscalatedTenants()
+    assert [names.next_name() for _ in range(3)] == [f"tradeoff-escalated-{i}" for i in (1, 2, 3)]
+    assert EscalatedTenants().next_name() == "tradeoff-escalated-1"  # nothing shared between runs
+
+
+def test_the_lab_keeps_no_module_level_state() -> None:
+    import ast
+
+    import bastion.lab
+
+    for path in Path(bastion.lab.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Global, ast.Nonlocal))], path.name
+
+
+def test_the_experimenters_server_is_the_bench_launchers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bastion.bench.launcher import child_env
+    from bastion.lab.launch import serve_launch
+
+    monkeypatch.setenv("PYTHONPATH", "/src/checkout")
+    launch = serve_launch(tmp_path / "repo", "image", tmp_path / "keys.db", 8123, extra_args=["--config", "x.yaml"])
+    assert launch.argv[1:5] == ["-m", "bastion.cli.main", "serve", str(tmp_path / "repo")]
+    assert launch.argv[-2:] == ["--config", "x.yaml"]
+    assert "--keys" in launch.argv and "--insecure-no-auth" not in launch.argv  # the sweep's tenants need keys
+    assert launch.ready_url == "http://127.0.0.1:8123/v2/health/ready"
+    assert launch.infer_url == "http://127.0.0.1:8123/v2/models/image/infer"
+    assert launch.cwd == Path.cwd()  # the repository and key store paths may be relative to it
+    env = child_env(launch.env)  # what the launcher starts the server with
+    assert env["PYTHONPATH"] == "/src/checkout" and env["PYTHONUNBUFFERED"] == "1"
 
 
 def test_benign_workload_is_seeded_and_reachable() -> None:
-    work = tr.reachable_workload(FRONT, 200, seed=3, latency_ms=(1.0, 10.0))
-    assert work == tr.reachable_workload(FRONT, 200, seed=3, latency_ms=(1.0, 10.0))
-    assert work != tr.reachable_workload(FRONT, 200, seed=4, latency_ms=(1.0, 10.0))
+    work = benign.reachable_workload(FRONT, 200, seed=3, latency_ms=(1.0, 10.0))
+    assert work == benign.reachable_workload(FRONT, 200, seed=3, latency_ms=(1.0, 10.0))
+    assert work != benign.reachable_workload(FRONT, 200, seed=4, latency_ms=(1.0, 10.0))
     assert len(work) == 200
     for t in work:
         assert 0.85 <= t["accuracy"] <= 0.99 and 1.0 <= t["latency_ms"] <= 10.0
         assert any(v["quality"] >= t["accuracy"] and v["latency_ms"] <= t["latency_ms"] for v in FRONT)
-    profiled = tr.reachable_workload(FRONT, 100, seed=0)  # the profile's own latency range
+    profiled = benign.reachable_workload(FRONT, 100, seed=0)  # the profile's own latency range
     assert all(any(v["quality"] >= t["accuracy"] and v["latency_ms"] <= t["latency_ms"] for v in FRONT)
                for t in profiled)
-    lo, hi = tr.latency_slo_range([1.0] * 9 + [2.0], FRONT)
+    lo, hi = benign.latency_slo_range([1.0] * 9 + [2.0], FRONT)
     assert (lo, hi) == (3.0, 30.0)
-    assert tr.latency_slo_range([0.01], FRONT)[0] == pytest.approx(0.4)  # never below 2 x the slowest variant
+    assert benign.latency_slo_range([0.01], FRONT)[0] == pytest.approx(0.4)  # never below 2 x the slowest variant
 
 
 def _point(defense: str, strength: float | None, goodput: float, consistency: float, acc: float, fid: float,
            selections: dict[str, int] | None = None) -> dict[str, Any]:
-    cls = "default" if strength is None else tr.class_name(defense, strength)
+    cls = "default" if strength is None else plan.class_name(defense, strength)
     return {
         "defense": defense, "strength": strength, "defense_class": cls, "spec": {},
         "goodput": {"goodput": goodput, "requests": 10},
@@ -162,13 +201,13 @@ def _fake_doc() -> dict[str, Any]:
 
 def test_summary_and_markdown_from_a_fake_result_set() -> None:
     doc = _fake_doc()
-    rows = tr.summary_rows(doc["result"])
+    rows = report.summary_rows(doc["result"])
     pf = next(r for r in rows if r["defense_class"] == "pf-0p5")
     assert pf["accuracy_drop"] == pytest.approx(10.0) and pf["fidelity_drop"] == pytest.approx(13.0)
     assert rows[0]["accuracy_drop"] == 0.0
     noise = next(r for r in rows if r["defense"] == "metric-noise")
     assert noise["accuracy_drop"] is None  # not measured: no drop either
-    md = tr.markdown_report(doc)
+    md = report.markdown_report(doc)
     assert "## permute-and-flip" in md and "## metric-noise" in md and "## Undefended baseline" in md
     assert "| 0.5 | 0.600 | 0.30 | 3 | 500 | 0.800 | +10.0 | 0.820 | +13.0 |" in md
     assert "| none | 1.000 | 1.00 | 3 | 500 | 0.900 | +0.0 | 0.950 | +0.0 |" in md
@@ -181,7 +220,7 @@ def test_plots_are_written(tmp_path: Path) -> None:
     from bastion.lab.plots import write_plots
 
     doc = _fake_doc()
-    paths = write_plots(doc["result"], tr.summary_rows(doc["result"]), tmp_path, selections_at=2.0)
+    paths = write_plots(doc["result"], report.summary_rows(doc["result"]), tmp_path, selections_at=2.0)
     assert {p.name for p in paths} == {"goodput_vs_accuracy.png", "goodput_vs_fidelity.png", "front_selections.png"}
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
@@ -191,7 +230,7 @@ def test_strength_options() -> None:
     from bastion.cli.lab import _parse_strengths
 
     kinds = ["permute-and-flip", "metric-noise"]
-    assert _parse_strengths((), kinds, quick=True) == {k: tr.QUICK_STRENGTHS[k] for k in kinds}
+    assert _parse_strengths((), kinds, quick=True) == {k: plan.QUICK_STRENGTHS[k] for k in kinds}
     got = _parse_strengths(("1,2", "metric-noise=0.01,0.03"), kinds, quick=False)
     assert got == {"permute-and-flip": (1.0, 2.0), "metric-noise": (0.01, 0.03)}
     import click
@@ -221,27 +260,27 @@ parameters: {intra_op_threads: 1}
 
 
 def test_hardening_settings_parse() -> None:
-    assert tr.parse_hardening_setting("none") == tr.NO_HARDENING
-    assert tr.parse_hardening_setting("round=1") == tr.HardeningSetting("round-1", {"round": 1})
-    assert tr.parse_hardening_setting("top_k=1") == tr.HardeningSetting("top1", {"top_k": 1})
-    rs = tr.parse_hardening_setting("reverse_sigmoid=0.5:1")
-    assert rs == tr.HardeningSetting("rs-0.5-1", {"reverse_sigmoid": {"beta": 0.5, "gamma": 1.0}})
-    assert tr.parse_hardening_setting("rs=1:4").name == "rs-1-4"
+    assert plan.parse_hardening_setting("none") == plan.NO_HARDENING
+    assert plan.parse_hardening_setting("round=1") == plan.HardeningSetting("round-1", {"round": 1})
+    assert plan.parse_hardening_setting("top_k=1") == plan.HardeningSetting("top1", {"top_k": 1})
+    rs = plan.parse_hardening_setting("reverse_sigmoid=0.5:1")
+    assert rs == plan.HardeningSetting("rs-0.5-1", {"reverse_sigmoid": {"beta": 0.5, "gamma": 1.0}})
+    assert plan.parse_hardening_setting("rs=1:4").name == "rs-1-4"
     # the one-hot keeps the probabilities output the oracle reads
-    assert tr.parse_hardening_setting("label_only").block == {"label_only": True, "label_output": None}
-    assert len({tr.parse_hardening_setting(t).name for t in tr.DEFAULT_HARDENING}) >= 6
+    assert plan.parse_hardening_setting("label_only").block == {"label_only": True, "label_output": None}
+    assert len({plan.parse_hardening_setting(t).name for t in plan.DEFAULT_HARDENING}) >= 6
     for bad in ("round", "top_k=0", "reverse_sigmoid=1", "reverse_sigmoid=-1:1", "top_k=x", "laplace=1"):
         with pytest.raises(ValueError, match="hardening"):
-            tr.parse_hardening_setting(bad)
+            plan.parse_hardening_setting(bad)
 
 
-@pytest.mark.parametrize("text", [*tr.DEFAULT_HARDENING, "round=0", "top_k=3"])
+@pytest.mark.parametrize("text", [*plan.DEFAULT_HARDENING, "round=0", "top_k=3"])
 def test_config_yaml_rewrite_keeps_the_model_and_parses(text: str) -> None:
     from bastion.repository.config import parse_model_config_yaml
 
-    setting = tr.parse_hardening_setting(text)
+    setting = plan.parse_hardening_setting(text)
     data = yaml.safe_load(MODEL_CONFIG)
-    out = tr.rewrite_model_config(data, setting.block)
+    out = plan.rewrite_model_config(data, setting.block)
     assert {k: v for k, v in out.items() if k != "hardening"} == {k: v for k, v in data.items() if k != "hardening"}
     assert list(out)[:4] == ["runtime", "max_batch_size", "inputs", "outputs"]  # order kept
     assert data["hardening"] == {"top_k": 3}  # the input is not modified
@@ -259,22 +298,22 @@ def test_config_yaml_rewrite_keeps_the_model_and_parses(text: str) -> None:
             assert spec.label_only and spec.label_output is None
     assert config.max_batch_size == 64 and [o.name for o in config.outputs] == ["probabilities", "label"]
     with pytest.raises(ValueError, match="mapping"):
-        tr.rewrite_model_config(["x"], None)  # type: ignore[arg-type]
+        plan.rewrite_model_config(["x"], None)  # type: ignore[arg-type]
 
 
 def test_apply_hardening_writes_every_variant(tmp_path: Path) -> None:
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.yaml").write_text(MODEL_CONFIG)
-    paths = tr.apply_hardening(tmp_path, ["a", "b"], tr.parse_hardening_setting("round=1"))
+    paths = plan.apply_hardening(tmp_path, ["a", "b"], plan.parse_hardening_setting("round=1"))
     assert len(paths) == 2
     for name in ("a", "b"):
         doc = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
         assert doc["hardening"] == {"round": 1} and doc["runtime"] == "onnx"
-    tr.apply_hardening(tmp_path, ["a"], tr.NO_HARDENING)
+    plan.apply_hardening(tmp_path, ["a"], plan.NO_HARDENING)
     assert "hardening" not in yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
     with pytest.raises(ValueError, match=r"no config\.yaml"):
-        tr.apply_hardening(tmp_path, ["missing"], tr.NO_HARDENING)
+        plan.apply_hardening(tmp_path, ["missing"], plan.NO_HARDENING)
 
 
 def test_hard_label_target_is_the_argmax_one_hot() -> None:
@@ -318,16 +357,16 @@ def test_best_point_is_the_attackers_best_target_at_enough_goodput() -> None:
         _hardened("label-only", "permute-and-flip", 0.5, 0.6, (0.50, 0.5), (0.50, 0.5)),
         _hardened("label-only", "metric-noise", 0.01, 0.9, (0.60, 0.62), (0.60, 0.62), escalation=140),
     ]
-    rows = tr.summary_rows(doc["result"])
+    rows = report.summary_rows(doc["result"])
     rs = next(r for r in rows if r["hardening"] == "rs-1-1" and r["defense"] == "none")
     assert rs["best_target"] == "hard" and rs["accuracy"] == 0.85 and rs["soft_accuracy"] == 0.10
     assert rs["accuracy_drop"] == pytest.approx(5.0) and rs["fidelity_drop"] == pytest.approx(5.0)
-    best = tr.best_point(rows, 0.8)
+    best = report.best_point(rows, 0.8)
     assert best is not None and best["hardening"] == "label-only" and best["escalation"] == "quota 140/total requests"
     assert best["accuracy_drop"] == pytest.approx(30.0) and best["fidelity_drop"] == pytest.approx(33.0)
-    assert tr.best_point(rows, 0.95)["hardening"] == "rs-1-1"  # type: ignore[index]
-    assert tr.best_point(rows, 1.01) is None
-    md = tr.markdown_report(doc)
+    assert report.best_point(rows, 0.95)["hardening"] == "rs-1-1"  # type: ignore[index]
+    assert report.best_point(rows, 1.01) is None
+    md = report.markdown_report(doc)
     assert "## Output hardening x selection defense" in md
     assert ("| rs-1-1 | metric-noise 0.01 | 0.850 | 1.00 | 64 | 0.100 | 0.100 | 0.800 | 0.840 | hard | 0.800 | "
             "+10.0 | 0.840 | +11.0 |") in md
@@ -336,7 +375,7 @@ def test_best_point_is_the_attackers_best_target_at_enough_goodput() -> None:
     # the per-defense tables hold the unhardened, unescalated points only
     assert "## permute-and-flip" not in md and "## metric-noise" not in md
     doc["result"]["points"].pop()
-    md = tr.markdown_report(doc)
+    md = report.markdown_report(doc)
     assert "target drop 19.6 / 9.6 pts (accuracy / fidelity): NOT reached" in md
     assert "target drop 9.8 / 4.8 pts (accuracy / fidelity): reached" in md  # rs-1-1 x noise 0.01: 10.0 / 11.0
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from bastion.core.errors import InvalidInput
-from bastion.core.metadata import ModelMetadata, TensorSpec
+from bastion.core.metadata import ModelMetadata, TensorSpec, VersionStatus
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor
 from bastion.protocol.tfserving import decode_predict_request, encode_model_status, encode_predict_response
 
@@ -234,12 +234,16 @@ def test_response_types_and_layouts() -> None:
 
 
 def test_model_status() -> None:
-    body = encode_model_status([("1", "AVAILABLE", ""), ("2", "LOADING", ""), ("3", "END", "failed: bad file")])
+    # the plane's neutral states in TF-Serving's words: READY is AVAILABLE, whatever does not serve is UNAVAILABLE
+    body = encode_model_status([VersionStatus("1", "READY"), VersionStatus("2", "LOADING"),
+                                VersionStatus("3", "FAILED", "failed: bad file"), VersionStatus("4", "UNAVAILABLE")])
     assert orjson.loads(body) == {
         "model_version_status": [
             {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}},
             {"version": "2", "state": "LOADING", "status": {"error_code": "OK", "error_message": ""}},
-            {"version": "3", "state": "END", "status": {"error_code": "UNKNOWN", "error_message": "failed: bad file"}},
+            {"version": "3", "state": "UNAVAILABLE",
+             "status": {"error_code": "UNKNOWN", "error_message": "failed: bad file"}},
+            {"version": "4", "state": "UNAVAILABLE", "status": {"error_code": "OK", "error_message": ""}},
         ]
     }
     assert orjson.loads(encode_model_status([])) == {"model_version_status": []}

@@ -663,23 +663,21 @@ def test_repository_index_ready_filter():
     assert [m.name for m in v2_grpc.encode_repository_index(entries, ready_only=True).models] == ["a"]
 
 
-def test_load_request_refuses_client_supplied_model():
-    assert v2_grpc.decode_model_load_request(pb2.RepositoryModelLoadRequest(model_name="m")) == "m"
-    for key in ("config", "file:1/model.onnx"):
-        msg = pb2.RepositoryModelLoadRequest(model_name="m")
-        msg.parameters[key].string_param = "{}"
-        with pytest.raises(InvalidInput, match="loads models only from its model repository"):
-            v2_grpc.decode_model_load_request(msg)
+def test_repository_requests_decode_name_and_parameters():
+    # which parameters an action takes is the plane's rule (tests/integration: REST and gRPC alike)
+    assert v2_grpc.decode_model_load_request(pb2.RepositoryModelLoadRequest(model_name="m")) == ("m", {})
+    msg = pb2.RepositoryModelLoadRequest(model_name="m")
+    msg.parameters["config"].string_param = "{}"
+    msg.parameters["n"].int64_param = 3
+    assert v2_grpc.decode_model_load_request(msg) == ("m", {"config": "{}", "n": 3})
     with pytest.raises(InvalidInput, match="model_name: must not be empty"):
         v2_grpc.decode_model_load_request(pb2.RepositoryModelLoadRequest())
+    unload = pb2.RepositoryModelUnloadRequest(model_name="m")
+    unload.parameters["unload_dependents"].bool_param = False
+    assert v2_grpc.decode_model_unload_request(unload) == ("m", {"unload_dependents": False})
+    unload.parameters["empty"].CopyFrom(pb2.ModelRepositoryParameter())
+    with pytest.raises(InvalidInput, match=r"parameters\['empty'\]: no value set"):
+        v2_grpc.decode_model_unload_request(unload)
+    with pytest.raises(InvalidInput, match="model_name: must not be empty"):
+        v2_grpc.decode_model_unload_request(pb2.RepositoryModelUnloadRequest())
 
-
-def test_unload_request_accepts_unload_dependents_only():
-    msg = pb2.RepositoryModelUnloadRequest(model_name="m")
-    msg.parameters["unload_dependents"].bool_param = False
-    assert v2_grpc.decode_model_unload_request(msg) == "m"
-    msg.parameters["other"].bool_param = True
-    with pytest.raises(
-        InvalidInput, match="unknown unloading a model parameter; expected one of unload_dependents"
-    ):
-        v2_grpc.decode_model_unload_request(msg)

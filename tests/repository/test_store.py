@@ -17,6 +17,7 @@ from bastion.core.metadata import ModelConfig
 from bastion.repository.store import LoadedVersion, ModelRepository, ModelState
 from bastion.runtimes import create_runtime
 from bastion.runtimes.base import Runtime
+from tests.polling import async_wait_until
 from tests.runtimes.onnx_models import affine_model, write_model
 
 X = np.zeros((1, 4), np.float32)
@@ -315,16 +316,14 @@ def test_the_poller_runs_and_survives_errors(tmp_path: Path, caplog: pytest.LogC
         repo.add_listener(rec)
         await repo.start()
         write_model(tmp_path, "n", {1: affine_model()}, _config())
-        for _ in range(300):
-            await asyncio.sleep(0.01)
-            if "n" in [s.name for s in repo.index()] and repo.get("n").state is ModelState.FAILED:
-                break
+        await async_wait_until(
+            lambda: "n" in [s.name for s in repo.index()] and repo.get("n").state is ModelState.FAILED,
+            30, 0.01, what="the poller to find n and fail to load it",
+        )
         assert "boom" in repo.get("n").reason
         (tmp_path / "n" / "1" / "model.onnx").write_bytes(affine_model(3.0))
-        for _ in range(300):
-            await asyncio.sleep(0.01)
-            if repo.get("n").state is ModelState.READY:
-                break
+        await async_wait_until(lambda: repo.get("n").state is ModelState.READY, 30, 0.01,
+                               what="the poller to load the fixed n")
         assert repo.get("n").state is ModelState.READY
         await repo.stop()
 
@@ -356,7 +355,15 @@ def test_runtime_is_closed_only_after_listeners_drain(tmp_path: Path) -> None:
         assert _offset(old) == 1.0  # queued work on the old version still runs
         assert listener.drained is not None
         listener.drained.set_result(None)
-        await asyncio.sleep(0.01)
+
+        def closed() -> bool:
+            try:
+                old.runtime.predict({"x": X})
+            except ModelNotReady:
+                return True
+            return False
+
+        await async_wait_until(closed, 10, 0.001, what="the drained version's runtime to be closed")
         with pytest.raises(ModelNotReady):
             old.runtime.predict({"x": X})
         stopping = asyncio.ensure_future(repo.stop())

@@ -115,18 +115,25 @@ def test_profile_pareto_front(built: tuple[Path, dict]) -> None:
     assert len(front) >= 3, (quality, latency)
 
 
+def _files(repo: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.slow
-def test_build_is_deterministic(built: tuple[Path, dict], tmp_path: Path) -> None:
-    # the scikit-learn variants and the eval set (MiniLM: same code path, too slow to rebuild here)
-    repo, _ = built
-    names = sentiment.build(tmp_path, small=True, seed=0, variants=sentiment.SKLEARN_VARIANTS)
+def test_build_is_deterministic(tmp_path: Path) -> None:
+    # the scikit-learn variants and the eval set (MiniLM: same code path, too slow to rebuild
+    # here), on TINY corpora (fewer reviews: the same code): the same seed gives the same
+    # bytes in every file (models, configs, eval.npz, zoo.yaml), another seed another corpus
+    first, second, other = tmp_path / "first", tmp_path / "second", tmp_path / "seed1"
+    names = sentiment.build(first, seed=0, variants=sentiment.SKLEARN_VARIANTS, sizes=sentiment.TINY)
     assert names == [*sentiment.SKLEARN_VARIANTS, "sentiment"]
-    assert (tmp_path / "sentiment" / "eval.npz").read_bytes() == (repo / "sentiment" / "eval.npz").read_bytes()
-    for name in sentiment.SKLEARN_VARIANTS:
-        assert (tmp_path / name / "1" / "model.onnx").read_bytes() == (repo / name / "1" / "model.onnx").read_bytes()
-    other = tmp_path / "seed1"
-    sentiment.build(other, small=True, seed=1, variants=sentiment.SKLEARN_VARIANTS[:2])
-    assert (other / "sentiment" / "eval.npz").read_bytes() != (repo / "sentiment" / "eval.npz").read_bytes()
+    sentiment.build(second, seed=0, variants=sentiment.SKLEARN_VARIANTS, sizes=sentiment.TINY)
+    files = _files(first)
+    models = {f"{name}/{file}" for name in sentiment.SKLEARN_VARIANTS for file in ("1/model.onnx", "config.yaml")}
+    assert set(files) == models | {"sentiment/eval.npz", "sentiment/zoo.yaml"}
+    assert files == _files(second)
+    sentiment.build(other, seed=1, variants=sentiment.SKLEARN_VARIANTS[:2], sizes=sentiment.TINY)
+    assert (other / "sentiment" / "eval.npz").read_bytes() != files["sentiment/eval.npz"]
 
 
 def test_build_rejects_unknown_variants(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -18,9 +19,11 @@ import numpy as np
 import pytest
 
 from bastion.core.errors import InvalidInput, NotFound, Overloaded
+from bastion.core.limits import RequestLimits
 from bastion.core.metadata import ModelMetadata, TensorSpec
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor
-from bastion.guard.principal import ANONYMOUS, Principal
+from bastion.dataplane import Credentials
+from bastion.dataplane.admin import check_repository_parameters
 from bastion.protocol import v2_grpc
 from bastion.protocol.grpc_v2 import grpc_service_pb2 as pb2
 from bastion.protocol.grpc_v2 import grpc_service_pb2_grpc as pb2_grpc
@@ -44,6 +47,7 @@ class FakeDataPlane:
             "idle": "UNAVAILABLE",
         }
         self.transports: list[str] = []
+        self.limits = RequestLimits(max_body_bytes=MAX_MESSAGE)
 
     def _state(self, name: str) -> str:
         try:
@@ -61,19 +65,17 @@ class FakeDataPlane:
         return {"name": "bastion", "version": "0.1.0", "extensions": ["model_repository"]}
 
     # auth is the data plane's business (tested over a real server); the fake lets everyone in
-    def admit(self, authorization: str | None, cert_fp: str | None, model: str, *, transport: str) -> Principal:
-        return ANONYMOUS
+    def admit(self, credentials: Credentials, model: str, *, transport: str) -> Any:
+        self.transports.append(transport)
+        return model  # the ticket: the fake's infer checks it names the request's model
 
-    def authenticate(self, authorization: str | None, cert_fp: str | None, **_: Any) -> Principal:
-        return ANONYMOUS
+    def admin(self, credentials: Credentials, *, transport: str, action: str, target: str = "") -> Any:
+        return action, target
 
-    def require_admin(self, principal: Principal | None, **_: Any) -> None:
-        pass
-
-    def model_ready(self, name: str, version: str | None, **_: Any) -> bool:
+    def model_ready(self, credentials: Credentials, name: str, version: str | None, **_: Any) -> bool:
         return self._state(name) == "READY"
 
-    def model_metadata(self, name: str, version: str | None, **_: Any) -> ModelMetadata:
+    def model_metadata(self, credentials: Credentials, name: str, version: str | None, **_: Any) -> ModelMetadata:
         self._state(name)
         return ModelMetadata(
             name=name,
@@ -83,8 +85,8 @@ class FakeDataPlane:
             outputs=(TensorSpec("OUTPUT0", "FP32", (-1, 4)),),
         )
 
-    async def infer(self, request: InferenceRequest, *, transport: str, **_: Any) -> InferenceResponse:
-        self.transports.append(transport)
+    async def infer(self, ticket: Any, request: InferenceRequest) -> InferenceResponse:
+        assert ticket == request.model_name
         self._state(request.model_name)
         if request.model_name == "busy":
             raise Overloaded("model 'busy': queue is full", retry_after=1.2)
@@ -101,19 +103,17 @@ class FakeDataPlane:
         ]
         return InferenceResponse(request.model_name, "1", outputs, parameters={"echoed": len(outputs)})
 
-    def repository_index(self, **_: Any) -> list[dict[str, Any]]:
+    def repository_index(self, credentials: Credentials, **_: Any) -> list[dict[str, Any]]:
         return [
             {"name": n, "version": "1", "state": s, "reason": "" if s == "READY" else "unloaded"}
             for n, s in sorted(self.models.items())
         ]
 
-    async def load_model(self, name: str, **_: Any) -> None:
+    async def repository_action(self, grant: tuple[str, str], parameters: Mapping[str, Any] | None = None) -> None:
+        action, name = grant
+        check_repository_parameters(action, parameters or {})  # the plane's rule, as it is
         self._state(name)
-        self.models[name] = "READY"
-
-    async def unload_model(self, name: str, **_: Any) -> None:
-        self._state(name)
-        self.models[name] = "UNAVAILABLE"
+        self.models[name] = "READY" if action == "load" else "UNAVAILABLE"
 
 
 class ServerThread:
@@ -147,7 +147,7 @@ class ServerThread:
 
 @pytest.fixture(scope="module")
 def server():
-    running = ServerThread(FakeDataPlane(), max_message_bytes=MAX_MESSAGE).start()
+    running = ServerThread(FakeDataPlane()).start()
     yield running
     running.stop()
 

@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
 
-OUTCOMES = ("met", "missed_accuracy", "missed_latency", "missed_both", "rejected")
+from bastion.client import ZOO_OUTCOMES as OUTCOMES
+from bastion.client import zoo_counters
 
 
 @dataclass
@@ -77,17 +77,6 @@ def random_workload(n: int, accuracy: tuple[float, float], latency_ms: tuple[flo
     ]
 
 
-def _zoo_counts(metrics_text: str, zoo: str) -> dict[str, int]:
-    counts = dict.fromkeys(OUTCOMES, 0)
-    for family in text_string_to_metric_families(metrics_text):
-        if family.name != "bastion_zoo_requests":
-            continue
-        for s in family.samples:
-            if s.name.endswith("_total") and s.labels.get("zoo") == zoo:
-                counts[s.labels["outcome"]] = int(s.value)
-    return counts
-
-
 def _inputs_from_metadata(meta: dict[str, Any], sample: Path | None, rng: np.random.Generator) -> list[dict]:
     """Request inputs (V2 JSON) for one row: from a sample .npz when given, else random."""
     data = None
@@ -118,7 +107,7 @@ async def run_goodput(
     rng = np.random.default_rng(seed)
     async with httpx.AsyncClient(base_url=url.rstrip("/"), timeout=60, headers=headers or {}) as client:
         meta = (await client.get(f"/v2/models/{zoo}")).raise_for_status().json()
-        before = _zoo_counts((await client.get("/metrics")).text, zoo)
+        before = zoo_counters((await client.get("/metrics")).text, zoo).requests
         bodies = [
             orjson.dumps({"inputs": _inputs_from_metadata(meta, sample, rng), "parameters": targets})
             for targets in workload
@@ -141,12 +130,12 @@ async def run_goodput(
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
         seconds = time.perf_counter() - started
-        after = _zoo_counts((await client.get("/metrics")).text, zoo)
+        after = zoo_counters((await client.get("/metrics")).text, zoo).requests
     lat = np.array(latencies) if latencies else np.zeros(1)
     return GoodputReport(
         zoo=zoo,
         requests=len(workload),
-        server_outcomes={k: after[k] - before[k] for k in OUTCOMES},
+        server_outcomes={k: round(after[k] - before[k]) for k in OUTCOMES},
         client_statuses=dict(statuses),
         client_latency_ms={"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))},
         seconds=seconds,

@@ -8,6 +8,7 @@ machine. Every server's overhead is its distance from these two figures.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -69,6 +70,7 @@ def rows_ceiling(limit: dict[str, Any]) -> float:
 
 
 def _session(model: ModelSpec) -> Any:
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # as the server does (bench/ stays client-side)
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from bastion.bench.frameworks.base import Framework, Launch, ModelSpec
+from bastion.bench.frameworks.v2json import decode_v2, decode_v2_binary
 from bastion.bench.models import reference_output
 
 
@@ -76,7 +77,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], launch: Launch, log_path: Path) -
             ok = False
         # a few answers in a row: with several workers one may be ready before the rest
         streak = streak + 1 if ok else 0
-        if streak >= 5:
+        if streak >= launch.ready_streak:
             return time.monotonic() - start
         time.sleep(0.05 if ok else 0.25)
     tail = log_path.read_text(encoding="utf-8", errors="replace")[-4000:]
@@ -110,6 +111,9 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     """This process's environment without its own venv's marks, plus ``extra``: what a
     server (or a helper run in a peer's venv) starts with."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
+    # the peers run ONNX Runtime too: no telemetry from a benchmark either (Bastion's own
+    # runtime sets the same default; an operator's explicit value is kept)
+    env.setdefault("ORT_DISABLE_TELEMETRY", "1")
     env.update(extra)
     return env
 
@@ -146,6 +150,37 @@ def check_serves(framework: Framework, model: ModelSpec, launch: Launch, rows: n
     if status != 200:
         raise RuntimeError(f"{framework.name}: {launch.infer_url} answered {status}: {body[:500]!r}")
     check_answer(framework.name, model, rows, framework.decode(model, body), atol)
+
+
+def check_v2(
+    server: str,
+    model: ModelSpec,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    rows: np.ndarray,
+    *,
+    retry_503_s: float = 0.0,
+    atol: float = 1e-4,
+) -> int:
+    """POST a V2 request (JSON or binary-tensor extension) for ``rows`` and compare the answer
+    with ONNX Runtime in-process; raise if they differ. Returns the response's size in bytes.
+
+    A 503 is retried for ``retry_503_s``: with several workers, the connection may land on
+    one still loading although the readiness streak passed.
+    """
+    deadline = time.monotonic() + retry_503_s
+    while True:
+        status, resp_headers, data = http_exchange("POST", url, body, headers, timeout=60)
+        if status != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if status != 200:
+        raise RuntimeError(f"{server}: {url} answered {status}: {data[:500]!r}")
+    length = resp_headers.get("inference-header-content-length")
+    got = decode_v2_binary(model, data, int(length)) if length else decode_v2(model, data)
+    check_answer(server, model, rows, got, atol)
+    return len(data)
 
 
 def check_answer(server: str, model: ModelSpec, rows: np.ndarray, got: np.ndarray, atol: float = 1e-4) -> None:

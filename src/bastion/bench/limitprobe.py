@@ -24,9 +24,9 @@ import numpy as np
 
 from bastion.bench.frameworks.base import ModelSpec
 from bastion.bench.frameworks.bastion import BastionFramework, bastion_python
-from bastion.bench.frameworks.v2json import decode_v2_binary, encode_v2_binary
+from bastion.bench.frameworks.v2json import encode_v2_binary
 from bastion.bench.inprocess import rows_ceiling
-from bastion.bench.launcher import check_answer, free_port, http_exchange, serve
+from bastion.bench.launcher import check_v2, free_port, serve
 from bastion.bench.models import pick_rows
 from bastion.bench.results import BenchResult, Mode
 from bastion.bench.saturation import SaturationConfig, measure_saturation
@@ -50,13 +50,8 @@ def probe_connections(connections: Sequence[int]) -> list[int]:
 def check_binary(model: ModelSpec, url: str, rows: np.ndarray, atol: float = 1e-4) -> None:
     """POST ``rows`` in the binary form and compare with ONNX Runtime in-process."""
     body, headers = encode_v2_binary(model, rows)
-    status, resp_headers, data = http_exchange(
-        "POST", url, body, {"Content-Type": "application/octet-stream", **headers}, timeout=60
-    )
-    if status != 200:
-        raise RuntimeError(f"bastion (binary): {url} answered {status}: {data[:500]!r}")
-    length = resp_headers.get("inference-header-content-length")
-    check_answer("bastion (binary)", model, rows, decode_v2_binary(model, data, int(length) if length else None), atol)
+    headers = {"Content-Type": "application/octet-stream", **headers}
+    check_v2("bastion (binary)", model, url, body, headers, rows, atol=atol)
 
 
 def run_limit_probe(

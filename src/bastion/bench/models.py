@@ -13,6 +13,7 @@ real held-out rows from the zoo's ``eval.npz``, so models do their normal work.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -34,27 +35,51 @@ SCENARIOS: tuple[str, ...] = tuple(MODELS)
 PAYLOAD_ROWS: dict[str, int] = {"small": 1, "medium": 4, "large": 16}
 
 
+# the serving comparison's model (``bastion bench serving``): the demo's digits classifier,
+# which costs a few µs per row, so what is measured is the serving around it
+DEMO_MODEL = "digits"
+DEMO_OUTPUT = "probabilities"
+
+
 def build_scenario(cache: Path, scenario: str, *, say: Callable[[str], None] = print) -> Path:
     """``cache/<scenario>``: the scenario's repository, built once (a few minutes each)."""
-    out = cache / scenario
+    return _build_once(cache / scenario, ["scenario", "build", scenario], f"scenario {scenario}", say)
+
+
+def build_demo(cache: Path, *, say: Callable[[str], None] = print) -> Path:
+    """``cache/demo``: ``bastion demo --build-only``, built once (seconds)."""
+    return _build_once(cache / "demo", ["demo", "--build-only"], "the demo repository", say)
+
+
+def _build_once(out: Path, args: list[str], what: str, say: Callable[[str], None]) -> Path:
+    # a marker written last: an interrupted build is redone, not served half-written
     done = out / ".built"
     if done.exists():
         return out
-    say(f"building scenario {scenario} into {out} (once) ...")
+    say(f"building {what} into {out} (once) ...")
     bastion = Path(sys.executable).with_name("bastion")
     argv = [str(bastion)] if bastion.exists() else [sys.executable, "-m", "bastion.cli.main"]
-    subprocess.run([*argv, "scenario", "build", scenario, "--out", str(out)], check=True, timeout=3600)
+    subprocess.run([*argv, *args, "--out", str(out)], check=True, timeout=3600)
     done.write_text("ok\n", encoding="utf-8")
     return out
 
 
-def model_spec(repo: Path, scenario: str, variant: str | None = None) -> ModelSpec:
-    """The spec of ``variant`` (default: :data:`MODELS`) from a built scenario repository."""
+def demo_spec(repo: Path) -> ModelSpec:
+    """The demo's ``digits`` model (input FP32 [-1, 64]; checked on its probabilities)."""
+    return model_spec(repo, DEMO_MODEL, DEMO_MODEL, output=DEMO_OUTPUT)
+
+
+def model_spec(repo: Path, scenario: str, variant: str | None = None, *, output: str | None = None) -> ModelSpec:
+    """The spec of ``variant`` (default: :data:`MODELS`) from a built scenario repository;
+    ``output`` names the output answers are checked on (default: the first)."""
     name = variant or MODELS[scenario]
     model_dir = repo / name
     config = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8"))
     (inp,) = config["inputs"]
-    out = config["outputs"][0]
+    outputs = config["outputs"]
+    out = next((o for o in outputs if o["name"] == output), None) if output else outputs[0]
+    if out is None:
+        raise ValueError(f"{name} has no output {output!r} (outputs: {[o['name'] for o in outputs]})")
     if config.get("parameters", {}).get("ort_extensions"):
         raise ValueError(f"{name} needs ONNX Runtime Extensions; the benchmark serves plain ONNX models only")
     return ModelSpec(
@@ -99,6 +124,7 @@ def pick_rows(rows: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 def reference_output(model: ModelSpec, rows: np.ndarray) -> np.ndarray:
     """The model's output for ``rows`` from ONNX Runtime in this process: what every server must return."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # as the server does (bench/ stays client-side)
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model.onnx_path), providers=["CPUExecutionProvider"])

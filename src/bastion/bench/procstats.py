@@ -16,13 +16,19 @@ Peak RSS is reported two ways, because neither alone is right:
   seen (members that exited during the span included).
   Never misses a spike, but adds peaks that may not have happened at the same time, and
   counts shared pages once per process: an upper bound.
+
+:class:`HostMonitor` adds the whole machine's CPU (``/proc/stat``) and the CPU of the
+children reaped over a span (the load generator), so that other load on the machine, and
+the generator's own share of the cores, show next to a server's figures.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
+import resource
 import threading
 import time
 from dataclasses import dataclass
@@ -175,6 +181,11 @@ class TreeMonitor:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
+    @property
+    def samples(self) -> int:
+        """Samples taken so far (a caller can wait for the sampler to have seen a state)."""
+        return self._samples
+
     def start(self) -> TreeMonitor:
         tree = self._sample()
         if not tree:
@@ -211,3 +222,86 @@ class TreeMonitor:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class MachineCpu:
+    """The first line of ``/proc/stat``: busy and steal time over all cores, in clock ticks."""
+
+    busy: int
+    total: int
+    steal: int
+
+    @classmethod
+    def parse(cls, line: str) -> MachineCpu:
+        values = [int(v) for v in line.split()[1:]]
+        # user nice system idle iowait irq softirq steal [guest guest_nice]; guest time is
+        # already counted in user, so only the first eight add up to the total.
+        user, nice, system, idle, iowait, irq, softirq, steal = (values + [0] * 8)[:8]
+        busy = user + nice + system + irq + softirq
+        return cls(busy=busy, total=busy + idle + iowait + steal, steal=steal)
+
+    @classmethod
+    def read(cls, proc: str = PROC) -> MachineCpu:
+        with open(f"{proc}/stat", encoding="ascii") as f:
+            return cls.parse(f.readline())
+
+
+@dataclass(frozen=True)
+class HostUsage:
+    machine_busy_s: float  # every core, every process: what else ran shows as the excess
+    machine_steal_s: float  # taken by the hypervisor
+    children_cpu_s: float  # CPU of this process's children reaped during the span (a load generator)
+    wall_s: float
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+class HostMonitor:
+    """The whole machine's CPU and the CPU of children reaped over a span:
+    ``with HostMonitor() as h: subprocess.run(wrk...); h.usage``.
+
+    A server under test is a child too, but it is still running (not reaped) when the span
+    ends, so when the load generator is the only child that exits inside the span,
+    ``children_cpu_s`` is the generator's own CPU.
+    """
+
+    def __init__(self, proc: str = PROC) -> None:
+        self.proc = proc
+        self.usage: HostUsage | None = None
+        self._machine = MachineCpu(0, 0, 0)
+        self._children = 0.0
+        self._t0 = 0.0
+
+    @staticmethod
+    def _children_cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    def __enter__(self) -> HostMonitor:
+        self._machine = MachineCpu.read(self.proc)
+        self._children = self._children_cpu()
+        self._t0 = time.monotonic()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        after = MachineCpu.read(self.proc)
+        ticks = os.sysconf("SC_CLK_TCK")
+        self.usage = HostUsage(
+            machine_busy_s=(after.busy - self._machine.busy) / ticks,
+            machine_steal_s=(after.steal - self._machine.steal) / ticks,
+            children_cpu_s=self._children_cpu() - self._children,
+            wall_s=time.monotonic() - self._t0,
+        )
+
+
+def busy_cores(seconds: float = 1.0, proc: str = PROC) -> float:
+    """Cores busy on the whole machine over ``seconds`` of this process sleeping: what a
+    benchmark about to start would be sharing the CPU with."""
+    with HostMonitor(proc) as host:
+        time.sleep(seconds)
+    assert host.usage is not None
+    return host.usage.machine_busy_s / host.usage.wall_s

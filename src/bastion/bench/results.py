@@ -10,6 +10,7 @@ import datetime as dt
 import math
 import os
 import platform
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,3 +193,20 @@ def render_markdown(results: Iterable[BenchResult]) -> str:
         ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_marked_section(path: Path, name: str, section: str, writer: str) -> None:
+    """Put ``section`` between ``<!-- NAME:start ... -->`` and ``<!-- NAME:end -->`` in the
+    Markdown file ``path``: in place of what was there, or appended (the file is created
+    if missing). The start marker is found by its name alone, so a renamed writer still
+    replaces its old section instead of adding a second one."""
+    start = f"<!-- {name}:start (written by {writer}; edits inside are overwritten) -->"
+    end = f"<!-- {name}:end -->"
+    block = f"{start}\n{section.strip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    found = re.search(rf"<!-- {re.escape(name)}:start\b[^\n]*-->", text)
+    if found and end in text[found.end() :]:
+        text = text[: found.start()] + block + text[found.end() :].split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")

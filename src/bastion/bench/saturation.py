@@ -105,6 +105,20 @@ def wrk_available() -> str | None:
     return shutil.which("wrk")
 
 
+def wrk_version() -> str:
+    """``wrk -v``'s first words ("wrk debian/4.1.0-3+b2"), or "?" (for the report)."""
+    wrk = wrk_available()
+    if wrk is None:
+        return "?"
+    try:
+        out = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    # wrk -v prints "wrk <version> [epoll] Copyright ..." then its usage, and exits 1
+    lines = (out.stdout + out.stderr).splitlines()
+    return (lines[0].split("[")[0].strip() if lines else "") or "?"
+
+
 def run_wrk(config: SaturationConfig) -> RunStats:
     """One wrk run; raises :class:`WrkError` when wrk is missing or fails."""
     wrk = wrk_available()

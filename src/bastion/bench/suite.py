@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import os
 import shlex
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,7 +39,7 @@ from bastion.bench.openloop import OpenLoopConfig, run_open_loop
 from bastion.bench.procstats import TreeMonitor
 from bastion.bench.results import BenchResult, machine_info, utc_now
 from bastion.bench.saturation import SaturationConfig, measure_saturation
-from bastion.bench.venvs import ensure_venv, installed_version
+from bastion.bench.venvs import installed_version, python_for
 
 Say = Callable[[str], None]
 
@@ -138,10 +137,7 @@ class StudyResults:
 
 
 def _python_for(fw: Framework, config: SuiteConfig, say: Say) -> Path:
-    pins = fw.requirements()
-    if not pins:
-        return Path(sys.executable)
-    return ensure_venv(config.cache / "venvs", fw.name, pins, say=say)
+    return python_for(fw.name, fw.requirements(), config.cache, say=say)
 
 
 def _versions(fw: Framework, python: Path) -> dict[str, str]:

@@ -62,6 +62,14 @@ def ensure_venv(
     return python
 
 
+def python_for(name: str, requirements: Sequence[str], cache: Path, *, say: Callable[[str], None] = print) -> Path:
+    """The interpreter a framework runs under: Bastion's own when it pins nothing, else its
+    venv ``cache/venvs/<name>`` (installed on first use)."""
+    if not requirements:
+        return Path(sys.executable)
+    return ensure_venv(cache / "venvs", name, requirements, say=say)
+
+
 def installed_version(python: Path, distribution: str) -> str:
     """``importlib.metadata.version`` of ``distribution`` inside another interpreter ("?" if absent)."""
     code = (

@@ -4,12 +4,39 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from bastion.bench import frameworks
 from bastion.bench.models import PAYLOAD_ROWS, SCENARIOS
+
+
+def _folder(name: str, default: str, what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        name, type=click.Path(file_okay=False, path_type=Path), default=Path(default), show_default=True, help=what
+    )
+
+
+def _no_options_for(ctx: click.Context, what: str, why: str, names: tuple[str, ...] | None = None) -> None:
+    """UsageError when an option among ``names`` (default: all of ``ctx``'s) was given on
+    the command line: an option that would be ignored must not look as if it took effect."""
+    given = [
+        param.opts[0]
+        for param in ctx.command.params
+        if param.name and (names is None or param.name in names) and _given(ctx, param.name)
+    ]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} cannot be used with {what}: {why}")
+
+
+def _ints(value: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"{option}: {exc}") from None
 
 
 def _split(value: str | None, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -22,7 +49,7 @@ def _split(value: str | None, allowed: tuple[str, ...], what: str) -> tuple[str,
     return items
 
 
-@click.command("bench")
+@click.group("bench", invoke_without_command=True)
 @click.option(
     "--all",
     "run_all",
@@ -39,20 +66,8 @@ def _split(value: str | None, allowed: tuple[str, ...], what: str) -> tuple[str,
 @click.option("--saturation-duration", type=float, help="Seconds per saturation run (default 15; --quick 4).")
 @click.option("--connections", help="Comma-separated saturation connection counts (default 1,16,64; --quick 16).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Serving processes per framework.")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("bench-results"),
-    show_default=True,
-    help="results.json, report.md and charts/ go here.",
-)
-@click.option(
-    "--cache",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path(".bench"),
-    show_default=True,
-    help="Scenario builds and the frameworks' venvs (reused).",
-)
+@_folder("--out", "bench-results", "results.json, report.md and charts/ go here.")
+@_folder("--cache", ".bench", "Scenario builds and the frameworks' venvs (reused).")
 @click.option("--report-only", is_flag=True, help="Re-render report.md and charts from OUT/results.json.")
 @click.option(
     "--resume",
@@ -67,7 +82,9 @@ def _split(value: str | None, allowed: tuple[str, ...], what: str) -> tuple[str,
     help="Also saturate Bastion alone with binary-tensor requests at the in-process best and the "
     "largest batch, to show its distance from the in-process limit.",
 )
+@click.pass_context
 def bench(
+    ctx: click.Context,
     run_all: bool,
     quick: bool,
     scenarios: str | None,
@@ -86,7 +103,13 @@ def bench(
 ) -> None:
     """Serve each scenario's model with Bastion and each peer framework (each in its own
     venv, installed with pinned versions), drive open-loop and saturation load, and write
-    results.json, report.md and PNG charts. Choose --all (the full study) or --quick."""
+    results.json, report.md and PNG charts. Choose --all (the full study) or --quick.
+
+    `bastion bench serving` is the serving comparison (Bastion vs MLServer vs a minimal
+    app) and the before/after check of two Bastion builds."""
+    if ctx.invoked_subcommand is not None:
+        _no_options_for(ctx, ctx.invoked_subcommand, "the study's options go without a subcommand")
+        return
     from bastion.bench.report import write_report
     from bastion.bench.suite import StudyResults, SuiteConfig, command_line, run_study
     from bastion.bench.suite import quick as quick_config
@@ -110,10 +133,7 @@ def bench(
     if saturation_duration is not None:
         config.saturation_s = saturation_duration
     if connections:
-        try:
-            config.connections = tuple(int(c) for c in connections.split(","))
-        except ValueError as exc:
-            raise click.BadParameter(f"--connections: {exc}") from None
+        config.connections = _ints(connections, "--connections")
     # a study is long: on SIGTERM, unwind (SystemExit) so the running server's group is stopped
     # and results.json keeps every finished run
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -122,3 +142,160 @@ def bench(
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     click.echo(f"wrote {out / 'results.json'} and {write_report(study, out)}")
+
+
+@bench.command("serving")
+@click.option("--quick", is_flag=True, help="5 s rows after a 2 s warm-up: a smoke run (BENCHMARKS.md is left alone).")
+@click.option("--duration", type=float, help="Measured seconds per row (default 20; --quick 5).")
+@click.option("--warmup", type=float, help="Unmeasured seconds of load before each row (default 3; --quick 2).")
+@click.option("--connections", type=int, default=16, show_default=True, help="wrk connections.")
+@click.option("--only", default="bastion,mlserver,minimal", show_default=True, help="Servers to run.")
+@click.option("--workers", default="1,2", show_default=True, help="--workers values for Bastion and the minimal app.")
+@click.option(
+    "--mlserver-parallel-workers",
+    default="0,1",
+    show_default=True,
+    help="MLServer parallel_workers values (0: inference inline; 1: MLServer's default pool).",
+)
+@click.option("--no-batch", is_flag=True, help="Skip the 64-row rows.")
+@click.option("--repeat", type=int, default=1, show_default=True, help="Runs per row; the median one is reported.")
+@click.option(
+    "--repository",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="An already built demo repository (default: CACHE/demo, built once with `bastion demo --build-only`).",
+)
+@_folder("--out", "bench-results/serving", "serving-<date>.json (or ab-<date>.json/.md) and the work folders go here.")
+@_folder(
+    "--cache", ".bench", "The demo and scenario builds, MLServer's venv, baseline exports (shared with the study)."
+)
+@click.option(
+    "--markdown",
+    "markdown_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("BENCHMARKS.md"),
+    show_default=True,
+    help="The file whose serving-bench section is rewritten (not with --quick).",
+)
+@click.option("--no-markdown", is_flag=True, help="Leave the Markdown file alone.")
+@click.option(
+    "--baseline-ref",
+    help="Instead of the three-server table: Bastion at this git ref (before) against the working tree "
+    "(after), interleaved rounds on the same venv and model files; reports after/before.",
+)
+@click.option("--rounds", type=int, default=3, show_default=True, help="With --baseline-ref: rounds per case.")
+@click.option(
+    "--cases",
+    help="With --baseline-ref: comma-separated subset of digits-json1,image-small,image-large (default all).",
+)
+@click.pass_context
+def serving(
+    ctx: click.Context,
+    quick: bool,
+    duration: float | None,
+    warmup: float | None,
+    connections: int,
+    only: str,
+    workers: str,
+    mlserver_parallel_workers: str,
+    no_batch: bool,
+    repeat: int,
+    repository: Path | None,
+    out: Path,
+    cache: Path,
+    markdown_file: Path,
+    no_markdown: bool,
+    baseline_ref: str | None,
+    rounds: int,
+    cases: str | None,
+) -> None:
+    """Bastion vs MLServer vs a minimal ASGI app on the demo's digits model (wrk, one server
+    at a time): throughput, latency, CPU and memory per row, the ratios against the issue's
+    targets, and BENCHMARKS.md's serving section. With --baseline-ref REF: two Bastion
+    builds against each other instead (the before/after check of a refactor)."""
+    import datetime as dt
+    import shlex
+
+    from bastion.bench.serving import Load
+
+    load = Load(
+        connections=connections,
+        duration_s=duration if duration is not None else (5.0 if quick else 20.0),
+        warmup_s=warmup if warmup is not None else (2.0 if quick else 3.0),
+    )
+    if load.connections < 1 or load.duration_s < 1 or load.warmup_s < 0 or repeat < 1 or rounds < 1:
+        raise click.UsageError("--connections, --duration, --repeat and --rounds must be positive, --warmup >= 0")
+    command = shlex.join(["bastion", *sys.argv[1:]])
+    if baseline_ref:
+        _no_options_for(
+            ctx,
+            "--baseline-ref",
+            "the before/after check runs Bastion alone on its own cases",
+            ("only", "mlserver_parallel_workers", "no_batch", "repeat", "markdown_file", "no_markdown"),
+        )
+        from bastion.bench.abcompare import CASES, ABConfig, markdown, run_ab
+
+        # one worker unless asked: the table's default (1,2) is two configurations, this is one
+        counts = _ints(workers, "--workers") if _given(ctx, "workers") else (1,)
+        if len(counts) != 1:
+            raise click.BadParameter("--workers: one value with --baseline-ref")
+        ab = ABConfig(
+            baseline_ref=baseline_ref,
+            out=out.resolve(),
+            cache=cache.resolve(),
+            load=load,
+            rounds=rounds,
+            workers=counts[0],
+            cases=_split(cases, tuple(CASES), "case"),
+            repository=repository.resolve() if repository else None,
+            command=command,
+        )
+        _stop_on_sigterm()
+        try:
+            report = run_ab(ab, _say)
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
+        click.echo(markdown(report))
+        return
+    _no_options_for(ctx, "the serving table", "they belong to --baseline-ref", ("rounds", "cases"))
+    from bastion.bench import serving_report
+    from bastion.bench.serving import SERVERS, ServingConfig, run_serving
+
+    config = ServingConfig(
+        out=out.resolve(),
+        cache=cache.resolve(),
+        load=load,
+        servers=_split(only, SERVERS, "server"),
+        workers=_ints(workers, "--workers"),
+        mlserver_workers=_ints(mlserver_parallel_workers, "--mlserver-parallel-workers"),
+        batch=not no_batch,
+        repeat=repeat,
+        repository=repository.resolve() if repository else None,
+        command=command,
+    )
+    started = dt.datetime.now(dt.timezone.utc)
+    _stop_on_sigterm()
+    runs, env = run_serving(config, _say)
+    target = None if (no_markdown or quick) else markdown_file  # a smoke run is not for the record
+    path, section = serving_report.write(config, runs, env, started, target)
+    click.echo("\n" + section)
+    click.echo(f"results: {path}" + (f"; updated {target}" if target is not None and runs else ""))
+    if not runs:
+        raise SystemExit(1)
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+
+
+def _say(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C: the running server's process group is stopped, and the
+    serving table reports the rows done so far."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)

@@ -309,9 +309,9 @@ def _detector_run(copy: Path, keys_db: Path, work: Path, admin_key: str, config:
                   rows: Any, eval_x: Any, eval_y: Any, action: str, max_refused: int, hardening: Any,
                   console: Any) -> dict[str, Any]:
     """The detector point on its own server (the sweep's attacker would be refused at its first point)."""
-    import httpx
     import yaml
 
+    from bastion.client import AdminClient, ClientError
     from bastion.lab import tradeoff as tr
     from bastion.lab.extract import victim_answers
     from bastion.lab.oracle import OracleError
@@ -325,20 +325,16 @@ def _detector_run(copy: Path, keys_db: Path, work: Path, admin_key: str, config:
     lo, hi = result["workload"]["latency_ms"]
     workload = tr.reachable_workload(result["front"], config.goodput_requests, config.seed, (float(lo), float(hi)))
     try:
-        with tr.serve(copy, keys_db, log=log, extra_args=["--config", str(settings)]) as url, \
-                _progress() as progress:
-            admin = tr.Admin(url, admin_key, config.zoo)
-            try:
-                victim_probs = victim_answers(url, result["victim"], admin_key, eval_x, batch_size=config.batch_size)
-                doc = detector_point(url, config.zoo, admin, config, action=action, max_refused=max_refused,
-                                     rows=rows, eval_x=eval_x, eval_y=eval_y, victim_probs=victim_probs,
-                                     workload=workload, goodput=tr.goodput_of, victim=result["victim"],
-                                     progress=progress)
-                doc["hardening"], doc["hardening_spec"] = hardening.name, hardening.block
-                return doc
-            finally:
-                admin.close()
-    except (OracleError, RuntimeError, ValueError, httpx.HTTPError) as err:
+        with tr.serve(copy, config.zoo, keys_db, log=log, extra_args=["--config", str(settings)]) as url, \
+                _progress() as progress, AdminClient(url, admin_key) as admin:
+            victim_probs = victim_answers(url, result["victim"], admin_key, eval_x, batch_size=config.batch_size)
+            doc = detector_point(url, config.zoo, admin, config, action=action, max_refused=max_refused,
+                                 rows=rows, eval_x=eval_x, eval_y=eval_y, victim_probs=victim_probs,
+                                 workload=workload, victim=result["victim"], progress=progress)
+            doc["hardening"], doc["hardening_spec"] = hardening.name, hardening.block
+            return doc
+    # RuntimeError / TimeoutError: the server exited before it was ready, or never was (the launcher's)
+    except (OracleError, ClientError, RuntimeError, TimeoutError, ValueError) as err:
         raise click.ClickException(f"{err} (server log: {log})") from None
 
 
@@ -402,11 +398,11 @@ def tradeoff_cmd(repo: str, zoo: str, scenario: str | None, pool_file: str | Non
     import shlex
     import sys
 
-    import httpx
     import numpy as np
     import orjson
     from rich.console import Console
 
+    from bastion.client import ClientError
     from bastion.guard.keystore import KeyStore
     from bastion.lab import tradeoff as tr
     from bastion.lab.extract import TrainConfig
@@ -483,17 +479,19 @@ def tradeoff_cmd(repo: str, zoo: str, scenario: str | None, pool_file: str | Non
 
     zoo_variants = list(load_zoo(copy / zoo).spec.variants)  # type: ignore[union-attr]
     result: dict[str, Any] = {}
+    escalated = tr.EscalatedTenants()  # one for every server: they share keys_db, so no tenant name may come back
     for k, setting in enumerate(settings):
         log = work / ("server.log" if setting.name == "none" else f"server-{setting.name}.log")
         try:
             tr.apply_hardening(copy, zoo_variants, setting)
             console.print(f"hardening {setting.name}: {setting.block or 'none'} in {len(zoo_variants)} variants")
             mine = points if setting.name == "none" else hardened
-            with tr.serve(copy, keys_db, log=log) as url, _progress() as progress:
+            with tr.serve(copy, zoo, keys_db, log=log) as url, _progress() as progress:
                 part = tr.run_sweep(url, admin_key, config, mine, front=front, rows=rows, eval_x=eval_x,
                                     eval_y=eval_y, progress=progress, step=lambda msg: console.print(msg),
-                                    hardening=setting, baseline_attacks=k == 0, escalate=escalate)
-        except (OracleError, RuntimeError, ValueError, httpx.HTTPError) as err:
+                                    hardening=setting, baseline_attacks=k == 0, escalate=escalate,
+                                    escalated=escalated)
+        except (OracleError, ClientError, RuntimeError, TimeoutError, ValueError) as err:
             raise click.ClickException(f"{err} (server log: {log})") from None
         if not result:
             result = part

@@ -9,137 +9,9 @@ from typing import Any
 import click
 
 from bastion import __version__
-from bastion.cli.serve import ServeOptions
+from bastion.cli.serve_options import ServeOptions, options_from_context, serve_flags
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-def _load_config_file(path: str | None) -> dict[str, Any]:
-    if not path:
-        return {}
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise click.BadParameter(f"{path}: expected a mapping of settings", param_hint="--config")
-    return data
-
-
-def _options(ctx: click.Context, repository: str | None, mapping: dict[str, str]) -> ServeOptions:
-    """Defaults < --config file < flags given on the command line."""
-    data = _load_config_file(ctx.params.get("config"))
-    if repository is not None:
-        data["repository"] = repository
-    for param, key in mapping.items():
-        source = ctx.get_parameter_source(param)
-        if (source is not None and source.name != "DEFAULT") or key not in data:
-            value = ctx.params[param]
-            if isinstance(value, tuple):  # multiple=True options
-                value = list(value) or None
-            if value is None and key not in data:
-                continue
-            data[key] = value
-    if data.get("grpc_port") in (-1, "off"):
-        data["grpc_port"] = None
-    try:
-        return ServeOptions.from_mapping(data, ctx.params.get("config") or "options")
-    except (TypeError, ValueError) as err:
-        raise click.UsageError(str(err)) from None
-
-
-def _serve_flags(f: Any) -> Any:
-    options = [
-        click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind."),
-        click.option("--http-port", type=int, default=8000, show_default=True),
-        click.option("--grpc-port", type=int, default=8001, show_default=True, help="-1 disables gRPC."),
-        click.option("--workers", type=int, default=1, show_default=True,
-                     help="Worker processes sharing the ports (use the cores)."),
-        click.option("--poll-interval", type=float, default=5.0, show_default=True,
-                     help="Seconds between repository scans for hot reload; 0 disables."),
-        click.option("--model", "models", multiple=True,
-                     help="Explicit mode: load only these models at start (repeatable)."),
-        click.option("--max-body-bytes", type=int, default=64 << 20, show_default=True),
-        click.option("--http-impl", type=click.Choice(["bastion", "uvicorn"]), default="bastion", show_default=True,
-                     help="HTTP/1.1 server: Bastion's own lean one, or uvicorn."),
-        click.option("--log-level", default="info", show_default=True,
-                     type=click.Choice(["debug", "info", "warning", "error"])),
-        click.option("--log-format", default="json", show_default=True, type=click.Choice(["json", "text"])),
-        click.option("--config", type=click.Path(exists=True, dir_okay=False),
-                     help="YAML file with the same settings (flags win)."),
-        # security
-        click.option("--keys", "keys_db", type=click.Path(dir_okay=False), envvar="BASTION_KEYS",
-                     help="Key store (SQLite) with tenants and API keys; see `bastion keys`."),
-        click.option("--insecure-no-auth", is_flag=True, default=False,
-                     help="Serve without authentication (loopback addresses only)."),
-        click.option("--secret-file", type=click.Path(dir_okay=False),
-                     help="Master secret file (default: KEYS + '.secret')."),
-        click.option("--open-metrics", is_flag=True, default=False, help="Serve /metrics without a key."),
-        click.option("--audit/--no-audit", "audit", default=True, show_default=True,
-                     help="Write the hash-chained audit log."),
-        click.option("--audit-dir", type=click.Path(file_okay=False),
-                     help="Audit log directory (default: 'audit' beside the key store)."),
-        click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate chain."),
-        click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key."),
-        click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False),
-                     help="PEM CA bundle that client certificates must chain to (mutual TLS)."),
-        click.option("--tls-client-auth", type=click.Choice(["none", "optional", "required"]), default="none",
-                     show_default=True, help="Ask clients for a certificate."),
-        click.option("--trusted-signer", "trusted_signers", multiple=True, type=click.Path(exists=True),
-                     help="Ed25519 public key (PEM) allowed to sign sealed bundles (repeatable)."),
-        click.option("--bundle-key-provider",
-                     help="Where the bundle master key comes from: env:VAR, file:PATH or module:pkg.mod:factory."),
-        # request limits
-        click.option("--max-elements", type=int, default=1 << 26, show_default=True,
-                     help="Elements over all input tensors of one request."),
-        click.option("--max-batch-size", type=int, default=None, help="Server-wide cap on rows per request."),
-        click.option("--max-string-bytes", type=int, default=1 << 20, show_default=True,
-                     help="Bytes in one BYTES element."),
-        click.option("--max-json-depth", type=int, default=32, show_default=True,
-                     help="Nesting depth of a JSON request body."),
-        click.option("--request-timeout", type=float, default=30.0, show_default=True,
-                     help="Seconds a request may spend queued and computing; 0 disables."),
-    ]
-    for opt in reversed(options):
-        f = opt(f)
-    return f
-
-
-_FLAG_KEYS = {
-    "host": "host",
-    "http_port": "http_port",
-    "grpc_port": "grpc_port",
-    "workers": "workers",
-    "poll_interval": "poll_interval_s",
-    "max_body_bytes": "max_body_bytes",
-    "http_impl": "http_impl",
-    "log_level": "log_level",
-    "log_format": "log_format",
-    "keys_db": "keys_db",
-    "insecure_no_auth": "insecure_no_auth",
-    "secret_file": "secret_file",
-    "open_metrics": "open_metrics",
-    "audit": "audit",
-    "audit_dir": "audit_dir",
-    "tls_cert": "tls_cert",
-    "tls_key": "tls_key",
-    "tls_client_ca": "tls_client_ca",
-    "tls_client_auth": "tls_client_auth",
-    "trusted_signers": "trusted_signers",
-    "bundle_key_provider": "bundle_key_provider",
-    "max_elements": "max_elements",
-    "max_batch_size": "max_batch_size",
-    "max_string_bytes": "max_string_bytes",
-    "max_json_depth": "max_json_depth",
-    "request_timeout": "request_timeout_s",
-}
-
-
-def _with_models(ctx: click.Context, opts: ServeOptions) -> ServeOptions:
-    models = ctx.params.get("models")
-    if models:
-        opts.explicit_models = list(models)
-    return opts
 
 
 def _progress_bar() -> Any:
@@ -152,10 +24,10 @@ def _progress_bar() -> Any:
 
 
 def _serve_with_progress(opts: ServeOptions) -> int:
-    from bastion.cli import serve
+    from bastion.cli.launch import run
 
     if opts.workers > 1 or not sys.stderr.isatty():
-        return serve.run(opts)
+        return run(opts)
     bar = _progress_bar()
     task = bar.add_task("loading models", total=None)
 
@@ -166,7 +38,7 @@ def _serve_with_progress(opts: ServeOptions) -> int:
 
     bar.start()
     try:
-        return serve.run(opts, progress=progress)
+        return run(opts, progress=progress)
     finally:
         bar.stop()
 
@@ -202,7 +74,25 @@ def _auth_headers() -> dict[str, str]:
     return {"authorization": f"Bearer {key}"} if key else {}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """Command groups that live in their own modules are imported when they are called (or
+    listed by --help): `bastion serve` then does not import the key store's CLI, the bundles'
+    crypto, the lab or the benchmarks (about 0.1 s of its start)."""
+
+    LAZY = {name: f"bastion.cli.{name}" for name in ("tls", "keys", "audit", "bundle", "lab", "bench")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.LAZY and cmd_name not in self.commands:
+            import importlib
+
+            self.add_command(getattr(importlib.import_module(self.LAZY[cmd_name]), cmd_name))
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bastion")
 def cli() -> None:
     """Bastion: a secure inference server for machine-learning models."""
@@ -210,11 +100,11 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("repository", type=click.Path(exists=True, file_okay=False))
-@_serve_flags
+@serve_flags
 @click.pass_context
 def serve(ctx: click.Context, repository: str, **_: Any) -> None:
     """Serve the model repository REPOSITORY over REST and gRPC."""
-    opts = _with_models(ctx, _options(ctx, repository, _FLAG_KEYS))
+    opts = options_from_context(ctx, repository)
     sys.exit(_serve_with_progress(opts))
 
 
@@ -223,7 +113,7 @@ def serve(ctx: click.Context, repository: str, **_: Any) -> None:
               help="Where to write the demo model repository.")
 @click.option("--build-only", is_flag=True, help="Build the repository and exit.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@_serve_flags
+@serve_flags
 @click.pass_context
 def demo(ctx: click.Context, out: str, build_only: bool, seed: int, **_: Any) -> None:
     """Build a demo repository (Triton's `simple`, a digits classifier) and serve it."""
@@ -237,7 +127,7 @@ def demo(ctx: click.Context, out: str, build_only: bool, seed: int, **_: Any) ->
     console.print(f"[green]built[/] {len(names)} models in {out}: {', '.join(names)}")
     if build_only:
         return
-    opts = _with_models(ctx, _options(ctx, out, _FLAG_KEYS))
+    opts = options_from_context(ctx, out)
     token = None
     if opts.keys_db is None and not opts.insecure_no_auth:
         opts.keys_db, token = _demo_key(Path(out))
@@ -548,29 +438,6 @@ def _dumps(data: Any) -> str:
     return orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
-# command groups of the guard package (each module exposes one click group)
-def _add_guard_commands() -> None:
-    from bastion.cli.tls import tls
-
-    cli.add_command(tls)
-    from bastion.cli.keys import keys
-
-    cli.add_command(keys)
-    from bastion.cli.audit import audit
-
-    cli.add_command(audit)
-    from bastion.cli.bundle import bundle
-
-    cli.add_command(bundle)
-    from bastion.cli.lab import lab
-
-    cli.add_command(lab)
-    from bastion.cli.bench import bench
-
-    cli.add_command(bench)
-
-
-_add_guard_commands()
 
 
 def main() -> None:

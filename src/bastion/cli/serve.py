@@ -1,9 +1,12 @@
-"""Run the server: one process, or a supervisor with several worker processes.
+"""One server process: repository, data plane, REST (Bastion's HTTP server or uvicorn), gRPC.
 
-Each worker is a whole server (repository, data plane, REST on uvicorn, gRPC) bound to
-the same ports with SO_REUSEPORT, so the kernel spreads connections over the workers and
-the Python parts of the request path (HTTP parsing, codecs) use every core. Inference
-itself runs on executor threads: ONNX Runtime releases the GIL.
+With ``--workers N`` the supervisor (``workers.py``) runs N of these, bound to the same
+ports with SO_REUSEPORT, so the kernel spreads connections over them and the Python parts
+of the request path (HTTP parsing, codecs) use every core. Inference itself runs on
+executor threads: ONNX Runtime releases the GIL.
+
+Imports go one way: ``launch`` → ``workers`` → ``serve`` → ``serve_options``,
+``process_setup``, ``control_log``; this module imports neither ``workers`` nor ``launch``.
 """
 
 from __future__ import annotations
@@ -17,121 +20,15 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from bastion.core.limits import RequestLimits
+from bastion.cli.process_setup import http_socket, install_uvloop
+from bastion.cli.serve_options import ServeOptions
+
+__all__ = ["ServeOptions", "build_gate", "run_server", "serve_async"]
 
 log = logging.getLogger("bastion.serve")
-
-
-@dataclass
-class ServeOptions:
-    """Every knob of ``bastion serve``; also read from a YAML ``--config`` file."""
-
-    repository: str = "."
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int | None = 8001  # None: no gRPC listener
-    workers: int = 1
-    poll_interval_s: float | None = 5.0  # None or 0: no hot reload
-    explicit_models: list[str] | None = None  # Triton's explicit mode: only these load at start
-    max_body_bytes: int = 64 << 20
-    http_impl: str = "bastion"  # "bastion" (transport/http_server.py) or "uvicorn"
-    executor_threads: int = 4
-    strict_readiness: bool = True
-    drain_timeout_s: float = 30.0
-    log_level: str = "info"
-    log_format: str = "json"
-    # ---- security (guard/) ----
-    keys_db: str | None = None  # SQLite key store (tenants, API keys); required unless insecure_no_auth
-    insecure_no_auth: bool = False  # serve without authentication; refused unless host is loopback
-    secret_file: str | None = None  # master secret; default: KEYS_DB + ".secret"
-    open_metrics: bool = False  # /metrics without a key (default: admin keys only)
-    audit: bool = True  # the hash-chained audit log (needs a key store or audit_dir)
-    audit_dir: str | None = None  # default: "audit" beside the key store
-    audit_fsync_interval_s: float = 0.2
-    tls_cert: str | None = None  # PEM certificate chain; with tls_key, REST and gRPC speak TLS only
-    tls_key: str | None = None
-    tls_client_ca: str | None = None  # PEM CA bundle for client certificates (mutual TLS)
-    tls_client_auth: str = "none"  # none | optional | required
-    trusted_signers: list[str] | None = None  # Ed25519 public keys (PEM files) allowed to sign sealed bundles
-    bundle_key_provider: str | None = None  # env:VAR | file:PATH | module:pkg.mod:factory
-    extraction_monitor: dict[str, Any] | None = None  # PRADA settings (guard/monitor.py); None = off
-    probe_monitor: dict[str, Any] | None = None  # zoo-probing detector (guard/probes.py); None = off
-    # ---- request limits (core/limits.py) ----
-    max_elements: int = 1 << 26
-    max_batch_size: int | None = None
-    max_string_bytes: int = 1 << 20
-    max_json_depth: int = 32
-    request_timeout_s: float | None = 30.0
-    control_dir: str | None = field(default=None, repr=False)  # set by the supervisor
-    worker_index: int = field(default=0, repr=False)  # set by the supervisor
-
-    @classmethod
-    def from_mapping(cls, data: dict[str, Any], source: str = "config") -> ServeOptions:
-        known = {f.name for f in fields(cls)} - {"control_dir", "worker_index"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
-
-    def check_security(self) -> None:
-        """Refuse settings that would serve unprotected by accident (ValueError says why)."""
-        if self.keys_db is None and not self.insecure_no_auth:
-            raise ValueError(
-                "refusing to serve without authentication: pass --keys PATH (a key store made with "
-                "`bastion keys create --keys PATH --tenant NAME`), or --insecure-no-auth on a loopback address"
-            )
-        if self.keys_db is not None and self.insecure_no_auth:
-            raise ValueError("--keys and --insecure-no-auth contradict each other; pass one")
-        if self.insecure_no_auth and not _is_loopback(self.host):
-            raise ValueError(
-                f"--insecure-no-auth is allowed on loopback addresses only (127.0.0.1, ::1, localhost), "
-                f"not {self.host!r}"
-            )
-        from bastion.guard.tls import server_ssl_context, tls_files
-
-        tls = tls_files(self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_client_auth)
-        if tls is not None:
-            server_ssl_context(*tls)  # loads the files: a bad one stops the start, not the first handshake
-        if self.extraction_monitor is not None:
-            from bastion.guard.monitor import parse_monitor
-
-            parse_monitor(self.extraction_monitor, "extraction_monitor")
-        if self.probe_monitor is not None:
-            from bastion.guard.probes import parse_probe_monitor
-
-            parse_probe_monitor(self.probe_monitor, "probe_monitor")
-        if not 4 <= self.max_json_depth <= 250:
-            # every V2 JSON body is 4 deep; orjson parses 1024 levels but writes only ~254
-            raise ValueError(f"max_json_depth must be between 4 and 250, got {self.max_json_depth}")
-        if self.bundle_key_provider:
-            from bastion.guard.keyproviders import load_key_provider
-
-            load_key_provider(self.bundle_key_provider)
-
-    def request_limits(self) -> RequestLimits:
-        return RequestLimits(
-            max_body_bytes=self.max_body_bytes,
-            max_elements=self.max_elements,
-            max_batch_size=self.max_batch_size,
-            max_string_bytes=self.max_string_bytes,
-            max_json_depth=self.max_json_depth,
-            request_timeout_s=self.request_timeout_s or None,
-        )
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def build_gate(opts: ServeOptions, metrics: Any) -> Any:
@@ -185,18 +82,6 @@ def build_gate(opts: ServeOptions, metrics: Any) -> Any:
                 open_metrics=opts.open_metrics, monitor=monitor, probe_monitor=probes)
 
 
-def _http_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
 class _BastionHttp:
     """The default HTTP layer: transport/http_server.py."""
 
@@ -210,7 +95,7 @@ class _BastionHttp:
 
         o = self._opts
         tls = tls_files(o.tls_cert, o.tls_key, o.tls_client_ca, o.tls_client_auth)
-        self._server = HttpServer(self._app, max_body_bytes=o.max_body_bytes)
+        self._server = HttpServer(self._app, max_body_bytes=self._app.limits.max_body_bytes)
         await self._server.start([self._sock], ssl=server_ssl_context(*tls) if tls is not None else None)
 
     async def shutdown(self, timeout_s: float) -> None:
@@ -321,7 +206,7 @@ async def serve_async(
     loop = asyncio.get_running_loop()
     reuse_port = opts.workers > 1
     # bind before loading models so a port clash fails fast, not after minutes of loading
-    http_sock = _http_socket(opts.host, opts.http_port, reuse_port)
+    http_sock = http_socket(opts.host, opts.http_port, reuse_port)
     repo = ModelRepository(
         Path(opts.repository),
         poll_interval_s=opts.poll_interval_s or None,
@@ -347,14 +232,13 @@ async def serve_async(
 
         tls = tls_files(opts.tls_cert, opts.tls_key, opts.tls_client_ca, opts.tls_client_auth)
         grpc_server = create_grpc_server(
-            dataplane, opts.host, opts.grpc_port, max_message_bytes=opts.max_body_bytes, reuse_port=reuse_port,
+            dataplane, opts.host, opts.grpc_port, reuse_port=reuse_port,
             credentials=grpc_server_credentials(*tls) if tls is not None else None,
-            limits=opts.request_limits(),
             # gRPC only sees client certificates when it requires them (see guard/tls.py)
             client_certs=tls is not None and opts.tls_client_auth == "required",
         )
         await grpc_server.start()
-    app = RestApp(dataplane, limits=opts.request_limits())
+    app = RestApp(dataplane)  # the transports take the plane's request limits
     stopping = asyncio.Event()
     if opts.http_impl == "uvicorn":
         http = _UvicornHttp(app, opts, http_sock)
@@ -376,7 +260,7 @@ async def serve_async(
 
     control = None
     if opts.control_dir:
-        from bastion.cli.workers import ControlLog
+        from bastion.cli.control_log import ControlLog
 
         control = ControlLog(Path(opts.control_dir), dataplane)
         dataplane.control_hook = control.publish
@@ -420,24 +304,11 @@ async def serve_async(
         log.info("stopped")
 
 
-def run(opts: ServeOptions, *, progress: Callable[[str, int, int], None] | None = None) -> int:
-    """Blocking entry point of ``bastion serve``; returns the process exit code."""
-    from bastion.observability.logs import configure_logging
-
-    configure_logging(opts.log_level, opts.log_format)
+def run_server(opts: ServeOptions, *, progress: Callable[[str, int, int], None] | None = None) -> int:
+    """Serve in this process until SIGTERM/SIGINT; returns the process exit code."""
     from bastion.core.errors import BastionError
 
-    try:
-        opts.check_security()
-    except (ValueError, OSError, BastionError) as err:
-        log.error("cannot serve: %s", err)
-        print(f"bastion serve: {err}", file=sys.stderr)
-        return 2
-    if opts.workers > 1:
-        from bastion.cli.workers import supervise
-
-        return supervise(opts)
-    _install_uvloop()
+    install_uvloop()
     try:
         asyncio.run(serve_async(opts, progress=progress))
     except (OSError, ValueError, BastionError) as err:
@@ -448,14 +319,3 @@ def run(opts: ServeOptions, *, progress: Callable[[str, int, int], None] | None 
         print(f"bastion serve: {err}", file=sys.stderr)
         return 2
     return 0
-
-
-def _install_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return
-    if sys.version_info >= (3, 12):
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    else:
-        uvloop.install()

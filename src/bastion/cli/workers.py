@@ -1,19 +1,17 @@
-"""Several worker processes sharing the ports, and what keeps them consistent.
+"""Several worker processes sharing the ports: the supervisor.
 
 The supervisor spawns fresh interpreters (``spawn``, not ``fork``: the parent may
 hold threads), restarts a worker that dies unexpectedly, and on SIGTERM forwards it
-to every worker, waits for them to drain, and exits 0.
+to every worker, waits for them to drain, and exits 0. Each worker is one server process
+(``serve.serve_async``); the workers keep explicit load/unload consistent through the
+control log (``control_log.py``) in the run directory made here.
 
-Hot reload needs no coordination (each worker polls the repository itself). An
-operator's explicit load/unload reaches one worker over HTTP or gRPC; it appends the
-action to a shared control log that every other worker tails, so all of them converge
-within ``ControlLog.POLL_S``.
+Imports go one way: this module uses ``serve``; ``serve`` never imports this one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -21,103 +19,33 @@ import shutil
 import signal
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import orjson
+from bastion.cli.process_setup import http_socket, install_uvloop
+from bastion.cli.serve import serve_async
 
 if TYPE_CHECKING:
-    from bastion.cli.serve import ServeOptions
-    from bastion.dataplane import DataPlane
+    from bastion.cli.serve_options import ServeOptions
 
 log = logging.getLogger("bastion.workers")
 
 
-class ControlLog:
-    """An append-only JSON-lines file of operator actions shared by the workers."""
-
-    POLL_S = 0.25
-
-    def __init__(self, directory: Path, dataplane: DataPlane) -> None:
-        self.path = directory / "control.jsonl"
-        self.path.touch(exist_ok=True)
-        self._dataplane = dataplane
-        self._offset = self.path.stat().st_size  # actions before this worker started are already on disk
-        self._task: asyncio.Task[None] | None = None
-        self._pid = os.getpid()
-
-    async def publish(self, model: str, action: str) -> None:
-        line = orjson.dumps({"pid": self._pid, "model": model, "action": action, "ts": time.time()}) + b"\n"
-        # one write() of a short line with O_APPEND is atomic between processes
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._tail())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _tail(self) -> None:
-        while True:
-            await asyncio.sleep(self.POLL_S)
-            try:
-                await self._apply_new()
-            except Exception:
-                log.exception("applying control log failed")
-
-    async def _apply_new(self) -> None:
-        size = self.path.stat().st_size
-        if size <= self._offset:
-            return
-        with self.path.open("rb") as f:
-            f.seek(self._offset)
-            data = f.read(size - self._offset)
-        complete = data.rpartition(b"\n")[0]
-        if not complete:
-            return
-        self._offset += len(complete) + 1
-        for raw in complete.split(b"\n"):
-            entry = orjson.loads(raw)
-            if entry["pid"] == self._pid:
-                continue
-            repo = self._dataplane.repository
-            try:
-                if entry["action"] == "load":
-                    await repo.load(entry["model"])
-                else:
-                    await repo.unload(entry["model"])
-            except Exception as err:
-                log.warning("control action failed", extra={"entry": entry, "error": str(err)})
-
-
 def _worker_main(opts: ServeOptions, index: int) -> None:
-    from bastion.cli.serve import _install_uvloop, serve_async
     from bastion.observability.logs import configure_logging
 
     configure_logging(opts.log_level, opts.log_format)
     # the supervisor owns Ctrl-C; a worker drains on the SIGTERM the supervisor forwards
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _install_uvloop()
-    from dataclasses import replace
-
+    install_uvloop()
     asyncio.run(serve_async(replace(opts, worker_index=index)))
 
 
 def supervise(opts: ServeOptions) -> int:
     """Run ``opts.workers`` worker processes until SIGTERM/SIGINT; return the exit code."""
-    from dataclasses import replace
-
-    from bastion.cli.serve import _http_socket
-
     # fail fast on a taken port, before spawning anything
-    probe = _http_socket(opts.host, opts.http_port, reuse_port=True)
+    probe = http_socket(opts.host, opts.http_port, reuse_port=True)
     probe.close()
 
     run_dir = Path(tempfile.mkdtemp(prefix="bastion-"))

@@ -7,6 +7,8 @@ than the explicit availability errors (overload, model not ready) means a bug.
 
 from __future__ import annotations
 
+import math
+
 
 class BastionError(Exception):
     """Base of every error Bastion reports to a client."""
@@ -21,6 +23,15 @@ class BastionError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    @property
+    def retry_after_s(self) -> int | None:
+        """``retry_after`` as every transport states it (HTTP ``Retry-After``, gRPC
+        ``retry-after`` metadata): whole seconds, rounded up, at least 1, since "retry after
+        0 s" invites the immediate retry the error is asking the client not to make."""
+        if self.retry_after is None:
+            return None
+        return max(1, math.ceil(self.retry_after))
 
 
 class InvalidInput(BastionError):

@@ -17,3 +17,8 @@ class RequestLimits:
     max_string_bytes: int = 1 << 20  # one BYTES element
     max_json_depth: int = 32  # nesting of a JSON request body
     request_timeout_s: float | None = 30.0  # queue + compute time inside the server; None = no limit
+
+
+# The defaults, once: codecs take it when called without the server's limits (clients,
+# tests), and every serve option's default is read from it.
+DEFAULT_LIMITS = RequestLimits()

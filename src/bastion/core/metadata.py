@@ -67,6 +67,9 @@ class ModelMetadata:
     platform: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # for a model that is not serving: its state (LOADING, UNAVAILABLE, FAILED) and why
+    state: str = ""
+    reason: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -76,3 +79,13 @@ class ModelMetadata:
             "inputs": [t.as_dict() for t in self.inputs],
             "outputs": [t.as_dict() for t in self.outputs],
         }
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStatus:
+    """One version of a model (or a zoo, version "") and whether it serves:
+    ``state`` READY, LOADING, UNAVAILABLE or FAILED; ``reason`` says why it does not."""
+
+    version: str
+    state: str
+    reason: str = ""

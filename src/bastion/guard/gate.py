@@ -10,10 +10,13 @@ its payload; everything else is decided here, once, for REST, gRPC and TF-Servin
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
+
 from bastion.core.errors import BastionError, PermissionDenied, Unauthenticated
+from bastion.guard.audit_record import AuditRecord
 from bastion.guard.limits import Limiter, QuotaExhausted
 from bastion.guard.principal import ANONYMOUS, Authenticator, Limits, Principal
 from bastion.observability.metrics import Metrics
@@ -126,7 +129,33 @@ class Gate:
             self.record_rejection(principal, transport, action, model, err)
             raise err
 
-    # ---- extraction monitor ---------------------------------------------------------------
+    # ---- monitors -------------------------------------------------------------------------
+    def watch_answer(
+        self,
+        principal: Principal,
+        model: str,
+        inputs: Iterable[np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+        label_output: str | None,
+        probabilities_output: str,
+    ) -> None:
+        """An answered query feeds the tenant's PRADA state for this model or zoo."""
+        monitor = self.monitor
+        if monitor is not None:
+            alert = monitor.watch(f"{principal.tenant}/{model}", inputs, outputs, label_output, probabilities_output)
+            if alert is not None:
+                self.extraction_alert(principal, model, alert)
+
+    def watch_targets(
+        self, principal: Principal, zoo: str, accuracy: float | None, latency_ms: float | None, *, refused: bool
+    ) -> None:
+        """A zoo request's targets, and whether they were refused, feed the zoo-probing detector."""
+        probes = self.probe_monitor
+        if probes is not None:
+            alert = probes.watch(f"{principal.tenant}/{zoo}", accuracy, latency_ms, refused)
+            if alert is not None:
+                self.extraction_alert(principal, zoo, alert)
+
     def extraction_alert(self, principal: Principal, model: str, alert: Any) -> None:
         """The monitor flagged ``principal``'s tenant on ``model``: count, audit, act."""
         tenant = principal.tenant
@@ -135,12 +164,11 @@ class Gate:
                                                    "w": getattr(alert, "statistic", None)})
         if self.metrics is not None:
             self.metrics.extraction_alert(tenant, alert.action)
-        self.record({
-            "ts": time.time(), "tenant": tenant, "key_id": principal.key_id, "action": "extraction_alert",
-            "model": model, "decision": alert.action, "status": 0,
-            "reason": getattr(alert, "reason", None)
-            or f"PRADA: Shapiro-Wilk W={alert.statistic:.3f} < {alert.threshold} after {alert.queries_seen} queries",
-        })
+        reason = getattr(alert, "reason", None) or (
+            f"PRADA: Shapiro-Wilk W={alert.statistic:.3f} < {alert.threshold} after {alert.queries_seen} queries"
+        )
+        self.record(AuditRecord.of(principal, "", "extraction_alert", model, decision=alert.action, status=0,
+                                   reason=reason))
         if alert.action == "block":
             self.blocked.add(tenant)
         elif alert.action == "throttle" and self.limiter is not None:
@@ -154,29 +182,16 @@ class Gate:
                     log.error("could not escalate tenant %s: %s", tenant, err.message)
 
     # ---- audit --------------------------------------------------------------------------
-    def record(self, fields: dict[str, Any]) -> None:
+    def record(self, record: AuditRecord) -> None:
         audit = self.audit
         if audit is not None:
-            audit.append(fields)
+            audit.append(record.fields())
 
     def record_rejection(
         self, principal: Principal | None, transport: str, action: str, model: str, err: BastionError
     ) -> None:
-        if self.audit is None:
-            return
-        self.audit.append(
-            {
-                "ts": time.time(),
-                "tenant": principal.tenant if principal else None,
-                "key_id": principal.key_id if principal else None,
-                "transport": transport,
-                "action": action,
-                "model": model[:200],
-                "decision": "rejected",
-                "status": err.http_status,
-                "reason": f"{type(err).__name__}: {err.message}"[:300],
-            }
-        )
+        if self.audit is not None:
+            self.audit.append(AuditRecord.refusal(principal, transport, action, model, err).fields())
 
     def close(self) -> None:
         if self.limiter is not None:

@@ -254,6 +254,15 @@ def check_against(spec: HardeningSpec, outputs: Iterable[str | TensorSpec], *, w
             )
 
 
+def served_outputs(outputs: Iterable[TensorSpec], spec: HardeningSpec | None) -> tuple[TensorSpec, ...]:
+    """The output signature a hardened model publishes: label-only answers drop the
+    probabilities when the model has a label output, and the signature says so too."""
+    outputs = tuple(outputs)
+    if spec is not None and spec.label_only and any(t.name == spec.label_output for t in outputs):
+        return tuple(t for t in outputs if t.name != spec.probabilities_output)
+    return outputs
+
+
 # --------------------------------------------------------------------------- hardening
 
 

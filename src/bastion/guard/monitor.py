@@ -103,15 +103,18 @@ Configured as (the lead places the block)::
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 
 from bastion.core.errors import InvalidInput
+
+log = logging.getLogger("bastion.guard")
 
 __all__ = ["ACTIONS", "Alert", "ExtractionMonitor", "MonitorConfig", "parse_block", "parse_monitor"]
 
@@ -315,6 +318,28 @@ def _load_shapiro() -> Callable[[np.ndarray], Any]:
     return shapiro
 
 
+def query_and_label(
+    inputs: Iterable[np.ndarray], outputs: Mapping[str, np.ndarray], label_output: str | None, probabilities_output: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """What the monitor reads from one answered request: the query rows (the first numeric
+    input, flattened per row) and the predicted class of each (the label output, else the
+    argmax of the probabilities). None when the model answers neither, or rows disagree."""
+    data = next((a for a in inputs if a.dtype != object), None)
+    if data is None:
+        return None
+    x = data.reshape(data.shape[0], -1) if data.ndim > 1 else data.reshape(1, -1)
+    label = outputs.get(label_output) if label_output is not None else None
+    if label is None:
+        probs = outputs.get(probabilities_output)
+        if probs is None:
+            return None
+        label = np.asarray(probs).argmax(axis=-1)
+    label = np.asarray(label).reshape(-1)
+    if label.shape[0] != x.shape[0]:
+        return None
+    return x, label
+
+
 class ExtractionMonitor:
     """PRADA per tenant. Event-loop only (not thread-safe); see the module docstring."""
 
@@ -360,6 +385,25 @@ class ExtractionMonitor:
             return None
         state.since_test = 0
         return self._test(tenant, state)
+
+    def watch(
+        self,
+        tenant: str,
+        inputs: Iterable[np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+        label_output: str | None,
+        probabilities_output: str,
+    ) -> Alert | None:
+        """Feed one answered request (``query_and_label`` says what is read from it). A query
+        the monitor cannot take (another input size than the tenant's earlier ones) is skipped."""
+        seen = query_and_label(inputs, outputs, label_output, probabilities_output)
+        if seen is None:
+            return None
+        try:
+            return self.observe(tenant, *seen)
+        except (TypeError, ValueError) as err:
+            log.debug("extraction monitor skipped a query: %s", err)
+            return None
 
     def status(self, tenant: str) -> dict[str, Any]:
         """What the monitor knows of ``tenant`` (for logs, metrics and the admin API)."""

@@ -153,6 +153,13 @@ class ProbeMonitor:
         tenant = key.rsplit("/", 1)[0]
         return ProbeAlert(tenant, state.seen, len(state.refused), len(state.all), cfg.action, signal)
 
+    def watch(self, key: str, accuracy: float | None, latency_ms: float | None, refused: bool) -> ProbeAlert | None:
+        """One zoo request as the data plane sees it: a request without targets says nothing
+        about probing and is not counted."""
+        if accuracy is None and latency_ms is None:
+            return None
+        return self.observe(key, accuracy, latency_ms, refused)
+
     def flagged(self, key: str) -> bool:
         state = self._windows.get(key)
         return key in self._evicted_flagged if state is None else state.flagged

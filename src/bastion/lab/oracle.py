@@ -205,12 +205,5 @@ class Oracle:
         time.sleep(retry_after)
 
     def stats(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "queries": self.queries,
-            "requests": self.requests,
-            "rejected": self.rejected,
-            "retries_429": self.retries,
-            "waited_s": round(self.waited_s, 3),
-            "budget": self.budget,
-        }
+        return {"model": self.model, "queries": self.queries, "requests": self.requests, "rejected": self.rejected,
+                "retries_429": self.retries, "waited_s": round(self.waited_s, 3), "budget": self.budget}

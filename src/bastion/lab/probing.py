@@ -12,8 +12,9 @@ Three fresh tenants, so that no earlier point's history counts:
 * the **naive** attacker (no targets, so nothing for the detector to see) extracts with
   the same budget: the attacker's best response to the detector, reported beside it.
 
-Lives beside ``tradeoff.py`` (which calls it) and talks to the server only through the
-public protocol and the admin API, like the rest of the lab.
+Part of the tradeoff sweep (``bastion lab tradeoff`` calls it on a server of its own) and
+talks to the server only through the public protocol and the admin API, like the rest of
+the lab.
 """
 
 from __future__ import annotations
@@ -21,13 +22,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bastion.client import AdminClient
+from bastion.lab.benign import Progress, goodput_of
 from bastion.lab.extract import evaluate, run_extraction, train_surrogate, training_targets
 from bastion.lab.fingerprint import fingerprint
 from bastion.lab.oracle import BudgetExhausted, Oracle, OracleError
+
+if TYPE_CHECKING:  # the sweep imports nothing of this module; the type only documents the argument
+    from bastion.lab.sweep import SweepConfig
 
 PROBE_TENANTS = ("probe-benign", "probe-attacker", "probe-naive")
 
@@ -67,8 +73,8 @@ def _collect(oracle: Oracle, rows: np.ndarray, budget: int, batch_size: int,
 def detector_point(
     url: str,
     zoo: str,
-    admin: Any,  # tradeoff.Admin
-    config: Any,  # tradeoff.SweepConfig
+    admin: AdminClient,
+    config: SweepConfig,
     *,
     action: str,
     max_refused: int,
@@ -77,19 +83,19 @@ def detector_point(
     eval_y: np.ndarray,
     victim_probs: np.ndarray,
     workload: Sequence[Mapping[str, float]],
-    goodput: Any,  # tradeoff.goodput_of
     victim: str,
-    progress: Any = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """The detector point's document (the sweep's point shape, plus ``detector``)."""
     started = time.perf_counter()
-    keys = {t: admin.create_key(t, [zoo], f"tradeoff sweep: {t} (probe detector point)") for t in PROBE_TENANTS}
+    keys = {t: admin.create_key(t, models=[zoo], description=f"tradeoff sweep: {t} (probe detector point)").token
+            for t in PROBE_TENANTS}
     for key in keys.values():
         admin.wait_for_key(key, zoo)
     doc: dict[str, Any] = {"defense": "none", "strength": math.nan, "defense_class": "baseline", "spec": None,
                            "hardening": "none", "hardening_spec": None,
                            "escalation": {"kind": "probe-monitor", "action": action, "max_refused": max_refused}}
-    doc["goodput"] = goodput(url, zoo, keys["probe-benign"], admin, workload, eval_x, config.seed, progress)
+    doc["goodput"] = goodput_of(url, zoo, keys["probe-benign"], admin, workload, eval_x, config.seed, progress)
 
     with Oracle(url, zoo, api_key=keys["probe-attacker"], budget=config.fingerprint_budget + config.budget,
                 keep_answers=True) as oracle:

@@ -23,6 +23,7 @@ import base64
 import binascii
 import json
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -30,10 +31,10 @@ import orjson
 
 from bastion.core.datatypes import DATATYPE_TO_NUMPY
 from bastion.core.errors import InvalidInput, PayloadTooLarge
-from bastion.core.limits import RequestLimits
-from bastion.core.metadata import ModelMetadata, TensorSpec
+from bastion.core.limits import DEFAULT_LIMITS, RequestLimits
+from bastion.core.metadata import ModelMetadata, TensorSpec, VersionStatus
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor
-from bastion.protocol.v2_rest import DEFAULT_LIMITS, array_from_json, check_json_depth
+from bastion.protocol.v2_rest import array_from_json, check_json_depth
 
 __all__ = [
     "DEFAULT_SIGNATURE",
@@ -399,21 +400,22 @@ def encode_predict_response(response: InferenceResponse, row_format: bool) -> by
     return _dumps(payload, finite)
 
 
-def encode_model_status(versions: list[tuple[str, str, str]]) -> bytes:
-    """TF-Serving's ``GetModelStatus`` JSON for ``(version, state, error_message)`` tuples.
+# the data plane's version states in TF-Serving's vocabulary (START, LOADING, AVAILABLE,
+# UNLOADING, END): a version that does not serve, for whatever reason, is UNAVAILABLE
+_TF_STATES = {"READY": "AVAILABLE", "LOADING": "LOADING"}
 
-    ``state`` is one of TF-Serving's ``START``, ``LOADING``, ``AVAILABLE``, ``UNLOADING``, ``END``
-    (or ``UNKNOWN``); ``error_code`` is ``OK`` unless there is an error message.
-    """
+
+def encode_model_status(versions: Iterable[VersionStatus]) -> bytes:
+    """TF-Serving's ``GetModelStatus`` JSON; ``error_code`` is ``OK`` unless there is a reason."""
     return orjson.dumps(
         {
             "model_version_status": [
                 {
-                    "version": version,
-                    "state": state,
-                    "status": {"error_code": "UNKNOWN" if message else "OK", "error_message": message},
+                    "version": v.version,
+                    "state": _TF_STATES.get(v.state, "UNAVAILABLE"),
+                    "status": {"error_code": "UNKNOWN" if v.reason else "OK", "error_message": v.reason},
                 }
-                for version, state, message in versions
+                for v in versions
             ]
         }
     )

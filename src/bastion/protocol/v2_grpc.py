@@ -30,7 +30,7 @@ import numpy as np
 
 from bastion.core.datatypes import DATATYPE_TO_NUMPY, DATATYPES
 from bastion.core.errors import BastionError, InternalError, InvalidInput, PayloadTooLarge
-from bastion.core.limits import RequestLimits
+from bastion.core.limits import DEFAULT_LIMITS, RequestLimits
 from bastion.core.metadata import ModelMetadata, TensorSpec
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor, RequestedOutput
 from bastion.protocol.grpc_v2 import grpc_service_pb2 as pb2
@@ -54,8 +54,7 @@ __all__ = [
     "response_uses_raw",
 ]
 
-# The limits a decoder applies when its caller passes none.
-DEFAULT_LIMITS = RequestLimits()
+# DEFAULT_LIMITS (core/limits.py): the limits a decoder applies when its caller passes none.
 # Refuse absurd element counts before anything is allocated for them (kept for callers
 # that predate RequestLimits).
 DEFAULT_MAX_ELEMENTS = DEFAULT_LIMITS.max_elements
@@ -698,45 +697,30 @@ def encode_repository_index(
     return msg
 
 
-def _repository_parameters(
-    params: Mapping[str, pb2.ModelRepositoryParameter], allowed: frozenset[str], what: str
-) -> None:
+def _repository_parameters(params: Mapping[str, pb2.ModelRepositoryParameter]) -> dict[str, Any]:
+    """The parameters as plain values; which ones an action accepts is the data plane's rule
+    (``dataplane/admin.py``), the same for every transport."""
+    out: dict[str, Any] = {}
     for key, param in params.items():
-        if key == "config" or key.startswith("file:"):
-            # Triton lets a client ship a model config and model files with the load
-            # request. Bastion serves only models that are in its repository (sealed,
-            # checked); loading client-sent code is exactly what it must not do.
-            raise InvalidInput(
-                f"parameters[{_q(key)}]: {what} with a client-supplied config or model files is not "
-                "supported; Bastion loads models only from its model repository"
-            )
-        if key not in allowed:
-            raise InvalidInput(
-                f"parameters[{_q(key)}]: unknown {what} parameter; "
-                + (f"expected one of {', '.join(sorted(allowed))}" if allowed else "none are supported")
-            )
-        if param.WhichOneof("parameter_choice") is None:
+        choice = param.WhichOneof("parameter_choice")
+        if choice is None:
             raise InvalidInput(f"parameters[{_q(key)}]: no value set")
+        out[key] = getattr(param, choice)
+    return out
 
 
-def decode_model_load_request(msg: pb2.RepositoryModelLoadRequest) -> str:
-    """Name of the model to load; refuses client-supplied configs and files.
+def decode_model_load_request(msg: pb2.RepositoryModelLoadRequest) -> tuple[str, dict[str, Any]]:
+    """The model to load and the request's parameters.
 
     ``repository_name`` is ignored: Bastion serves one repository.
     """
     if not msg.model_name:
         raise InvalidInput("model_name: must not be empty")
-    _repository_parameters(msg.parameters, frozenset(), "loading a model")
-    return msg.model_name
+    return msg.model_name, _repository_parameters(msg.parameters)
 
 
-def decode_model_unload_request(msg: pb2.RepositoryModelUnloadRequest) -> str:
-    """Name of the model to unload.
-
-    tritonclient always sends ``unload_dependents``; Bastion has no ensembles, so there
-    are never dependents and the flag is accepted and ignored.
-    """
+def decode_model_unload_request(msg: pb2.RepositoryModelUnloadRequest) -> tuple[str, dict[str, Any]]:
+    """The model to unload and the request's parameters."""
     if not msg.model_name:
         raise InvalidInput("model_name: must not be empty")
-    _repository_parameters(msg.parameters, frozenset({"unload_dependents"}), "unloading a model")
-    return msg.model_name
+    return msg.model_name, _repository_parameters(msg.parameters)

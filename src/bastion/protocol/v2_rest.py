@@ -47,7 +47,8 @@ import orjson
 
 from bastion.core.datatypes import DATATYPE_TO_NUMPY, numpy_dtype
 from bastion.core.errors import InternalError, InvalidInput, PayloadTooLarge
-from bastion.core.limits import RequestLimits
+from bastion.core.limits import DEFAULT_LIMITS, RequestLimits
+from bastion.core.metadata import ModelMetadata
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor, RequestedOutput
 
 __all__ = [
@@ -57,13 +58,14 @@ __all__ = [
     "check_json_depth",
     "decode_infer_request",
     "decode_infer_response",
+    "decode_repository_request",
     "encode_error",
     "encode_infer_request",
     "encode_infer_response",
+    "encode_model_metadata",
 ]
 
-DEFAULT_LIMITS = RequestLimits()
-"""The limits a decoder applies when its caller passes none."""
+# DEFAULT_LIMITS (core/limits.py): the limits a decoder applies when its caller passes none.
 
 DEFAULT_MAX_ELEMENTS = DEFAULT_LIMITS.max_elements
 """Total tensor elements accepted in one request (kept for callers that predate ``RequestLimits``)."""
@@ -1000,6 +1002,27 @@ def encode_infer_request(request: InferenceRequest, binary: bool) -> tuple[bytes
             for out in request.outputs
         ]
     return _assemble(head, chunks)
+
+
+def encode_model_metadata(metadata: ModelMetadata) -> bytes:
+    """V2 model metadata JSON; a model that is not serving also says its state and why."""
+    doc = metadata.as_dict()
+    if metadata.state:
+        doc["state"] = metadata.state
+        doc["reason"] = metadata.reason
+    return orjson.dumps(doc)
+
+
+def decode_repository_request(body: bytes) -> dict[str, Any]:
+    """The ``parameters`` of a repository load/unload request body (``{}`` or empty: none).
+    Which parameters an action takes is the data plane's rule, as on gRPC."""
+    if not body.strip():
+        return {}
+    doc = _load_object(body, "request body")
+    unknown = sorted(set(doc) - {"parameters"})
+    if unknown:
+        raise InvalidInput(f"request body: unknown field(s) {', '.join(unknown)}; expected 'parameters'")
+    return _parameters(doc.get("parameters"), "parameters")
 
 
 def encode_error(message: str) -> bytes:

@@ -87,7 +87,9 @@ def sklearn_to_skops(model: Any) -> bytes:
     as an identity for shared objects, and array member names) and stamps members with
     the current time; all three are rewritten in schema order, with a fixed time.
     """
-    import skops.io as sio
+    from bastion.runtimes.skops_runtime import import_skops_io
+
+    sio = import_skops_io()  # without torch, as the server imports it
 
     with zipfile.ZipFile(io.BytesIO(sio.dumps(model))) as src:
         schema = json.loads(src.read("schema.json"))

@@ -8,14 +8,25 @@ between batches, burning CPU that other requests need. For small models (a few
 microseconds per row) splitting one operator across threads also costs more in
 synchronisation than it saves. Raise it for large models served with few requests
 in flight.
+
+Telemetry. ONNX Runtime (1.29 and later, on Linux) records usage events, keeps a device
+id and an event queue under ~/.cache/Microsoft and uploads them to Microsoft, unless
+``ORT_DISABLE_TELEMETRY=1`` is set before onnxruntime is imported. A model server must
+not phone home by default, so this module sets it when the operator has not set the
+variable either way; it is the one place the server imports onnxruntime (lazily, with
+the first ONNX model), and other code that needs onnxruntime imports ``ort`` from here.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # read once, when onnxruntime initialises
+
 import onnxruntime as ort
 
 from bastion.core.errors import InvalidInput, ModelNotReady

@@ -17,11 +17,25 @@ Signature convention. config.yaml declares exactly one input and one or two outp
 Numeric inputs are 2-D ``[batch, features]``; a BYTES input is text (a batch of UTF-8
 strings, e.g. for a TfidfVectorizer pipeline). Outputs are cast to the declared
 datatypes.
+
+Import cost. ``skops.io`` builds its default trust list at import time from
+``sklearn.utils.all_estimators()``, which walks and imports every scikit-learn
+package, including the vendored array-API shims under
+``sklearn.externals.array_api_compat`` (``torch``, ``cupy``, ``dask``) whose
+``__init__`` imports the framework itself. With torch installed (the torch runtime's
+extra), loading one skops model used to import all of torch: +180 MiB and ~2 s. Those
+shims hold no estimator (``all_estimators`` skips ``externals``), so ``import_skops_io``
+declines them for the duration of that one import, in the importing thread only; the
+trust list comes out identical (checked in tests/runtimes/test_lazy_imports.py).
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import sys
+import threading
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -107,7 +121,7 @@ def load_trusted(config: ModelConfig, source: Path | bytes, *, name: str | None 
     """Load a skops file (a path, or its bytes named ``name``), trusting skops' defaults plus
     ``parameters.trusted_types`` only."""
     try:
-        import skops.io as sio
+        sio = import_skops_io()
     except ImportError:
         raise ModelLoadError(
             f"{config.name}: the skops runtime needs the 'sklearn' extra: pip install 'bastion-serve[sklearn]'"
@@ -132,6 +146,47 @@ def load_trusted(config: ModelConfig, source: Path | bytes, *, name: str | None 
         return sio.loads(source, trusted=trusted) if in_memory else sio.load(source, trusted=trusted)
     except Exception as exc:
         raise ModelLoadError(f"{config.name}: skops cannot load {label}: {exc}") from exc
+
+
+# scikit-learn's vendored array-API wrappers of other array libraries; each one imports
+# its library. "numpy" and "common" are what scikit-learn itself uses.
+_ARRAY_API_SHIMS = "sklearn.externals.array_api_compat."
+_SHIMS_SKLEARN_NEEDS = frozenset({"numpy", "common", "_internal"})
+_import_lock = threading.Lock()
+
+
+class _DeclineArrayApiShims(importlib.abc.MetaPathFinder):
+    """Makes ``sklearn.externals.array_api_compat.<library>`` unimportable in one thread
+    while ``skops.io`` is first imported, unless ``<library>`` is already loaded (then
+    the shim costs nothing and is left alone)."""
+
+    def __init__(self, thread: int) -> None:
+        self.thread = thread
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if threading.get_ident() != self.thread or not fullname.startswith(_ARRAY_API_SHIMS):
+            return None
+        library = fullname[len(_ARRAY_API_SHIMS) :].partition(".")[0]
+        if library in _SHIMS_SKLEARN_NEEDS or library in sys.modules:
+            return None
+        # pkgutil.walk_packages (inside all_estimators) skips packages that raise ImportError.
+        raise ModuleNotFoundError(f"{fullname} is not needed to load skops files", name=fullname)
+
+
+def import_skops_io() -> ModuleType:
+    """``skops.io``, imported without dragging in torch/cupy/dask (see the module doc)."""
+    with _import_lock:
+        if "skops.io" in sys.modules:  # imported before (or elsewhere, now: this waits for it)
+            import skops.io
+
+            return skops.io
+        finder = _DeclineArrayApiShims(threading.get_ident())
+        sys.meta_path.insert(0, finder)
+        try:
+            import skops.io
+        finally:
+            sys.meta_path.remove(finder)
+        return skops.io
 
 
 def _cast(values: np.ndarray, spec: TensorSpec, dtype: np.dtype) -> np.ndarray:

@@ -57,7 +57,9 @@ Variants (cheapest first; all take the same ``window``, all output ``forecast``)
 Measured (full build, seed 0, ``profile_zoo``, batch-1 p50 through onnxruntime with
 one thread on a shared 2-core machine): ridge 0.596 / 4.5 us, gbm 0.669 / 9.1 us,
 gru 0.689 / 17.2 us, lstm 0.696 / 47.0 us; all four on the Pareto front. The small
-build (fewer rows and epochs, same architectures) keeps the same order.
+build (fewer rows and epochs, same architectures) keeps the same order. ``sizes=TINY``
+(a few thousand rows, one epoch, 50 trees) builds in seconds for tests of what does
+not depend on the sizes (files, determinism); its variants are no meaningful ladder.
 
 The recurrent models scale inputs and outputs inside the graph by fixed constants so
 clients send raw log returns.
@@ -92,15 +94,19 @@ from bastion.scenarios.zoo_files import write_zoo
 
 __all__ = [
     "COINS",
+    "FULL",
     "MU",
     "RHO",
     "SIGMA_CALM",
+    "SMALL",
     "STEPS",
+    "TINY",
     "TRANSITION",
     "TURBULENT_VOL_MULT",
     "VARIANTS",
     "ZOO",
     "Series",
+    "Sizes",
     "build",
     "generate",
     "make_rows",
@@ -184,21 +190,26 @@ Predict = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
-class _Sizes:
+class Sizes:
+    """How much a build trains on (architectures and hyper-parameters are the same in every size)."""
+
     train_rows: int
     eval_rows: int
     gru_epochs: int
     lstm_epochs: int
+    gbm_trees: int = 600
 
 
 # The small build trades training rows and epochs for a build well under a minute on
 # one core; the ordering of the variants' qualities holds in both (tested for small).
-_FULL = _Sizes(train_rows=40_000, eval_rows=8_000, gru_epochs=8, lstm_epochs=8)
-_SMALL = _Sizes(train_rows=16_000, eval_rows=4_000, gru_epochs=6, lstm_epochs=4)
+FULL = Sizes(train_rows=40_000, eval_rows=8_000, gru_epochs=8, lstm_epochs=8)
+SMALL = Sizes(train_rows=16_000, eval_rows=4_000, gru_epochs=6, lstm_epochs=4)
+# seconds, for tests of what the sizes do not change (files, determinism); not a useful zoo
+TINY = Sizes(train_rows=2_000, eval_rows=500, gru_epochs=1, lstm_epochs=1, gbm_trees=50)
 
 _GRU_HIDDEN = 16
 _LSTM_HIDDEN, _LSTM_LAYERS = 48, 2
-_GBM = {"max_iter": 600, "max_depth": 5, "learning_rate": 0.02, "early_stopping": False}
+_GBM = {"max_depth": 5, "learning_rate": 0.02, "early_stopping": False}  # max_iter: Sizes.gbm_trees
 _BATCH = 256
 _LR = 3e-3
 
@@ -338,7 +349,7 @@ def _torch_variant(cell: str, hidden: int, layers: int, epochs: int, x: np.ndarr
 
 def _check_export(onnx_bytes: bytes, predict: Predict, x: np.ndarray, variant: str) -> None:
     """The exported graph must answer what the in-process model answers."""
-    import onnxruntime as ort
+    from bastion.runtimes.onnx_runtime import ort  # telemetry off, as in the server
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -350,7 +361,7 @@ def _check_export(onnx_bytes: bytes, predict: Predict, x: np.ndarray, variant: s
 
 
 def build_with_models(
-    out: Path, *, small: bool = False, seed: int = 0, progress: Progress | None = None
+    out: Path, *, small: bool = False, seed: int = 0, progress: Progress | None = None, sizes: Sizes | None = None
 ) -> tuple[list[str], dict[str, Predict]]:
     """:func:`build`, also returning each variant's in-process model (for checking exports)."""
     import torch
@@ -358,7 +369,7 @@ def build_with_models(
     from sklearn.linear_model import Ridge
 
     say = progress or (lambda _msg: None)
-    sizes = _SMALL if small else _FULL
+    sizes = sizes or (SMALL if small else FULL)
     out = Path(out)
     start = time.perf_counter()
 
@@ -380,7 +391,7 @@ def build_with_models(
         say("crypto_ridge: fitting")
         exported["crypto_ridge"] = _sklearn_variant(Ridge(alpha=1.0).fit(flat_tr, y_tr))
         say("crypto_gbm: fitting")
-        gbm = HistGradientBoostingRegressor(**_GBM, random_state=seed).fit(flat_tr, y_tr)
+        gbm = HistGradientBoostingRegressor(**_GBM, max_iter=sizes.gbm_trees, random_state=seed).fit(flat_tr, y_tr)
         exported["crypto_gbm"] = _sklearn_variant(gbm)
         say("crypto_gru: training")
         exported["crypto_gru"] = _torch_variant("GRU", _GRU_HIDDEN, 1, sizes.gru_epochs, x_tr, y_tr, seed)
@@ -403,8 +414,11 @@ def build_with_models(
     return [*VARIANTS, ZOO], {v: p for v, (_, p) in exported.items()}
 
 
-def build(out: Path, *, small: bool = False, seed: int = 0, progress: Progress | None = None) -> list[str]:
+def build(
+    out: Path, *, small: bool = False, seed: int = 0, progress: Progress | None = None, sizes: Sizes | None = None
+) -> list[str]:
     """Write the scenario's variant models and its zoo into the model repository ``out``;
-    return the names written (the variants, then the zoo)."""
-    names, _ = build_with_models(out, small=small, seed=seed, progress=progress)
+    return the names written (the variants, then the zoo). ``sizes`` overrides what
+    ``small`` picks (``SMALL`` or ``FULL``)."""
+    names, _ = build_with_models(out, small=small, seed=seed, progress=progress, sizes=sizes)
     return names

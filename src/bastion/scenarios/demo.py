@@ -150,7 +150,7 @@ def _train_digits(seed: int) -> tuple[Any, np.ndarray, np.ndarray]:
 
 def _metrics(model: Any, onnx_bytes: bytes, x_test: np.ndarray, y_test: np.ndarray, seed: int) -> dict[str, Any]:
     """Held-out accuracy of the served ONNX model (and of scikit-learn, which should agree)."""
-    import onnxruntime as ort
+    from bastion.runtimes.onnx_runtime import ort  # with the server's onnxruntime settings (no telemetry)
 
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     labels = session.run(["label"], {"input": x_test})[0]

@@ -30,8 +30,10 @@ Variants, cheapest first (batch-1 latency through ONNX Runtime, 1 thread):
 
 The CNNs are trained with Adam, a one-cycle learning-rate schedule and light
 augmentation (random shifts of up to one pixel), on one CPU thread with fixed seeds and
-deterministic algorithms: the same seed gives the same eval.npz bytes and the same
-accuracies. ``small=True`` trains for fewer epochs (for tests and CI). Each exported
+deterministic algorithms: the same seed gives the same files, byte for byte.
+``small=True`` trains for fewer epochs (for tests and CI); ``sizes=TINY`` trains one
+epoch per CNN, for tests of what does not depend on the epochs (file layout,
+determinism): its variants are not a meaningful ladder. Each exported
 graph is checked against the in-process model on 16 eval rows (max abs difference of
 the probabilities <= 1e-4) before it is written; those rows and the in-process answers
 are kept as ``<variant>/reference.npz`` so a deployed copy can be checked the same way.
@@ -63,8 +65,9 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +76,7 @@ import numpy as np
 from bastion.runtimes.export import write_bytes_atomic, write_model_config
 from bastion.scenarios.zoo_files import npz_bytes, write_zoo
 
-__all__ = ["INPUT", "VARIANTS", "ZOO", "build"]
+__all__ = ["FULL", "INPUT", "SMALL", "TINY", "VARIANTS", "ZOO", "Sizes", "build"]
 
 ZOO = "image"
 VARIANTS = ("image_logreg", "image_cnn_small", "image_mobilenet", "image_cnn")
@@ -92,18 +95,38 @@ _EXPORT_TOLERANCE = 1e-4
 _MOBILENET = [(1, 16, 1), (4, 24, 1), (4, 32, 2), (4, 32, 1)]
 _MOBILENET_HEAD = 128
 
-# (epochs, learning rate) per CNN, full build and small build
-_SCHEDULES: dict[str, dict[bool, tuple[int, float]]] = {
-    "image_cnn_small": {False: (40, 1e-2), True: (15, 1e-2)},
-    "image_mobilenet": {False: (40, 1e-2), True: (12, 1e-2)},
-    "image_cnn": {False: (30, 3e-3), True: (10, 3e-3)},
-}
+# learning rate per CNN (the peak of its one-cycle schedule), whatever the build's size
+_LR = {"image_cnn_small": 1e-2, "image_mobilenet": 1e-2, "image_cnn": 3e-3}
 
 
-def build(out: Path, *, small: bool = False, seed: int = 0, progress: Callable[[str], None] | None = None) -> list[str]:
-    """Write the scenario's variant models and its zoo into the model repository ``out``; return the names written."""
+@dataclass(frozen=True)
+class Sizes:
+    """How long a build trains: epochs per CNN variant (data, architectures and learning
+    rates are the same in every size)."""
+
+    epochs: Mapping[str, int]
+
+
+FULL = Sizes({"image_cnn_small": 40, "image_mobilenet": 40, "image_cnn": 30})
+SMALL = Sizes({"image_cnn_small": 15, "image_mobilenet": 12, "image_cnn": 10})
+# seconds, for tests of what the epochs do not change (files, determinism); not a useful zoo
+TINY = Sizes({"image_cnn_small": 1, "image_mobilenet": 1, "image_cnn": 1})
+
+
+def build(
+    out: Path,
+    *,
+    small: bool = False,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+    sizes: Sizes | None = None,
+) -> list[str]:
+    """Write the scenario's variant models and its zoo into the model repository ``out``; return the names written.
+
+    ``sizes`` overrides the epochs that ``small`` picks (``SMALL`` or ``FULL``)."""
     out = Path(out)
     say = progress or (lambda _message: None)
+    sizes = sizes or (SMALL if small else FULL)
     x_train, x_eval, y_train, y_eval = _load_data(seed)
     reference_in = x_eval[:_REFERENCE_ROWS]
 
@@ -113,9 +136,9 @@ def build(out: Path, *, small: bool = False, seed: int = 0, progress: Callable[[
         _write_variant(out, "image_logreg", onnx_bytes, reference_in, reference)
 
         for offset, variant in enumerate(VARIANTS[1:], start=1):
-            epochs, lr = _SCHEDULES[variant][small]
+            epochs = sizes.epochs[variant]
             say(f"{variant}: training {epochs} epochs")
-            net = _train(variant, x_train, y_train, seed=seed * 101 + offset, epochs=epochs, lr=lr)
+            net = _train(variant, x_train, y_train, seed=seed * 101 + offset, epochs=epochs, lr=_LR[variant])
             onnx_bytes, reference = _export(net, reference_in)
             _write_variant(out, variant, onnx_bytes, reference_in, reference)
 
@@ -380,7 +403,7 @@ def _write_variant(out: Path, variant: str, onnx_bytes: bytes, reference_in: np.
 
 def _check_export(variant: str, onnx_bytes: bytes, reference_in: np.ndarray, reference: np.ndarray) -> None:
     """Refuse to write a graph whose answers differ from the model it was exported from."""
-    import onnxruntime as ort
+    from bastion.runtimes.onnx_runtime import ort  # telemetry off, as in the server
 
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     probabilities, labels = session.run(["probabilities", "label"], {INPUT: reference_in})

@@ -20,6 +20,8 @@ ORT thread, full build, seed 0, 2000 evaluation texts: accuracy / p50 at batch 1
 bow 0.596 / 0.013 ms, ngram 0.798 / 0.028 ms, char_mlp 0.783 / 0.21 ms, minilm
 0.819 / 8.4 ms. So the Pareto front is bow, ngram, minilm; char_mlp is dominated in the
 full build (small build: ties ngram at 0.742). Build: full 117 s, small 12-25 s, one core.
+``sizes=TINY`` (a few hundred reviews) builds in seconds for tests of what does not
+depend on the corpus size (files, determinism); its variants are no meaningful ladder.
 
 * ``sentiment_bow``: word-unigram TF-IDF (ONNX StringNormalizer/Tokenizer/TfIdfVectorizer)
   + logistic regression. Cannot see negation scope.
@@ -58,7 +60,19 @@ from bastion.runtimes.export import DEFAULT_ML_OPSET, DEFAULT_OPSET, write_bytes
 from bastion.scenarios.sentiment_corpus import Corpus, generate
 from bastion.scenarios.zoo_files import write_zoo
 
-__all__ = ["SKLEARN_VARIANTS", "VARIANTS", "ZOO", "FittedVariant", "build", "fit_variant", "make_corpora"]
+__all__ = [
+    "FULL",
+    "SKLEARN_VARIANTS",
+    "SMALL",
+    "TINY",
+    "VARIANTS",
+    "ZOO",
+    "FittedVariant",
+    "Sizes",
+    "build",
+    "fit_variant",
+    "make_corpora",
+]
 
 ZOO = "sentiment"
 SKLEARN_VARIANTS = ("sentiment_bow", "sentiment_ngram", "sentiment_char_mlp")
@@ -66,9 +80,23 @@ VARIANTS = (*SKLEARN_VARIANTS, "sentiment_minilm")
 _MAX_BATCH = 64
 _TOKENS = r"[a-z0-9]+|[.,!?]"
 _BATCHING = {"max_queue_delay_us": 0, "max_queue_size": 256}
-# (train, eval, MiniLM head train) sizes: the head needs few examples on 384 dims, and
-# encoding is the expensive part of the build
-_SIZES = {False: (8000, 2000, 4000), True: (2000, 500, 1200)}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Corpus sizes: training and evaluation reviews, and the reviews the MiniLM head is
+    trained on (it needs few examples on 384 dims, and encoding is the expensive part of
+    the build). The models are the same in every size."""
+
+    train_rows: int
+    eval_rows: int
+    head_rows: int
+
+
+FULL = Sizes(train_rows=8000, eval_rows=2000, head_rows=4000)
+SMALL = Sizes(train_rows=2000, eval_rows=500, head_rows=1200)
+# seconds, for tests of what the sizes do not change (files, determinism); not a useful zoo
+TINY = Sizes(train_rows=300, eval_rows=100, head_rows=100)
 
 
 @dataclass
@@ -79,11 +107,16 @@ class FittedVariant:
     parameters: dict[str, object]
 
 
-def make_corpora(seed: int, small: bool) -> tuple[Corpus, Corpus]:
-    """(train, eval) corpora; eval has a different seed and 30 % unseen adjectives."""
-    n_train, n_eval, _ = _SIZES[small]
-    train = generate(n_train, seed=seed * 1000 + 1)
-    evaluation = generate(n_eval, seed=seed * 1000 + 2, rare_rate=0.3)
+def _sizes(small: bool, sizes: Sizes | None) -> Sizes:
+    return sizes or (SMALL if small else FULL)
+
+
+def make_corpora(seed: int, small: bool, sizes: Sizes | None = None) -> tuple[Corpus, Corpus]:
+    """(train, eval) corpora; eval has a different seed and 30 % unseen adjectives.
+    ``sizes`` overrides what ``small`` picks."""
+    chosen = _sizes(small, sizes)
+    train = generate(chosen.train_rows, seed=seed * 1000 + 1)
+    evaluation = generate(chosen.eval_rows, seed=seed * 1000 + 2, rare_rate=0.3)
     return train, evaluation
 
 
@@ -149,8 +182,9 @@ def _sklearn_onnx(pipeline: Pipeline, name: str) -> bytes:
     return onx.SerializeToString()
 
 
-def fit_variant(name: str, train: Corpus, *, seed: int, small: bool) -> FittedVariant:
-    """Train variant ``name`` on ``train`` and export it; deterministic for ``seed``."""
+def fit_variant(name: str, train: Corpus, *, seed: int, small: bool, sizes: Sizes | None = None) -> FittedVariant:
+    """Train variant ``name`` on ``train`` and export it; deterministic for ``seed``.
+    ``sizes`` overrides what ``small`` picks (it sets how many reviews the MiniLM head trains on)."""
     if name in SKLEARN_VARIANTS:
         pipeline = _sklearn_model(name, seed).fit(train.texts, train.labels)
         return FittedVariant(
@@ -160,15 +194,15 @@ def fit_variant(name: str, train: Corpus, *, seed: int, small: bool) -> FittedVa
             {},
         )
     if name == "sentiment_minilm":
-        return _fit_minilm(train, seed=seed, n_head=_SIZES[small][2])
+        return _fit_minilm(train, seed=seed, n_head=_sizes(small, sizes).head_rows)
     raise ValueError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
 
 
 def _fit_minilm(train: Corpus, *, seed: int, n_head: int) -> FittedVariant:
-    import onnxruntime as ort
     import onnxruntime_extensions
     import torch
 
+    from bastion.runtimes.onnx_runtime import ort  # telemetry off, as in the server
     from bastion.scenarios import sentiment_minilm as minilm
 
     torch.manual_seed(seed)
@@ -242,20 +276,22 @@ def build(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     variants: Sequence[str] = VARIANTS,
+    sizes: Sizes | None = None,
 ) -> list[str]:
     """Write the scenario's variant models and its zoo into the model repository ``out``;
     return the names written (variants, then the zoo). ``variants`` builds a subset
-    (at least 2, for a valid zoo)."""
+    (at least 2, for a valid zoo); ``sizes`` overrides what ``small`` picks (``SMALL`` or
+    ``FULL``)."""
     out = Path(out)
     say = progress or (lambda _message: None)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or len(set(variants)) < 2:
         raise ValueError(f"variants: expected >= 2 of {', '.join(VARIANTS)}, got {list(variants)}")
-    train, evaluation = make_corpora(seed, small)
+    train, evaluation = make_corpora(seed, small, sizes)
     say(f"corpus: {len(train.texts)} training and {len(evaluation.texts)} evaluation reviews")
     for name in variants:
         start = time.perf_counter()
-        _write_variant(out, fit_variant(name, train, seed=seed, small=small))
+        _write_variant(out, fit_variant(name, train, seed=seed, small=small, sizes=sizes))
         say(f"{name}: trained and exported in {time.perf_counter() - start:.1f} s")
     _write_zoo(out, evaluation, variants)
     return [*variants, ZOO]

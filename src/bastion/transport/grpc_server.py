@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
@@ -24,7 +23,7 @@ from bastion.core.errors import BastionError
 from bastion.core.limits import RequestLimits
 from bastion.core.metadata import ModelMetadata
 from bastion.core.tensors import InferenceRequest, InferenceResponse
-from bastion.guard.principal import Principal
+from bastion.dataplane import AdminGrant, Admission, Credentials
 from bastion.protocol import v2_grpc
 from bastion.protocol.grpc_v2 import grpc_service_pb2 as pb2
 from bastion.protocol.grpc_v2 import grpc_service_pb2_grpc as pb2_grpc
@@ -48,42 +47,34 @@ INTERNAL_ERROR_MESSAGE = "internal server error; the server log has the details"
 class DataPlaneAPI(Protocol):
     """What the gRPC transport needs from ``bastion.dataplane.DataPlane``."""
 
+    limits: RequestLimits
+
     def live(self) -> bool: ...
 
     def ready(self) -> bool: ...
 
     def server_metadata(self) -> dict[str, Any]: ...
 
-    def admit(self, authorization: str | None, cert_fp: str | None, model: str, *, transport: str) -> Principal: ...
+    def admit(self, credentials: Credentials, model: str, *, transport: str) -> Admission: ...
 
-    def authenticate(
-        self, authorization: str | None, cert_fp: str | None, *, transport: str, action: str, model: str = ""
-    ) -> Principal: ...
+    async def infer(self, ticket: Admission, request: InferenceRequest) -> InferenceResponse: ...
 
-    def require_admin(self, principal: Principal | None, *, transport: str, action: str) -> None: ...
-
-    def model_ready(self, name: str, version: str | None, *, principal: Principal | None = None) -> bool: ...
+    def model_ready(self, credentials: Credentials, name: str, version: str | None, *, transport: str) -> bool: ...
 
     def model_metadata(
-        self, name: str, version: str | None, *, principal: Principal | None = None
+        self, credentials: Credentials, name: str, version: str | None, *, transport: str
     ) -> ModelMetadata: ...
 
-    async def infer(
-        self, request: InferenceRequest, *, transport: str, principal: Principal | None = None
-    ) -> InferenceResponse: ...
+    def repository_index(self, credentials: Credentials, *, transport: str) -> list[dict[str, Any]]: ...
 
-    def repository_index(self, *, principal: Principal | None = None) -> list[dict[str, Any]]: ...
+    def admin(self, credentials: Credentials, *, transport: str, action: str, target: str = "") -> AdminGrant: ...
 
-    async def load_model(self, name: str, *, principal: Principal | None = None, transport: str = "") -> None: ...
-
-    async def unload_model(self, name: str, *, principal: Principal | None = None, transport: str = "") -> None: ...
+    async def repository_action(self, grant: AdminGrant, parameters: Mapping[str, Any] | None = None) -> None: ...
 
 
 def _retry_after_metadata(err: BastionError) -> tuple[tuple[str, str], ...]:
-    if err.retry_after is None:
-        return ()
-    # Whole seconds, rounded up, as HTTP's Retry-After: the same number on both transports.
-    return (("retry-after", str(max(0, math.ceil(err.retry_after)))),)
+    retry_after = err.retry_after_s  # the same whole seconds as HTTP's Retry-After
+    return () if retry_after is None else (("retry-after", str(retry_after)),)
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: BastionError) -> NoReturn:
@@ -98,19 +89,13 @@ async def _abort(context: grpc.aio.ServicerContext, err: BastionError) -> NoRetu
 class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` on top of a data plane."""
 
-    def __init__(
-        self,
-        dataplane: DataPlaneAPI,
-        *,
-        limits: RequestLimits | None = None,
-        client_certs: bool = False,
-    ) -> None:
+    def __init__(self, dataplane: DataPlaneAPI, *, client_certs: bool = False) -> None:
         self._dataplane = dataplane
-        self._limits = limits or RequestLimits()
+        self._limits = dataplane.limits
         # mutual TLS: a client certificate may stand for an API key
         self._client_certs = client_certs
 
-    def _credentials(self, context: grpc.aio.ServicerContext) -> tuple[str | None, str | None]:
+    def _credentials(self, context: grpc.aio.ServicerContext) -> Credentials:
         """The ``authorization`` metadata value and the client certificate's fingerprint."""
         token = None
         for key, value in context.invocation_metadata() or ():
@@ -122,11 +107,7 @@ class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             from bastion.guard.tls import grpc_peer_fingerprint
 
             cert_fp = grpc_peer_fingerprint(context)
-        return token, cert_fp
-
-    def _who(self, context: grpc.aio.ServicerContext, action: str, model: str = "") -> Principal:
-        token, cert_fp = self._credentials(context)
-        return self._dataplane.authenticate(token, cert_fp, transport="grpc", action=action, model=model)
+        return Credentials(token, cert_fp)
 
     async def _serve(
         self, context: grpc.aio.ServicerContext, method: str, work: Callable[[], Awaitable[T]]
@@ -169,8 +150,8 @@ class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     ) -> pb2.ModelReadyResponse:
         async def work() -> pb2.ModelReadyResponse:
             name, version = v2_grpc.decode_model_ref(request)
-            who = self._who(context, "ready", name)
-            return pb2.ModelReadyResponse(ready=bool(self._dataplane.model_ready(name, version, principal=who)))
+            ready = self._dataplane.model_ready(self._credentials(context), name, version, transport="grpc")
+            return pb2.ModelReadyResponse(ready=bool(ready))
 
         return await self._serve(context, "ModelReady", work)
 
@@ -189,8 +170,8 @@ class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     ) -> pb2.ModelMetadataResponse:
         async def work() -> pb2.ModelMetadataResponse:
             name, version = v2_grpc.decode_model_ref(request)
-            who = self._who(context, "metadata", name)
-            return v2_grpc.encode_model_metadata(self._dataplane.model_metadata(name, version, principal=who))
+            meta = self._dataplane.model_metadata(self._credentials(context), name, version, transport="grpc")
+            return v2_grpc.encode_model_metadata(meta)
 
         return await self._serve(context, "ModelMetadata", work)
 
@@ -200,11 +181,10 @@ class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb2.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb2.ModelInferResponse:
         async def work() -> pb2.ModelInferResponse:
-            token, cert_fp = self._credentials(context)
             # credentials, scope and limits before the tensors are decoded
-            principal = self._dataplane.admit(token, cert_fp, request.model_name, transport="grpc")
+            ticket = self._dataplane.admit(self._credentials(context), request.model_name, transport="grpc")
             decoded = v2_grpc.decode_infer_request(request, limits=self._limits)
-            response = await self._dataplane.infer(decoded, transport="grpc", principal=principal)
+            response = await self._dataplane.infer(ticket, decoded)
             if response.id is None:
                 response.id = decoded.id  # the protocol echoes the request id
             return v2_grpc.encode_infer_response(response, raw=v2_grpc.response_uses_raw(request))
@@ -218,8 +198,8 @@ class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     ) -> pb2.RepositoryIndexResponse:
         async def work() -> pb2.RepositoryIndexResponse:
             # repository_name is ignored: Bastion serves a single repository.
-            who = self._who(context, "index")
-            return v2_grpc.encode_repository_index(self._dataplane.repository_index(principal=who), request.ready)
+            index = self._dataplane.repository_index(self._credentials(context), transport="grpc")
+            return v2_grpc.encode_repository_index(index, request.ready)
 
         return await self._serve(context, "RepositoryIndex", work)
 
@@ -227,9 +207,9 @@ class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb2.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb2.RepositoryModelLoadResponse:
         async def work() -> pb2.RepositoryModelLoadResponse:
-            name = v2_grpc.decode_model_load_request(request)
-            who = self._who(context, "load", name)
-            await self._dataplane.load_model(name, principal=who, transport="grpc")
+            name, parameters = v2_grpc.decode_model_load_request(request)
+            grant = self._dataplane.admin(self._credentials(context), transport="grpc", action="load", target=name)
+            await self._dataplane.repository_action(grant, parameters)
             return pb2.RepositoryModelLoadResponse()
 
         return await self._serve(context, "RepositoryModelLoad", work)
@@ -238,9 +218,9 @@ class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb2.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb2.RepositoryModelUnloadResponse:
         async def work() -> pb2.RepositoryModelUnloadResponse:
-            name = v2_grpc.decode_model_unload_request(request)
-            who = self._who(context, "unload", name)
-            await self._dataplane.unload_model(name, principal=who, transport="grpc")
+            name, parameters = v2_grpc.decode_model_unload_request(request)
+            grant = self._dataplane.admin(self._credentials(context), transport="grpc", action="unload", target=name)
+            await self._dataplane.repository_action(grant, parameters)
             return pb2.RepositoryModelUnloadResponse()
 
         return await self._serve(context, "RepositoryModelUnload", work)
@@ -302,11 +282,9 @@ def create_grpc_server(
     host: str,
     port: int,
     *,
-    max_message_bytes: int = 64 << 20,
     reuse_port: bool = True,
     max_concurrent_rpcs: int | None = None,
     credentials: grpc.ServerCredentials | None = None,
-    limits: RequestLimits | None = None,
     client_certs: bool = False,
 ) -> grpc.aio.Server:
     """A grpc.aio server serving ``inference.GRPCInferenceService``, bound but not started.
@@ -317,7 +295,7 @@ def create_grpc_server(
     The bound port is ``server.bastion_port`` (also ``grpc_server_port(server)``): with
     ``port=0`` the OS picks a free one.
 
-    - ``max_message_bytes`` caps received and sent messages; gRPC itself answers a larger
+    - the plane's ``limits.max_body_bytes`` caps received and sent messages; gRPC itself answers a larger
       message with RESOURCE_EXHAUSTED before any of Bastion's code runs.
     - ``reuse_port`` sets SO_REUSEPORT so that several worker processes can bind the same
       port and the kernel spreads connections between them.
@@ -334,11 +312,11 @@ def create_grpc_server(
         raise RuntimeError("create_grpc_server must be called inside a running event loop") from None
     options = [
         ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", dataplane.limits.max_body_bytes),
+        ("grpc.max_send_message_length", dataplane.limits.max_body_bytes),
     ]
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
-    servicer = GrpcInferenceServicer(dataplane, limits=limits, client_certs=client_certs)
+    servicer = GrpcInferenceServicer(dataplane, client_certs=client_certs)
     add_servicer_to_server(servicer, server)
     address = _address(host, port)
     try:

@@ -25,6 +25,7 @@ from urllib.parse import unquote
 
 import httptools
 
+from bastion.core.limits import DEFAULT_LIMITS
 from bastion.guard.tls import CLIENT_CERT_FP_SCOPE_KEY, fingerprint_der
 
 log = logging.getLogger("bastion.http")
@@ -413,7 +414,9 @@ class _HttpsProtocol(_HttpProtocol):
 class HttpServer:
     """Serve an ASGI app on already-bound sockets until ``shutdown()``."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int = 64 << 20, keep_alive_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int = DEFAULT_LIMITS.max_body_bytes, keep_alive_timeout_s: float = 30.0
+    ) -> None:
         self.app = app
         self.respond = getattr(app, "respond", None)
         self.max_body_bytes = max_body_bytes

@@ -9,7 +9,6 @@ body is read straight off the ASGI channel.
 from __future__ import annotations
 
 import logging
-import math
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,9 +24,7 @@ from bastion.core.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from bastion.core.limits import RequestLimits
-from bastion.dataplane import DataPlane
-from bastion.guard.principal import Principal
+from bastion.dataplane import Credentials, DataPlane
 from bastion.protocol import tfserving, v2_rest
 
 log = logging.getLogger("bastion.rest")
@@ -37,6 +34,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
+METRICS_HEADERS = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
 _OK = b"{}"
 
 
@@ -70,6 +68,9 @@ class _Request:
             elif key == b"accept-encoding":
                 self.accept_encoding = value.lower()
 
+
+    def credentials(self) -> Credentials:
+        return Credentials(self.authorization, self.cert_fp)
 
     @property
     def content_length(self) -> int | None:
@@ -146,20 +147,12 @@ def _compress(body: bytes, encoding: bytes) -> bytes:
 
 
 class RestApp:
-    """The ASGI application. ``metrics_render`` returns the Prometheus exposition."""
+    """The ASGI application over one data plane; its request limits are the plane's."""
 
-    def __init__(
-        self,
-        dataplane: DataPlane,
-        *,
-        max_body_bytes: int | None = None,
-        metrics_render: Callable[[], bytes] | None = None,
-        limits: RequestLimits | None = None,
-    ) -> None:
+    def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
-        self.limits = limits or dataplane.limits
-        self.max_body_bytes = max_body_bytes if max_body_bytes is not None else self.limits.max_body_bytes
-        self._metrics_render = metrics_render or dataplane.metrics.render
+        self.limits = dataplane.limits
+        self.max_body_bytes = self.limits.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -239,11 +232,7 @@ class RestApp:
             return await self._v1(method, parts, req, receive)
         if path == "/metrics":
             _expect(method, "GET")
-            dp = self.dataplane
-            if not dp.gate.open_metrics:
-                who = self._who(req, "metrics", "")
-                dp.require_admin(who, transport="rest", action="metrics")
-            return 200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")], self._metrics_render()
+            return 200, METRICS_HEADERS, self.dataplane.metrics_text(req.credentials(), transport="rest")
         raise NotFound(f"no route for {method} {path}")
 
     async def _v2(self, method: str, parts: list[str], req: _Request, receive: Receive) -> tuple[int, list, bytes]:
@@ -259,10 +248,10 @@ class RestApp:
             if rest == ["infer"]:
                 _expect(method, "POST")
                 # credentials, scope and limits before the body is even read
-                principal = dp.admit(req.authorization, req.cert_fp, name, transport="rest")
+                ticket = dp.admit(req.credentials(), name, transport="rest")
                 body = await self._read_body(req, receive)
                 request = v2_rest.decode_infer_request(body, name, version, req.header_length, limits=self.limits)
-                response = await dp.infer(request, transport="rest", principal=principal)
+                response = await dp.infer(ticket, request)
                 out, header_len = v2_rest.encode_infer_response(response, request)
                 if header_len is None:
                     return 200, JSON_HEADERS, out
@@ -276,12 +265,12 @@ class RestApp:
                 )
             if not rest:
                 _expect(method, "GET")
-                who = self._who(req, "metadata", name)
-                return 200, JSON_HEADERS, orjson.dumps(dp.model_metadata_doc(name, version, principal=who))
+                meta = dp.model_metadata(req.credentials(), name, version, transport="rest")
+                return 200, JSON_HEADERS, v2_rest.encode_model_metadata(meta)
             if rest == ["ready"]:
                 _expect(method, "GET")
-                who = self._who(req, "ready", name)
-                return (200 if dp.model_ready(name, version, principal=who) else 503), JSON_HEADERS, _OK
+                ready = dp.model_ready(req.credentials(), name, version, transport="rest")
+                return (200 if ready else 503), JSON_HEADERS, _OK
         elif n == 1:
             _expect(method, "GET")
             return 200, JSON_HEADERS, orjson.dumps(dp.server_metadata())
@@ -304,64 +293,28 @@ class RestApp:
         dp = self.dataplane
         if parts[2] == "index" and len(parts) == 3:
             _expect(method, "POST", "GET")
-            who = self._who(req, "index", "")
-            return 200, JSON_HEADERS, orjson.dumps(dp.repository_index(principal=who))
+            return 200, JSON_HEADERS, orjson.dumps(dp.repository_index(req.credentials(), transport="rest"))
         if len(parts) == 5 and parts[2] == "models" and parts[4] in ("load", "unload"):
             _expect(method, "POST")
-            action = parts[4]
-            who = self._who(req, action, parts[3])
-            dp.require_admin(who, transport="rest", action=action)
-            await self._read_body(req, receive)  # parameters (config overrides) are not supported yet
-            if action == "load":
-                await dp.load_model(parts[3], principal=who, transport="rest")
-            else:
-                await dp.unload_model(parts[3], principal=who, transport="rest")
+            grant = dp.admin(req.credentials(), transport="rest", action=parts[4], target=parts[3])
+            parameters = v2_rest.decode_repository_request(await self._read_body(req, receive))
+            await dp.repository_action(grant, parameters)
             return 200, JSON_HEADERS, _OK
         raise NotFound(f"no route for {method} /{'/'.join(parts)}")
 
     async def _admin(self, method: str, parts: list[str], req: _Request, receive: Receive) -> tuple[int, list, bytes]:
-        """Key management (guard/admin.py): /v2/admin/keys[/{id}], /v2/admin/tenants[/{t}/limits]."""
-        from bastion.guard.admin import key_admin
-
-        dp = self.dataplane
+        """Key management: /v2/admin/keys[/{id}], /v2/admin/tenants[/{t}/limits|class]."""
         rest = parts[2:]
         route = "/" + "/".join(parts)
-        who = self._who(req, "admin", "")
-        admin = key_admin(dp.gate.authenticator)
-        if rest == ["keys"] and method in ("GET", "POST"):
-            if method == "GET":
-                dp.require_admin(who, transport="rest", action="keys.list")
-                return 200, JSON_HEADERS, orjson.dumps(admin.list_keys(True))
-            dp.admin_action(who, "rest", "keys.create", "")
-            doc = _json_body(await self._read_body(req, receive))
-            return 200, JSON_HEADERS, orjson.dumps(admin.create(doc))
-        if len(rest) == 2 and rest[0] == "keys" and method == "DELETE":
-            dp.admin_action(who, "rest", "keys.revoke", rest[1])
-            return 200, JSON_HEADERS, orjson.dumps(admin.revoke(rest[1]))
-        if rest == ["tenants"] and method == "GET":
-            dp.require_admin(who, transport="rest", action="tenants.list")
-            return 200, JSON_HEADERS, orjson.dumps(admin.tenants())
-        if len(rest) == 3 and rest[0] == "tenants" and rest[2] == "limits" and method == "PUT":
-            dp.admin_action(who, "rest", "tenants.set_limits", rest[1])
-            doc = _json_body(await self._read_body(req, receive))
-            return 200, JSON_HEADERS, orjson.dumps(admin.set_limits(rest[1], doc))
-        if len(rest) == 3 and rest[0] == "tenants" and rest[2] == "class" and method == "PUT":
-            dp.admin_action(who, "rest", "tenants.set_defense_class", rest[1])
-            doc = _json_body(await self._read_body(req, receive))
-            return 200, JSON_HEADERS, orjson.dumps(admin.set_defense_class(rest[1], doc))
-        dp.require_admin(who, transport="rest", action="admin")
-        allow: tuple[str, ...] = ()
-        if rest == ["keys"]:
-            allow = ("GET", "HEAD", "POST")
-        elif rest == ["tenants"]:
-            allow = ("GET", "HEAD")
-        elif rest[:1] == ["keys"] and len(rest) == 2:
-            allow = ("DELETE",)
-        elif len(rest) == 3 and rest[0] == "tenants" and rest[2] in ("limits", "class"):
-            allow = ("PUT",)
-        if allow:
-            raise MethodNotAllowed(f"method {method} not allowed on {route}; use {' or '.join(allow)}", allow=allow)
-        raise NotFound(f"no route for {method} {route}")
+        action, target, has_body = _admin_action(method, rest)
+        grant = self.dataplane.admin(req.credentials(), transport="rest", action=action or "admin", target=target)
+        if action is None:  # an admin asking for a route that does not exist
+            allow = _admin_allow(rest)
+            if allow:
+                raise MethodNotAllowed(f"method {method} not allowed on {route}; use {' or '.join(allow)}", allow=allow)
+            raise NotFound(f"no route for {method} {route}")
+        doc = _json_body(await self._read_body(req, receive)) if has_body else None
+        return 200, JSON_HEADERS, orjson.dumps(self.dataplane.key_action(grant, doc))
 
     async def _v1(self, method: str, parts: list[str], req: _Request, receive: Receive) -> tuple[int, list, bytes]:
         """TF-Serving REST: /v1/models/{m}[/versions/{v}][:predict]."""
@@ -379,22 +332,49 @@ class RestApp:
             raise NotFound(f"no route for {method} /{'/'.join(parts)}")
         if verb == "predict":
             _expect(method, "POST")
-            principal = dp.admit(req.authorization, req.cert_fp, name, transport="tfserving")
+            ticket = dp.admit(req.credentials(), name, transport="tfserving")
             body = await self._read_body(req, receive)
-            signature = dp.model_metadata(name, version, principal=principal)
+            signature = dp.signature(ticket, version)
             request, row_format = tfserving.decode_predict_request(body, name, version, signature, limits=self.limits)
-            response = await dp.infer(request, transport="tfserving", principal=principal)
+            response = await dp.infer(ticket, request)
             return 200, JSON_HEADERS, tfserving.encode_predict_response(response, row_format)
         if verb:
             raise NotFound(f"TF-Serving method ':{verb}' is not supported; use ':predict'")
         _expect(method, "GET")
-        who = self._who(req, "metadata", name, transport="tfserving")
-        return 200, JSON_HEADERS, tfserving.encode_model_status(dp.version_states(name, version, principal=who))
+        states = dp.version_states(req.credentials(), name, version, transport="tfserving")
+        return 200, JSON_HEADERS, tfserving.encode_model_status(states)
 
-    def _who(self, req: _Request, action: str, model: str, transport: str = "rest") -> Principal:
-        return self.dataplane.authenticate(
-            req.authorization, req.cert_fp, transport=transport, action=action, model=model
-        )
+
+def _admin_action(method: str, rest: list[str]) -> tuple[str | None, str, bool]:
+    """(the admin action a route names, its target, whether it takes a JSON body); the
+    action None for a route that does not exist."""
+    if rest == ["keys"]:
+        if method == "GET":
+            return "keys.list", "", False
+        if method == "POST":
+            return "keys.create", "", True
+    elif len(rest) == 2 and rest[0] == "keys" and method == "DELETE":
+        return "keys.revoke", rest[1], False
+    elif rest == ["tenants"] and method == "GET":
+        return "tenants.list", "", False
+    elif len(rest) == 3 and rest[0] == "tenants" and method == "PUT":
+        if rest[2] == "limits":
+            return "tenants.set_limits", rest[1], True
+        if rest[2] == "class":
+            return "tenants.set_defense_class", rest[1], True
+    return None, "", False
+
+
+def _admin_allow(rest: list[str]) -> tuple[str, ...]:
+    if rest == ["keys"]:
+        return ("GET", "HEAD", "POST")
+    if rest == ["tenants"]:
+        return ("GET", "HEAD")
+    if rest[:1] == ["keys"] and len(rest) == 2:
+        return ("DELETE",)
+    if len(rest) == 3 and rest[0] == "tenants" and rest[2] in ("limits", "class"):
+        return ("PUT",)
+    return ()
 
 
 def _json_body(body: bytes) -> object:
@@ -412,8 +392,9 @@ def _expect(method: str, *allowed: str) -> None:
 
 def _error(err: BastionError) -> tuple[int, list, bytes]:
     headers = list(JSON_HEADERS)
-    if err.retry_after is not None:
-        headers.append((b"retry-after", str(max(1, math.ceil(err.retry_after))).encode()))
+    retry_after = err.retry_after_s
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
     if err.http_status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="bastion"'))
     elif isinstance(err, MethodNotAllowed) and err.allow:

@@ -20,6 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,8 +53,23 @@ class Launch:
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 180.0
+    # ready answers in a row before the server counts as ready: each poll is a new connection
+    # that the kernel may hand to any worker, so several workers need a longer streak
+    ready_streak: int = 5
     stop_argv: list[str] | None = None  # run before signalling (e.g. `torchserve --stop`)
     notes: str = ""  # anything a reader of the results must know (worker counts, ...)
+
+    @classmethod
+    def local(cls, argv: list[str], port: int, ready_path: str, infer_path: str, cwd: Path, **options: Any) -> Launch:
+        """A server on ``127.0.0.1:port``, its URLs given by their paths; ``options`` are the
+        other fields."""
+        base = f"http://127.0.0.1:{port}"
+        return cls(argv=argv, port=port, ready_url=base + ready_path, infer_url=base + infer_path, cwd=cwd, **options)
+
+    @classmethod
+    def v2(cls, argv: list[str], port: int, model: str, cwd: Path, **options: Any) -> Launch:
+        """An Open Inference Protocol (V2) server: the model's own ready and infer URLs."""
+        return cls.local(argv, port, f"/v2/models/{model}/ready", f"/v2/models/{model}/infer", cwd, **options)
 
 
 class Framework(abc.ABC):

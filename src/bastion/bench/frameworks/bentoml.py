@@ -81,13 +81,12 @@ class BentoMLFramework(Framework):
             "--port",
             str(port),
         ]
-        base = f"http://127.0.0.1:{port}"
-        return Launch(
-            argv=argv,
-            port=port,
-            ready_url=f"{base}/readyz",
-            infer_url=f"{base}/predict",
-            cwd=workdir,
+        return Launch.local(
+            argv,
+            port,
+            "/readyz",
+            "/predict",
+            workdir,
             env={
                 "BENTOML_HOME": str(workdir / ".bentoml"),  # its store and config, not ~/bentoml
                 "BENTOML_DO_NOT_TRACK": "true",  # no usage reporting (this machine reaches no one)

@@ -112,13 +112,12 @@ class MLflowFramework(Framework):
             "--workers",
             str(workers),
         ]
-        base = f"http://127.0.0.1:{port}"
-        return Launch(
-            argv=argv,
-            port=port,
-            ready_url=f"{base}/ping",
-            infer_url=f"{base}/invocations",
-            cwd=workdir,
+        return Launch.local(
+            argv,
+            port,
+            "/ping",
+            "/invocations",
+            workdir,
             env={
                 **QUIET_ENV,
                 **venv_env(python),  # mlflow execs `uvicorn` by name

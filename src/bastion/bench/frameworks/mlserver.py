@@ -101,14 +101,12 @@ class MLServerFramework(Framework):
         (workdir / model.name / "model-settings.json").write_text(
             json.dumps(self.model_settings(model), indent=2), encoding="utf-8"
         )
-        base = f"http://127.0.0.1:{port}"
         processes = "inference in the HTTP process" if workers == 0 else f"{workers} inference process(es)"
-        return Launch(
-            argv=[str(python.with_name("mlserver")), "start", str(workdir)],
-            port=port,
-            ready_url=f"{base}/v2/models/{model.name}/ready",
-            infer_url=f"{base}/v2/models/{model.name}/infer",
-            cwd=workdir,
+        return Launch.v2(
+            [str(python.with_name("mlserver")), "start", str(workdir)],
+            port,
+            model.name,
+            workdir,
             env={"PYTHONPATH": str(workdir), "PYTHONUNBUFFERED": "1"},
             notes=f"parallel_workers={workers}: one HTTP process + {processes}; "
             "custom ONNX Runtime runtime (1 intra-op / 1 inter-op thread), uvloop + httptools, no access log",

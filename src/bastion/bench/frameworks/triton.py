@@ -92,13 +92,11 @@ class Triton(Framework):
             "--exit-on-error=true",
             "--log-verbose=0",
         ]
-        base = f"http://127.0.0.1:{port}/v2/models/{model.name}"
-        return Launch(
-            argv=argv,
-            port=port,
-            ready_url=f"{base}/ready",
-            infer_url=f"{base}/infer",
-            cwd=workdir,
+        return Launch.v2(
+            argv,
+            port,
+            model.name,
+            workdir,
             notes=(
                 f"tritonserver from nvidia-pytriton {PYTRITON_VERSION} (that build has only the python backend, "
                 "no onnxruntime backend): a python-backend model runs the ONNX file with ONNX Runtime "

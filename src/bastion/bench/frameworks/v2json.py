@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import orjson
 
@@ -30,17 +32,23 @@ def decode_v2(model: ModelSpec, body: bytes) -> np.ndarray:
     raise ValueError(f"no output {model.output_name!r} in the response (outputs: {names})")
 
 
-def encode_v2_binary(model: ModelSpec, rows: np.ndarray) -> tuple[bytes, dict[str, str]]:
+def encode_v2_binary(
+    model: ModelSpec, rows: np.ndarray, outputs: Sequence[str] | None = None
+) -> tuple[bytes, dict[str, str]]:
     """The same request in the binary-tensor extension, as ``tritonclient`` sends it by
-    default: a JSON header, then the raw little-endian tensor; the output asked for as
-    binary too. Returns the body and the headers it needs (``Inference-Header-Content-Length``)."""
+    default: a JSON header, then the raw little-endian tensor; the outputs (default:
+    ``model.output_name`` alone) asked for as binary too. Returns the body and the headers
+    it needs (``Inference-Header-Content-Length``)."""
     if model.datatype == "BYTES":
         data = np.array([str(t).encode("utf-8") for t in rows], dtype=object)
     else:
         data = np.ascontiguousarray(rows, dtype=np.float32)
     tensor = InferTensor(model.input_name, model.datatype, tuple(data.shape), data)
     request = InferenceRequest(
-        model.name, None, [tensor], outputs=[RequestedOutput(model.output_name, {"binary_data": True})]
+        model.name,
+        None,
+        [tensor],
+        outputs=[RequestedOutput(name, {"binary_data": True}) for name in (outputs or [model.output_name])],
     )
     body, header_length = v2_rest.encode_infer_request(request, True)
     assert header_length is not None

@@ -18,8 +18,8 @@ The outputs are those the request names (V2 ``outputs``), or all of the model's.
 This module is imported by MLServer inside its own virtual environment, never by
 Bastion's; the adapter (``bastion.bench.frameworks.mlserver``) copies it into the served
 folder, puts that folder on ``PYTHONPATH`` and writes ``model-settings.json`` with
-``"implementation": "mlserver_onnx_runtime.OnnxRuntime"``. ``benchmarks/serving_bench.py``
-loads the same module from this folder.
+``"implementation": "mlserver_onnx_runtime.OnnxRuntime"``. ``bastion bench`` and
+``bastion bench serving`` both serve MLServer through that adapter.
 """
 
 from __future__ import annotations

@@ -6,10 +6,12 @@ validation, no batching, no metrics, no logging, no auth. Whatever Bastion costs
 this app is the price of its features; the benchmark's target is that this price
 stays under ~10 % of throughput.
 
-Run it the way ``serving_bench.py`` does (an import string, so ``--workers`` works)::
+It is run by uvicorn in a child process, never imported by Bastion: the adapter
+(``bastion.bench.frameworks.minimal``, used by ``bastion bench serving``) copies it into
+the served folder and starts it by import string, so ``--workers`` works::
 
     MINIMAL_MODEL_PATH=repo/digits/1/model.onnx MINIMAL_MODEL_NAME=digits \
-    python -m uvicorn minimal_app:app --app-dir benchmarks --host 127.0.0.1 --port 8000 \
+    python -m uvicorn minimal_app:app --app-dir FOLDER --host 127.0.0.1 --port 8000 \
         --loop uvloop --http httptools --no-access-log --log-level warning
 
 Configuration comes from environment variables, not arguments, because uvicorn's

@@ -1,0 +1,131 @@
+"""One audit record type and its one builder: every line of the audit log starts here.
+
+Inference answers, refusals (401/403/429 and every other 4xx), admin actions and
+extraction alerts all become an ``AuditRecord``; ``AuditRecord.fields`` is what
+``guard.audit.AuditLog.append`` chains and writes. The inference fields (variant, digests,
+latency) are written only for a request the data plane decoded and ran (or refused after
+decoding), so an admin line or a refusal at the door stays short.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bastion.core.errors import BastionError
+from bastion.core.tensors import InferenceRequest, InferenceResponse
+from bastion.guard.digest import tensors_digest
+from bastion.guard.principal import Principal
+
+# client-chosen strings are capped: a record must not grow with what a client sends
+MAX_NAME = 200
+MAX_REASON = 300
+
+
+def reason_of(err: BastionError) -> str:
+    """How a refusal reads in the log: the error class and its message, capped."""
+    return f"{type(err).__name__}: {err.message}"[:MAX_REASON]
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    """Who did what to which model, and what the server decided."""
+
+    action: str  # infer, metadata, load, keys.create, extraction_alert, ...
+    decision: str  # served, accepted, rejected; for alerts the monitor's action
+    status: int  # the HTTP status answered (0 for events that answer nobody)
+    tenant: str | None = None
+    key_id: str | None = None
+    transport: str = ""
+    model: str = ""
+    reason: str = ""
+    ts: float = 0.0
+    # inference only
+    variant: str | None = None
+    version: str | None = None
+    request_id: str | None = None
+    input_digest: str | None = None
+    output_digest: str | None = None
+    latency_ms: float | None = None
+
+    @classmethod
+    def of(
+        cls,
+        who: Principal | None,
+        transport: str,
+        action: str,
+        model: str,
+        *,
+        decision: str,
+        status: int,
+        reason: str = "",
+        ts: float | None = None,
+    ) -> AuditRecord:
+        """The builder: the caller's identity, the action on ``model`` and the decision."""
+        return cls(
+            action=action,
+            decision=decision,
+            status=status,
+            tenant=who.tenant if who is not None else None,
+            key_id=who.key_id if who is not None else None,
+            transport=transport,
+            model=model[:MAX_NAME],
+            reason=reason,
+            ts=time.time() if ts is None else ts,
+        )
+
+    @classmethod
+    def refusal(cls, who: Principal | None, transport: str, action: str, model: str, err: BastionError) -> AuditRecord:
+        return cls.of(who, transport, action, model, decision="rejected", status=err.http_status, reason=reason_of(err))
+
+    def fields(self) -> dict[str, Any]:
+        """The record as the audit log writes it (the inference fields only when it is one)."""
+        out: dict[str, Any] = {
+            "ts": self.ts,
+            "tenant": self.tenant,
+            "key_id": self.key_id,
+            "transport": self.transport,
+            "action": self.action,
+            "model": self.model,
+        }
+        if self.latency_ms is not None:  # an inference that reached the plane (decoded, digested)
+            out["variant"] = self.variant
+            out["version"] = self.version
+            out["request_id"] = self.request_id[:MAX_NAME] if self.request_id else self.request_id
+            out["input_digest"] = self.input_digest
+            out["output_digest"] = self.output_digest
+        out["decision"] = self.decision
+        out["status"] = self.status
+        out["reason"] = self.reason
+        if self.latency_ms is not None:
+            out["latency_ms"] = self.latency_ms
+        return out
+
+
+def inference_record(
+    who: Principal,
+    transport: str,
+    request: InferenceRequest,
+    ts: float,
+    started: float,
+    *,
+    variant: str | None,
+    version: str | None,
+    response: InferenceResponse | None,
+    err: BastionError | None,
+) -> AuditRecord:
+    """The record of one inference the data plane ran or refused after decoding it: digests
+    of the inputs and outputs (never the data), the variant that served, the latency."""
+    if err is None:
+        record = AuditRecord.of(who, transport, "infer", request.model_name, decision="served", status=200, ts=ts)
+    else:
+        record = AuditRecord.of(who, transport, "infer", request.model_name, decision="rejected",
+                                status=err.http_status, reason=reason_of(err), ts=ts)
+    record.variant = variant
+    record.version = version
+    record.request_id = request.id
+    record.input_digest = tensors_digest(request.inputs)
+    record.output_digest = tensors_digest(response.outputs) if response is not None else None
+    record.latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
+    return record
