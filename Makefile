@@ -36,8 +36,11 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
+# the suite on every core: a file's tests stay on one worker (its module fixtures are built
+# once); PYTEST_WORKERS=0 runs it in one process
+PYTEST_WORKERS ?= auto
 test: $(STAMP) system-deps lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 # the serving comparison (Bastion vs MLServer vs the minimal app), rewriting BENCHMARKS.md's
 # serving section; BENCH_ARGS adds options, e.g. BENCH_ARGS="--baseline-ref HEAD" for the

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,15 @@ from tests.serverproc import ServerProcess
 # servers beside the test process on 2 cores, and OpenBLAS threads spinning for a core the
 # other process holds made small scikit-learn fits up to 10x slower. An explicit setting wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+# Parallel workers (pytest-xdist, `make test`) start servers side by side: each takes its
+# ports from a range of its own (bastion.bench.launcher.free_port), below the kernel's
+# ephemeral range, so a port one worker picked is never picked by another before its server
+# binds it (with SO_REUSEPORT the two servers would silently share it).
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _worker.startswith("gw") and _worker[2:].isdigit():
+    _first = 10_000 + 1_000 * (int(_worker[2:]) % 22)
+    os.environ["BASTION_PORT_RANGE"] = f"{_first}-{_first + 999}"
 
 
 @pytest.fixture(scope="session")
@@ -51,18 +61,30 @@ def _digests(repo: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def image_scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltScenario]:
+def image_scenario(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterator[BuiltScenario]:
     """``bastion scenario build image --small`` (which also profiles the zoo), run once per
-    session: the scenario tests, the lab, the CLI test and the bench test all read it.
+    test run: the scenario tests, the lab, the CLI test and the bench test all read it.
+    Under pytest-xdist the workers share one build (the first builds it under a file lock,
+    the others wait and read it).
 
     Read-only: a test that changes the repository works on a ``shutil.copytree`` of it (a
-    few MiB). The repository's parent folder is private to it, so servers may write their
-    logs there (tests.serverproc does). At the end of the session every file must still
-    have the bytes it was built with."""
-    repo = tmp_path_factory.mktemp("image_scenario") / "repo"
-    out = subprocess.run([sys.executable, "-m", "bastion.cli.main", "scenario", "build", "image", "--out", str(repo),
-                          "--small"], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
+    few MiB). Servers may write their logs beside it (tests.serverproc does; each names its
+    log by its port). At the end of the session every file must still have the bytes it
+    was built with."""
+    from filelock import FileLock
+
+    # the run's base folder is shared by the workers; a lone process uses its own
+    root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    folder = root / "image_scenario"
+    repo = folder / "repo"
+    with FileLock(str(root / "image_scenario.lock")):
+        if not (folder / "built.json").is_file():
+            folder.mkdir(exist_ok=True)
+            out = subprocess.run([sys.executable, "-m", "bastion.cli.main", "scenario", "build", "image",
+                                  "--out", str(repo), "--small"], capture_output=True, text=True, timeout=600)
+            assert out.returncode == 0, out.stderr
+            (folder / "built.json").write_text(json.dumps({"stdout": out.stdout, "stderr": out.stderr}))
+    printed = json.loads((folder / "built.json").read_text())
     built = _digests(repo)
-    yield BuiltScenario(repo, out.stdout, out.stderr)
+    yield BuiltScenario(repo, printed["stdout"], printed["stderr"])
     assert _digests(repo) == built, "a test changed the shared image scenario: copy it first (shutil.copytree)"

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -14,6 +12,10 @@ import time
 from pathlib import Path
 
 import httpx
+
+# one port finder: under pytest-xdist each worker takes ports from a range of its own
+# (tests/conftest.py sets BASTION_PORT_RANGE), so two workers' servers never share a port
+from bastion.bench.launcher import free_port
 
 
 @functools.cache
@@ -31,12 +33,6 @@ def default_ssl_context(trust_env: bool = True) -> ssl.SSLContext:
     import certifi
 
     return _default_ssl_context(certifi.where(), None)
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

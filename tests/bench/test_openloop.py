@@ -270,11 +270,10 @@ def test_a_kept_alive_connection_closed_by_the_server_is_retried_once(server: Ti
 
 
 def test_connection_refused_counts_as_connect_errors() -> None:
-    import socket
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from bastion.bench.launcher import free_port
+
+    port = free_port()  # a port nobody listens on (from this test worker's own range)
     res = run_open_loop_sync(OpenLoopConfig(url=f"http://127.0.0.1:{port}/", rate=50, duration_s=0.2))
     assert res.stats.requests == 10
     assert res.stats.transport_errors == {"connect": 10}

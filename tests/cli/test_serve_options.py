@@ -15,7 +15,7 @@ from bastion.cli import main as cli_main
 from bastion.cli.serve_options import ServeOptions, flag_fields, yaml_keys
 from bastion.core.limits import RequestLimits
 
-INTERNAL = {"control_dir", "worker_index"}  # set by the supervisor for its workers
+INTERNAL = {"control_dir", "worker_index", "listen_when_ready"}  # set by the supervisor for its workers
 # settings without a flag (each one a decision: a flag would change `serve --help`)
 YAML_ONLY = {"repository", "executor_threads", "strict_readiness", "drain_timeout_s", "audit_fsync_interval_s",
              "extraction_monitor", "probe_monitor"}

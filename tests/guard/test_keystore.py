@@ -457,10 +457,16 @@ def test_master_secret_derivations_are_independent(store: KeyStore) -> None:
 
 def _create_many(path: str, tenant: str, n: int, start: multiprocessing.synchronize.Event, out, ready) -> None:
     ready.put(tenant)  # imported, at the start line
-    assert start.wait(60)
-    store = KeyStore(Path(path))  # both processes may be the one that creates the file
-    tokens = [store.create_key(tenant)[0] for _ in range(n)]
-    store.close()
+    try:
+        assert start.wait(60)
+        store = KeyStore(Path(path))  # both processes may be the one that creates the file
+        tokens = [store.create_key(tenant)[0] for _ in range(n)]
+        store.close()
+    except BaseException:  # the test shows the child's traceback instead of waiting out a timeout
+        import traceback
+
+        out.put(traceback.format_exc())
+        raise
     out.put(tokens)
 
 
@@ -473,6 +479,8 @@ def test_two_processes_create_keys_at_once(db: Path) -> None:
     assert sorted(ready.get(timeout=60) for _ in procs) == ["t0", "t1"]  # both at the start line
     start.set()
     results = [out.get(timeout=60) for _ in procs]
+    failed = [r for r in results if isinstance(r, str)]
+    assert not failed, failed[0]
     for p in procs:
         p.join(30)
         assert p.exitcode == 0

@@ -37,10 +37,17 @@ def _ready_on_fresh_connections(url: str, path: str, n: int = 20) -> list[int]:
     return codes
 
 
-def _every_worker_ready(server: ServerProcess) -> None:
-    """ServerProcess returns once one worker answers ready; the others may still be loading."""
-    wait_until(lambda: all(c == 200 for c in _ready_on_fresh_connections(server.url, "/v2/health/ready")), 60, 0.05,
-               what="every worker ready", details=server.logs)
+def _serving(server: ServerProcess) -> int:
+    """How many workers said they serve (each logs "serving" once its models are loaded)."""
+    return server.logs().count("bastion.serve: serving")
+
+
+def _every_worker_ready(server: ServerProcess, workers: int = 2) -> None:
+    """ServerProcess returns once one worker answers ready. The others listen only once
+    their models are loaded (a connection the kernel hands a loading worker would get a
+    503 or a 404); each logs "serving" when it does."""
+    wait_until(lambda: _serving(server) >= workers, 60, 0.05, what=f"{workers} workers serving", details=server.logs)
+    assert all(c == 200 for c in _ready_on_fresh_connections(server.url, "/v2/health/ready"))
 
 
 def test_two_workers_serve_and_agree(onnx_demo_repo: Path) -> None:
@@ -102,3 +109,28 @@ def test_workers_share_one_query_budget_and_each_keeps_an_audit_chain(onnx_demo_
     out = subprocess.run([sys.executable, "-m", "bastion.cli.main", "audit", "verify", "--keys", str(db)],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "45 records from 2 writer(s)" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_restarted_worker_replays_the_operators_actions(onnx_demo_repo: Path) -> None:
+    """A worker that dies is restarted; it loads the repository from disk, then replays the
+    load/unload actions the others applied, and joins only once loaded and caught up."""
+    import os
+    import signal
+
+    with ServerProcess(onnx_demo_repo, "--poll-interval", "0", "--workers", "2") as server:
+        _every_worker_ready(server)
+        assert httpx.post(f"{server.url}/v2/repository/models/digits/unload").status_code == 200
+        wait_until(lambda: all(c != 200 for c in _ready_on_fresh_connections(server.url, DIGITS_READY)), 30, 0.1,
+                   what="digits unloaded on every worker", details=server.logs)
+        # a worker, not the supervisor's resource tracker (spawn starts one too)
+        victim = next(p for p in _children(server.proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes())
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: "worker died; restarting" in server.logs() and _serving(server) >= 3, 60, 0.1,
+                   what="the killed worker restarted and serving", details=server.logs)
+        assert victim not in _children(server.proc.pid)
+        # every connection, whichever worker takes it, sees digits unloaded and simple served
+        assert all(c != 200 for c in _ready_on_fresh_connections(server.url, DIGITS_READY, n=30))
+        for _ in range(30):
+            with httpx.Client() as c:
+                assert c.post(f"{server.url}/v2/models/simple/infer", json=SIMPLE).status_code == 200
+        assert server.stop() == 0

@@ -104,15 +104,24 @@ def test_profile_pareto_front(built: tuple[Path, dict]) -> None:
     from bastion.zoo.pareto import pareto_front
 
     repo, _ = built
-    profile = profile_zoo(repo, "sentiment", iterations=20)
+    # the test reads batch-1 latency: the default 200 samples there (the bag-of-words models
+    # take ~40 us, and 20 samples once ordered two of them by noise), and few at batch 64,
+    # where MiniLM costs ~0.5 s a sample
+    profile = profile_zoo(repo, "sentiment", batch_iterations=3)
     quality = {v.variant: v.quality for v in profile.variants}
     assert all(q > 0.55 for q in quality.values()), quality
     latency = {v.variant: v.latency_ms["batch1"]["p50"] for v in profile.variants}
     costliest = max(latency, key=latency.get)
     assert costliest == "sentiment_minilm"
     assert quality[costliest] == max(quality.values()), quality
-    front = pareto_front(profile.points("p50"))
-    assert len(front) >= 3, (quality, latency)
+    # a real trade-off: the fastest variant is not the most accurate, so both are on the front.
+    # Whether bow is on it too depends on tens of microseconds between bow and ngram, whose
+    # order flips between machines and runs (on the 2026-12-03 VM ngram measured faster, so the
+    # small build's front was ngram and minilm), so the front's size is not asserted beyond that.
+    front = {p.name for p in pareto_front(profile.points("p50"))}
+    fastest = min(latency, key=latency.get)
+    assert quality[fastest] < quality[costliest], (quality, latency)
+    assert {fastest, costliest} <= front, (front, quality, latency)
 
 
 def _files(repo: Path) -> dict[str, bytes]:

@@ -16,6 +16,7 @@ from bastion.zoo.profiles import (
     ZooProfile,
     load_profile,
     machine_description,
+    measure_latencies,
     measure_latency,
     quality,
     save_profile,
@@ -174,3 +175,12 @@ def test_r2() -> None:
 def test_machine_description() -> None:
     text = machine_description()
     assert "cores" in text
+
+
+def test_measure_latencies_interleaves_the_calls() -> None:
+    order: list[str] = []
+    stats = measure_latencies({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, warmup=1,
+                              iterations=3)
+    # warm-up of each, then one timed call of each per round: a busy moment falls on both
+    assert order == ["a", "b", "a", "b", "a", "b", "a", "b"]
+    assert set(stats) == {"a", "b"} and all(set(s) == {"p50", "p95", "p99"} for s in stats.values())

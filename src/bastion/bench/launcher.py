@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,8 +22,34 @@ from bastion.bench.frameworks.base import Framework, Launch, ModelSpec
 from bastion.bench.frameworks.v2json import decode_v2, decode_v2_binary
 from bastion.bench.models import reference_output
 
+PORT_RANGE_ENV = "BASTION_PORT_RANGE"
+_cursor = itertools.count(random.randrange(1 << 16))
+
 
 def free_port() -> int:
+    """A loopback port nobody listens on now, for a server about to start.
+
+    The port is free when this returns, not reserved: another process picking a port before
+    the server binds it may get the same one, and a server that binds with SO_REUSEPORT
+    (``bastion serve --workers N``) then shares it silently. Processes that start servers
+    side by side (the test suite's parallel workers) each set ``BASTION_PORT_RANGE=LO-HI``
+    to a range of their own, and ports are taken from it."""
+    span = os.environ.get(PORT_RANGE_ENV)
+    if span:
+        lo, _, hi = span.partition("-")
+        first, last = int(lo), int(hi)
+        size = last - first + 1
+        for _ in range(size):
+            # a cursor through the range, from a random start: never the port just handed out
+            # (the caller has not bound it yet) nor one a server here just left
+            port = first + next(_cursor) % size
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:  # no SO_REUSEADDR: a port with connections still in TIME_WAIT is skipped too
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+        raise OSError(f"{PORT_RANGE_ENV}={span}: no free port in the range")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -33,7 +33,9 @@ class ControlLog:
         self.path = directory / "control.jsonl"
         self.path.touch(exist_ok=True)
         self._dataplane = dataplane
-        self._offset = self.path.stat().st_size  # actions before this worker started are already on disk
+        # from the start: a worker that starts (or restarts) after an operator's load/unload
+        # loads the repository as it is on disk, and must then replay what was done since
+        self._offset = 0
         self._task: asyncio.Task[None] | None = None
         self._pid = os.getpid()
 
@@ -45,6 +47,10 @@ class ControlLog:
             os.write(fd, line)
         finally:
             os.close(fd)
+
+    async def catch_up(self) -> None:
+        """Apply the actions published before now (call it once the models are loaded)."""
+        await self._apply_new()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._tail())

@@ -11,8 +11,9 @@ import socket
 import sys
 
 
-def http_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """A bound, listening, non-blocking TCP socket for the HTTP server.
+def http_socket(host: str, port: int, reuse_port: bool, *, listen: bool = True) -> socket.socket:
+    """A bound, non-blocking TCP socket for the HTTP server, listening unless ``listen`` is
+    False (then the HTTP server starts listening when it starts serving on it).
 
     Bound before any model loads, so a port clash fails in milliseconds rather than after
     minutes of loading; ``reuse_port`` lets several workers share the port (SO_REUSEPORT).
@@ -23,7 +24,8 @@ def http_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
+    if listen:
+        sock.listen(2048)
     sock.setblocking(False)
     return sock
 

@@ -24,7 +24,7 @@ from bastion.zoo.profiles import (
     VariantProfile,
     ZooProfile,
     machine_description,
-    measure_latency,
+    measure_latencies,
     quality,
     save_profile,
     utc_now_iso,
@@ -76,9 +76,20 @@ def predictions(runtime: Runtime, inputs: dict[str, np.ndarray], batch: int, met
 
 
 def profile_zoo(
-    repository: Path, zoo: str, *, iterations: int = 200, progress: Progress | None = None
+    repository: Path,
+    zoo: str,
+    *,
+    iterations: int = 200,
+    batch_iterations: int | None = None,
+    progress: Progress | None = None,
 ) -> ZooProfile:
-    """Measure every variant of ``zoo`` and write ``profile.json``; returns the profile."""
+    """Measure every variant of ``zoo`` and write ``profile.json``; returns the profile.
+
+    ``iterations`` latency samples at batch 1; ``batch_iterations`` at the model's largest
+    batch (default: a quarter as many, at least 20 — a batch of a large model costs
+    seconds, and its tail needs fewer samples than batch 1's)."""
+    if batch_iterations is None:
+        batch_iterations = max(20, iterations // 4)
     zoo_dir = Path(repository) / zoo
     spec: ZooSpec = load_zoo_spec(zoo_dir)
     with np.load(zoo_dir / spec.evaluation, allow_pickle=False) as npz:
@@ -86,29 +97,40 @@ def profile_zoo(
     if "y" not in data:
         raise InvalidInput(f"{zoo}/{spec.evaluation}: expected an array 'y' with the true labels or targets")
     y = data.pop("y")
-    measured = []
-    for i, variant in enumerate(spec.variants):
-        if progress is not None:
-            progress(variant, i, len(spec.variants))
-        model_dir = Path(repository) / variant
-        config = load_model_config(model_dir)
-        version = _latest_version(model_dir)
-        runtime = create_runtime(config, model_dir / str(version))
-        try:
+    # every variant loaded at once: their latencies are measured interleaved (one call of each
+    # per round), so a busy moment of the machine does not reorder them
+    runtimes: dict[str, Runtime] = {}
+    qualities: dict[str, float] = {}
+    one: dict[str, Callable[[], object]] = {}
+    full: dict[str, Callable[[], object]] = {}
+    versions: dict[str, int] = {}
+    try:
+        for i, variant in enumerate(spec.variants):
+            if progress is not None:
+                progress(variant, i, len(spec.variants))
+            model_dir = Path(repository) / variant
+            config = load_model_config(model_dir)
+            versions[variant] = _latest_version(model_dir)
+            runtime = runtimes[variant] = create_runtime(config, model_dir / str(versions[variant]))
             inputs = _inputs(runtime, data, variant)
             batch = config.max_batch_size or 1
-            q = quality(spec.metric, y, predictions(runtime, inputs, batch, spec.metric))
-            one = {k: v[:1] for k, v in inputs.items()}
-            latency = {"batch1": measure_latency(lambda rt=runtime, one=one: rt.predict(one), warmup=20,
-                                                 iterations=iterations)}
+            qualities[variant] = float(quality(spec.metric, y, predictions(runtime, inputs, batch, spec.metric)))
+            first = {k: v[:1] for k, v in inputs.items()}
+            one[variant] = lambda rt=runtime, x=first: rt.predict(x)
             if batch > 1:
-                full = {k: v[:batch] for k, v in inputs.items()}
-                latency["batch_max"] = measure_latency(
-                    lambda rt=runtime, full=full: rt.predict(full), warmup=5, iterations=max(20, iterations // 4)
-                )
-        finally:
+                rows = {k: v[:batch] for k, v in inputs.items()}
+                full[variant] = lambda rt=runtime, x=rows: rt.predict(x)
+        batch1 = measure_latencies(one, warmup=20, iterations=iterations)
+        batch_max = measure_latencies(full, warmup=5, iterations=batch_iterations) if full else {}
+    finally:
+        for runtime in runtimes.values():
             runtime.close()
-        measured.append(VariantProfile(variant, version, float(q), latency))
+    measured = []
+    for variant in spec.variants:
+        latency = {"batch1": batch1[variant]}
+        if variant in batch_max:
+            latency["batch_max"] = batch_max[variant]
+        measured.append(VariantProfile(variant, versions[variant], qualities[variant], latency))
     if progress is not None:
         progress("done", len(spec.variants), len(spec.variants))
     profile = ZooProfile(

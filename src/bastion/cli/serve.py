@@ -206,7 +206,8 @@ async def serve_async(
     loop = asyncio.get_running_loop()
     reuse_port = opts.workers > 1
     # bind before loading models so a port clash fails fast, not after minutes of loading
-    http_sock = http_socket(opts.host, opts.http_port, reuse_port)
+    early = not opts.listen_when_ready  # see ServeOptions.listen_when_ready
+    http_sock = http_socket(opts.host, opts.http_port, reuse_port, listen=early)
     repo = ModelRepository(
         Path(opts.repository),
         poll_interval_s=opts.poll_interval_s or None,
@@ -237,7 +238,8 @@ async def serve_async(
             # gRPC only sees client certificates when it requires them (see guard/tls.py)
             client_certs=tls is not None and opts.tls_client_auth == "required",
         )
-        await grpc_server.start()
+        if early:
+            await grpc_server.start()
     app = RestApp(dataplane)  # the transports take the plane's request limits
     stopping = asyncio.Event()
     if opts.http_impl == "uvicorn":
@@ -265,10 +267,17 @@ async def serve_async(
         control = ControlLog(Path(opts.control_dir), dataplane)
         dataplane.control_hook = control.publish
 
-    await http.start()
+    if early:
+        await http.start()
     flusher: asyncio.Task[None] | None = None
     try:
         await dataplane.start(progress)
+        if control is not None:
+            await control.catch_up()  # a worker started after an operator's load/unload
+        if not early:
+            await http.start()
+            if grpc_server is not None:
+                await grpc_server.start()
         # the libraries and models loaded at start are long-lived: moving them out of the
         # collector's view keeps full collections (pauses of several ms) off the tail latency
         gc.collect()

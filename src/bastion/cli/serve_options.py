@@ -146,6 +146,11 @@ class ServeOptions:
         "--request-timeout", help="Seconds a request may spend queued and computing; 0 disables."))
     control_dir: str | None = field(default=None, repr=False, metadata=_internal)
     worker_index: int = field(default=0, repr=False, metadata=_internal)
+    # set by the supervisor for every worker but the first one it starts: accept connections
+    # only once the models are loaded, since the kernel hands a listening worker its share of
+    # them and the others already serve (the first one listens at once, so that liveness
+    # probes are answered while the initial load runs)
+    listen_when_ready: bool = field(default=False, repr=False, metadata=_internal)
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], source: str = "config") -> ServeOptions:

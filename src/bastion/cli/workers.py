@@ -59,7 +59,9 @@ def supervise(opts: ServeOptions) -> int:
     stopping = False
 
     def start(i: int) -> None:
-        p = ctx.Process(target=_worker_main, args=(worker_opts, i), name=f"bastion-worker-{i}", daemon=False)
+        # the first worker started listens at once; the others, and any restarted one, once loaded
+        late = replace(worker_opts, listen_when_ready=bool(procs) or i > 0)
+        p = ctx.Process(target=_worker_main, args=(late, i), name=f"bastion-worker-{i}", daemon=False)
         p.start()
         procs[i] = p
         log.info("worker started", extra={"worker": i, "pid": p.pid})

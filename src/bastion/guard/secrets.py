@@ -27,15 +27,23 @@ def load_or_create_secret(path: Path, *, create: bool = True) -> bytes:
             raise
         path.parent.mkdir(parents=True, exist_ok=True)
         data = secrets.token_bytes(SECRET_BYTES)
-        # O_EXCL: two processes racing to create it must not end with different secrets
+        # Written whole to a private temporary file, then linked into place: link() fails if
+        # the name exists, so of two processes racing to create it one wins and the other
+        # reads the winner's secret, and no reader ever sees a file that is still empty
+        # (O_CREAT|O_EXCL on the final name would let one read it between create and write).
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return load_or_create_secret(path, create=False)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return load_or_create_secret(path, create=False)
+        finally:
+            tmp.unlink(missing_ok=True)
         return data
     if len(data) < SECRET_BYTES:
         raise ValueError(f"{path}: secret is {len(data)} bytes, expected at least {SECRET_BYTES}")

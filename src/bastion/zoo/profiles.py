@@ -59,6 +59,7 @@ __all__ = [
     "ZooProfile",
     "load_profile",
     "machine_description",
+    "measure_latencies",
     "measure_latency",
     "profile_to_dict",
     "quality",
@@ -112,19 +113,35 @@ def measure_latency(call: Callable[[], object], *, warmup: int, iterations: int)
     Warm-up calls absorb first-call costs (lazy init, caches) that a serving
     process pays once, not per request.
     """
+    return measure_latencies({"call": call}, warmup=warmup, iterations=iterations)["call"]
+
+
+def measure_latencies(
+    calls: Mapping[str, Callable[[], object]], *, warmup: int, iterations: int
+) -> dict[str, dict[str, float]]:
+    """``measure_latency`` for several calls at once, interleaved: round ``i`` times one call
+    of each. What else the machine does while they are measured then falls on all of them
+    alike, so their order (which variant is faster: the Pareto front) does not depend on
+    which one happened to be measured during a busy second."""
     if warmup < 0:
         raise ValueError(f"warmup: expected >= 0, got {warmup}")
     if iterations < 1:
         raise ValueError(f"iterations: expected >= 1, got {iterations}")
-    for _ in range(warmup):
-        call()
-    samples = np.empty(iterations, dtype=np.float64)
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    samples = {name: np.empty(iterations, dtype=np.float64) for name in calls}
+    timed = [(samples[name], call) for name, call in calls.items()]
     for i in range(iterations):
-        start = time.perf_counter()
-        call()
-        samples[i] = (time.perf_counter() - start) * 1000.0
-    p50, p95, p99 = np.percentile(samples, [50, 95, 99])
-    return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+        for out, call in timed:
+            start = time.perf_counter()
+            call()
+            out[i] = (time.perf_counter() - start) * 1000.0
+    result = {}
+    for name, values in samples.items():
+        p50, p95, p99 = np.percentile(values, [50, 95, 99])
+        result[name] = {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+    return result
 
 
 def _pair(y_true: ArrayLike, y_pred: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
