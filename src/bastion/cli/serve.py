@@ -96,6 +96,7 @@ class _BastionHttp:
         o = self._opts
         tls = tls_files(o.tls_cert, o.tls_key, o.tls_client_ca, o.tls_client_auth)
         self._server = HttpServer(self._app, max_body_bytes=self._app.limits.max_body_bytes)
+        self._app.dataplane.metrics.watch_http(self._server.stats)
         await self._server.start([self._sock], ssl=server_ssl_context(*tls) if tls is not None else None)
 
     async def shutdown(self, timeout_s: float) -> None:
@@ -240,7 +241,8 @@ async def serve_async(
         )
         if early:
             await grpc_server.start()
-    app = RestApp(dataplane)  # the transports take the plane's request limits
+    # the transports take the plane's request limits
+    app = RestApp(dataplane, compress_min_bytes=opts.compress_min_bytes)
     stopping = asyncio.Event()
     if opts.http_impl == "uvicorn":
         http = _UvicornHttp(app, opts, http_sock)

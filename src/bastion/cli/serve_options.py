@@ -85,6 +85,9 @@ class ServeOptions:
     explicit_models: list[str] | None = field(default=None, metadata=flag(
         "--model", multiple=True, help="Explicit mode: load only these models at start (repeatable)."))
     max_body_bytes: int = field(default=_LIMIT_DEFAULTS.max_body_bytes, metadata=flag("--max-body-bytes"))
+    # answers below this size are not gzipped even for clients that accept it (transport/rest.py)
+    compress_min_bytes: int = field(default=1024, metadata=flag(
+        "--compress-min-bytes", help="Smallest JSON/text answer worth compressing for clients that accept gzip."))
     # "bastion" (transport/http_server.py) or "uvicorn"
     http_impl: HttpImpl = field(default="bastion", metadata=flag(
         "--http-impl", help="HTTP/1.1 server: Bastion's own lean one, or uvicorn."))

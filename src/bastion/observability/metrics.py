@@ -119,6 +119,26 @@ class Metrics:
             ["tenant", "action"],
             registry=r,
         )
+        # the HTTP front door (transport/http_server.py): answers decided on the headers
+        # alone, and the bytes read and thrown away while closing after them
+        self.http_early = Counter(
+            "bastion_http_early_responses_total",
+            "Requests answered on their headers without their body being kept (401, 403, 413, 429, ...)",
+            ["status"],
+            registry=r,
+        )
+        self.http_lingering = Counter(
+            "bastion_http_lingering_closes_total",
+            "Connections closed after an early answer by reading and discarding what the client still sent",
+            registry=r,
+        )
+        self.http_discarded = Counter(
+            "bastion_http_discarded_body_bytes_total",
+            "Request body bytes read and discarded without being kept (refused requests, lingering closes)",
+            registry=r,
+        )
+        self._http_stats: Any = None
+        self._http_seen = (dict[int, int](), 0, 0)
         self.model_ready = Gauge(
             "bastion_model_ready",
             "1 when the model version is loaded and serving",
@@ -153,10 +173,25 @@ class Metrics:
     def register_version(self, vm: VersionMetrics) -> None:
         self._versions.add(vm)
 
+    def watch_http(self, stats: Any) -> None:
+        """Report an ``HttpServer``'s ``stats`` (``transport.http_server.HttpStats``)."""
+        self._http_stats = stats
+
     def flush(self) -> None:
         """Move tallied observations into the Prometheus metrics (event-loop thread only)."""
         for vm in list(self._versions):
             vm.flush()
+        stats = self._http_stats
+        if stats is not None:
+            seen_early, seen_linger, seen_discarded = self._http_seen
+            for status, n in stats.early_responses.items():
+                if n > seen_early.get(status, 0):
+                    self.http_early.labels(str(status)).inc(n - seen_early.get(status, 0))
+            if stats.lingering_closes > seen_linger:
+                self.http_lingering.inc(stats.lingering_closes - seen_linger)
+            if stats.discarded_bytes > seen_discarded:
+                self.http_discarded.inc(stats.discarded_bytes - seen_discarded)
+            self._http_seen = (dict(stats.early_responses), stats.lingering_closes, stats.discarded_bytes)
 
     async def flush_periodically(self, interval_s: float = 1.0) -> None:
         while True:

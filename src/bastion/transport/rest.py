@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -24,7 +25,7 @@ from bastion.core.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from bastion.dataplane import Credentials, DataPlane
+from bastion.dataplane import AdminGrant, Admission, Credentials, DataPlane
 from bastion.protocol import tfserving, v2_rest
 
 log = logging.getLogger("bastion.rest")
@@ -32,6 +33,12 @@ log = logging.getLogger("bastion.rest")
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+Response = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+# answers smaller than this are sent as they are: gzip would save a few hundred bytes at
+# best and cost both sides more CPU than the model does (issue 14: 26 % of throughput)
+DEFAULT_COMPRESS_MIN_BYTES = 1024
+_COMPRESSIBLE = (b"application/json", b"text/")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 METRICS_HEADERS = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
@@ -138,6 +145,13 @@ def _pick_encoding(accept: bytes) -> bytes | None:
     return None
 
 
+def _compressible(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return value.startswith(_COMPRESSIBLE)
+    return False
+
+
 def _compress(body: bytes, encoding: bytes) -> bytes:
     if encoding == b"gzip":
         c = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
@@ -146,13 +160,29 @@ def _compress(body: bytes, encoding: bytes) -> bytes:
     return c.compress(body) + c.flush()
 
 
-class RestApp:
-    """The ASGI application over one data plane; its request limits are the plane's."""
+# what the headers decided: the rest of the request's work, given the (still unread) body
+Step = Callable[["_Request", Receive], Awaitable[Response]]
+_PLAN = "bastion.plan"  # the scope key under which head() leaves the step for respond()
 
-    def __init__(self, dataplane: DataPlane) -> None:
+
+class RestApp:
+    """The ASGI application over one data plane; its request limits are the plane's.
+
+    Each request is handled in two steps. The *plan* reads only the path, the method and
+    the headers: it picks the route and, for a route that takes a body, admits the caller
+    (credentials, scope, rate limit, quota; an admin's role). The *step* it returns reads
+    the body and does the rest. Bastion's HTTP server runs the plan as soon as the headers
+    are in (``head``), so a refused caller is answered before its body is read; any other
+    ASGI server runs both in ``__call__``, the plan still before ``receive`` is awaited.
+    """
+
+    def __init__(self, dataplane: DataPlane, *, compress_min_bytes: int = DEFAULT_COMPRESS_MIN_BYTES) -> None:
+        if compress_min_bytes < 0:
+            raise ValueError("compress_min_bytes: expected a non-negative number of bytes")
         self.dataplane = dataplane
         self.limits = dataplane.limits
         self.max_body_bytes = self.limits.max_body_bytes
+        self.compress_min_bytes = compress_min_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -169,24 +199,47 @@ class RestApp:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def respond(
-        self, scope: Scope, receive: Receive, body: bytes | None = None
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    def head(self, scope: Scope) -> Response | None:
+        """Decide on the headers, before the body is read (Bastion's HTTP server calls this
+        for every request that has a body): the answer to send instead of reading it (a
+        refusal: 401, 403, 404, 405, 429, ...), or None to read it and go on."""
+        req = _Request(scope)
+        try:
+            scope[_PLAN] = (self._plan(scope, req), req)
+        except BastionError as err:
+            return self._finish(req, *_error(err))
+        except Exception:
+            log.exception("unhandled error in REST transport", extra={"path": scope.get("path")})
+            return self._finish(req, *_error(InternalError("internal server error")))
+        return None
+
+    async def respond(self, scope: Scope, receive: Receive, body: bytes | None = None) -> Response:
         """The whole response for one request. Bastion's own HTTP server calls this directly
         with the complete ``body`` (skipping the ASGI messages); ``__call__`` wraps it for any
         ASGI server, and then the body is read through ``receive``."""
-        accept = b""
-        try:
+        planned: tuple[Step, _Request] | None = scope.pop(_PLAN, None)  # head() ran on the headers
+        if planned is None:
             req = _Request(scope, body)
-            accept = req.accept_encoding
-            status, headers, body = await self._route(scope, req, receive)
+        else:
+            req = planned[1]
+            req.body = body
+        try:
+            step = self._plan(scope, req) if planned is None else planned[0]
+            status, headers, out = await step(req, receive)
         except BastionError as err:
-            status, headers, body = _error(err)
+            status, headers, out = _error(err)
         except Exception:
             log.exception("unhandled error in REST transport", extra={"path": scope.get("path")})
-            status, headers, body = _error(InternalError("internal server error"))
+            status, headers, out = _error(InternalError("internal server error"))
+        return self._finish(req, status, headers, out)
+
+    def _finish(self, req: _Request, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
+        """Compress where it pays: a body of at least ``compress_min_bytes`` of a compressible
+        type, for a client that accepts gzip or deflate. A small answer gains nothing on the
+        wire and costs both sides CPU; binary tensors barely shrink."""
         headers = list(headers)  # routes return shared constant lists
-        if accept and len(body) > 0:
+        accept = req.accept_encoding
+        if accept and len(body) >= self.compress_min_bytes and _compressible(headers):
             enc = _pick_encoding(accept)
             if enc is not None:
                 body = _compress(body, enc)
@@ -219,7 +272,8 @@ class RestApp:
             body = _decompress(body, req.content_encoding, limit)
         return body
 
-    async def _route(self, scope: Scope, req: _Request, receive: Receive) -> tuple[int, list, bytes]:
+    # ---- the plan: route, method and admission, from the headers alone -------------------
+    def _plan(self, scope: Scope, req: _Request) -> Step:
         path: str = scope["path"]
         method: str = scope["method"]
         if method == "HEAD":
@@ -227,15 +281,15 @@ class RestApp:
         parts = path.strip("/").split("/")
         head = parts[0]
         if head == "v2":
-            return await self._v2(method, parts, req, receive)
+            return self._plan_v2(method, parts, req)
         if head == "v1" and len(parts) >= 3 and parts[1] == "models":
-            return await self._v1(method, parts, req, receive)
+            return self._plan_v1(method, parts, req)
         if path == "/metrics":
             _expect(method, "GET")
-            return 200, METRICS_HEADERS, self.dataplane.metrics_text(req.credentials(), transport="rest")
+            return self._metrics
         raise NotFound(f"no route for {method} {path}")
 
-    async def _v2(self, method: str, parts: list[str], req: _Request, receive: Receive) -> tuple[int, list, bytes]:
+    def _plan_v2(self, method: str, parts: list[str], req: _Request) -> Step:
         dp = self.dataplane
         n = len(parts)
         if n >= 3 and parts[1] == "models":
@@ -249,60 +303,40 @@ class RestApp:
                 _expect(method, "POST")
                 # credentials, scope and limits before the body is even read
                 ticket = dp.admit(req.credentials(), name, transport="rest")
-                body = await self._read_body(req, receive)
-                request = v2_rest.decode_infer_request(body, name, version, req.header_length, limits=self.limits)
-                response = await dp.infer(ticket, request)
-                out, header_len = v2_rest.encode_infer_response(response, request)
-                if header_len is None:
-                    return 200, JSON_HEADERS, out
-                return (
-                    200,
-                    [
-                        (b"content-type", b"application/octet-stream"),
-                        (b"inference-header-content-length", str(header_len).encode()),
-                    ],
-                    out,
-                )
+                return partial(self._infer, ticket, name, version)
             if not rest:
                 _expect(method, "GET")
-                meta = dp.model_metadata(req.credentials(), name, version, transport="rest")
-                return 200, JSON_HEADERS, v2_rest.encode_model_metadata(meta)
+                return partial(self._model_metadata, name, version)
             if rest == ["ready"]:
                 _expect(method, "GET")
-                ready = dp.model_ready(req.credentials(), name, version, transport="rest")
-                return (200 if ready else 503), JSON_HEADERS, _OK
+                return partial(self._model_ready, name, version)
         elif n == 1:
             _expect(method, "GET")
-            return 200, JSON_HEADERS, orjson.dumps(dp.server_metadata())
+            return self._server_metadata
         elif n == 3 and parts[1] == "health":
             _expect(method, "GET")
             if parts[2] == "live":
-                return (200 if dp.live() else 503), JSON_HEADERS, _OK
+                return self._live
             if parts[2] == "ready":
-                return (200 if dp.ready() else 503), JSON_HEADERS, _OK
+                return self._ready
         elif n >= 3 and parts[1] == "repository":
-            return await self._repository(method, parts, req, receive)
+            return self._plan_repository(method, parts, req)
         elif n >= 3 and parts[1] == "admin":
-            return await self._admin(method, parts, req, receive)
+            return self._plan_admin(method, parts, req)
         raise NotFound(f"no route for {method} /{'/'.join(parts)}")
 
-    async def _repository(
-        self, method: str, parts: list[str], req: _Request, receive: Receive
-    ) -> tuple[int, list, bytes]:
+    def _plan_repository(self, method: str, parts: list[str], req: _Request) -> Step:
         """Triton's model-repository extension, which tritonclient's load/unload call."""
-        dp = self.dataplane
         if parts[2] == "index" and len(parts) == 3:
             _expect(method, "POST", "GET")
-            return 200, JSON_HEADERS, orjson.dumps(dp.repository_index(req.credentials(), transport="rest"))
+            return self._repository_index
         if len(parts) == 5 and parts[2] == "models" and parts[4] in ("load", "unload"):
             _expect(method, "POST")
-            grant = dp.admin(req.credentials(), transport="rest", action=parts[4], target=parts[3])
-            parameters = v2_rest.decode_repository_request(await self._read_body(req, receive))
-            await dp.repository_action(grant, parameters)
-            return 200, JSON_HEADERS, _OK
+            grant = self.dataplane.admin(req.credentials(), transport="rest", action=parts[4], target=parts[3])
+            return partial(self._repository_action, grant)
         raise NotFound(f"no route for {method} /{'/'.join(parts)}")
 
-    async def _admin(self, method: str, parts: list[str], req: _Request, receive: Receive) -> tuple[int, list, bytes]:
+    def _plan_admin(self, method: str, parts: list[str], req: _Request) -> Step:
         """Key management: /v2/admin/keys[/{id}], /v2/admin/tenants[/{t}/limits|class]."""
         rest = parts[2:]
         route = "/" + "/".join(parts)
@@ -313,12 +347,10 @@ class RestApp:
             if allow:
                 raise MethodNotAllowed(f"method {method} not allowed on {route}; use {' or '.join(allow)}", allow=allow)
             raise NotFound(f"no route for {method} {route}")
-        doc = _json_body(await self._read_body(req, receive)) if has_body else None
-        return 200, JSON_HEADERS, orjson.dumps(self.dataplane.key_action(grant, doc))
+        return partial(self._key_action, grant, has_body)
 
-    async def _v1(self, method: str, parts: list[str], req: _Request, receive: Receive) -> tuple[int, list, bytes]:
+    def _plan_v1(self, method: str, parts: list[str], req: _Request) -> Step:
         """TF-Serving REST: /v1/models/{m}[/versions/{v}][:predict]."""
-        dp = self.dataplane
         last = parts[-1]
         verb = ""
         if ":" in last:
@@ -332,17 +364,74 @@ class RestApp:
             raise NotFound(f"no route for {method} /{'/'.join(parts)}")
         if verb == "predict":
             _expect(method, "POST")
-            ticket = dp.admit(req.credentials(), name, transport="tfserving")
-            body = await self._read_body(req, receive)
-            signature = dp.signature(ticket, version)
-            request, row_format = tfserving.decode_predict_request(body, name, version, signature, limits=self.limits)
-            response = await dp.infer(ticket, request)
-            return 200, JSON_HEADERS, tfserving.encode_predict_response(response, row_format)
+            ticket = self.dataplane.admit(req.credentials(), name, transport="tfserving")
+            return partial(self._predict, ticket, name, version)
         if verb:
             raise NotFound(f"TF-Serving method ':{verb}' is not supported; use ':predict'")
         _expect(method, "GET")
-        states = dp.version_states(req.credentials(), name, version, transport="tfserving")
+        return partial(self._version_states, name, version)
+
+    # ---- the steps: the body and the work -------------------------------------------------
+    async def _infer(self, ticket: Admission, name: str, version: str | None, req: _Request, receive: Receive
+                     ) -> Response:
+        body = await self._read_body(req, receive)
+        request = v2_rest.decode_infer_request(body, name, version, req.header_length, limits=self.limits)
+        response = await self.dataplane.infer(ticket, request)
+        out, header_len = v2_rest.encode_infer_response(response, request)
+        if header_len is None:
+            return 200, JSON_HEADERS, out
+        return (
+            200,
+            [
+                (b"content-type", b"application/octet-stream"),
+                (b"inference-header-content-length", str(header_len).encode()),
+            ],
+            out,
+        )
+
+    async def _predict(self, ticket: Admission, name: str, version: str | None, req: _Request, receive: Receive
+                       ) -> Response:
+        body = await self._read_body(req, receive)
+        signature = self.dataplane.signature(ticket, version)
+        request, row_format = tfserving.decode_predict_request(body, name, version, signature, limits=self.limits)
+        response = await self.dataplane.infer(ticket, request)
+        return 200, JSON_HEADERS, tfserving.encode_predict_response(response, row_format)
+
+    async def _model_metadata(self, name: str, version: str | None, req: _Request, receive: Receive) -> Response:
+        meta = self.dataplane.model_metadata(req.credentials(), name, version, transport="rest")
+        return 200, JSON_HEADERS, v2_rest.encode_model_metadata(meta)
+
+    async def _model_ready(self, name: str, version: str | None, req: _Request, receive: Receive) -> Response:
+        ready = self.dataplane.model_ready(req.credentials(), name, version, transport="rest")
+        return (200 if ready else 503), JSON_HEADERS, _OK
+
+    async def _version_states(self, name: str, version: str | None, req: _Request, receive: Receive) -> Response:
+        states = self.dataplane.version_states(req.credentials(), name, version, transport="tfserving")
         return 200, JSON_HEADERS, tfserving.encode_model_status(states)
+
+    async def _server_metadata(self, req: _Request, receive: Receive) -> Response:
+        return 200, JSON_HEADERS, orjson.dumps(self.dataplane.server_metadata())
+
+    async def _live(self, req: _Request, receive: Receive) -> Response:
+        return (200 if self.dataplane.live() else 503), JSON_HEADERS, _OK
+
+    async def _ready(self, req: _Request, receive: Receive) -> Response:
+        return (200 if self.dataplane.ready() else 503), JSON_HEADERS, _OK
+
+    async def _metrics(self, req: _Request, receive: Receive) -> Response:
+        return 200, METRICS_HEADERS, self.dataplane.metrics_text(req.credentials(), transport="rest")
+
+    async def _repository_index(self, req: _Request, receive: Receive) -> Response:
+        return 200, JSON_HEADERS, orjson.dumps(self.dataplane.repository_index(req.credentials(), transport="rest"))
+
+    async def _repository_action(self, grant: AdminGrant, req: _Request, receive: Receive) -> Response:
+        parameters = v2_rest.decode_repository_request(await self._read_body(req, receive))
+        await self.dataplane.repository_action(grant, parameters)
+        return 200, JSON_HEADERS, _OK
+
+    async def _key_action(self, grant: AdminGrant, has_body: bool, req: _Request, receive: Receive) -> Response:
+        doc = _json_body(await self._read_body(req, receive)) if has_body else None
+        return 200, JSON_HEADERS, orjson.dumps(self.dataplane.key_action(grant, doc))
 
 
 def _admin_action(method: str, rest: list[str]) -> tuple[str | None, str, bool]:
