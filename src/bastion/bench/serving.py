@@ -14,6 +14,12 @@ same request body:
 The model is tiny on purpose: what is left is the cost of serving (HTTP, parsing,
 validation, scheduling, encoding), which is what differs between servers.
 
+Two load generators (``--generators``, both by default): wrk for every row, and hey for
+1-row JSON against Bastion and the minimal app. hey sends what real clients send by
+default (``Accept-Encoding: gzip``, kept-alive connections; wrk sends no Accept-Encoding),
+so a cost that only such clients trigger, like compressing small answers (issue 14), shows
+in the hey rows' ratio and not in wrk's.
+
 Per row: throughput of successful responses, latency percentiles, errors, the server's
 CPU per request and peak RSS (its process tree, ``procstats.TreeMonitor``), wrk's own CPU
 and the whole machine's busy time (``procstats.HostMonitor``), so that noise from other
@@ -44,12 +50,22 @@ from bastion.bench.launcher import Running, check_v2, free_port, serve
 from bastion.bench.models import DEMO_MODEL, build_demo, demo_spec
 from bastion.bench.procstats import HostMonitor, HostUsage, busy_cores
 from bastion.bench.results import BenchResult, machine_info
-from bastion.bench.saturation import SaturationConfig, WrkError, measure_saturation, run_wrk, wrk_available, wrk_version
+from bastion.bench.saturation import (
+    GENERATORS,
+    SaturationConfig,
+    hey_version,
+    measure_saturation,
+    require_generators,
+    run_load,
+    wrk_version,
+)
 from bastion.bench.stats import RunStats
 from bastion.bench.venvs import installed_version, python_for
 
 Say = Callable[[str], None]
 SERVERS: tuple[str, ...] = ("bastion", "mlserver", "minimal")
+# the servers with hey rows: the issue 14 target is Bastion against the minimal app
+HEY_SERVERS: tuple[str, ...] = ("bastion", "minimal")
 # No repository polling (nothing changes during a run) and no audit log: the serving core
 # alone, like the peers; the guard's price is benchmarks/security_bench.py's.
 BASTION_ARGS: tuple[str, ...] = ("--poll-interval", "0", "--no-audit")
@@ -60,7 +76,7 @@ BUSY_WARNING_CORES = 0.2
 
 @dataclass(frozen=True)
 class Load:
-    """Closed-loop wrk load: connections, measured seconds, unmeasured warm-up before each run."""
+    """Closed-loop load: connections, measured seconds, unmeasured warm-up before each run."""
 
     connections: int = 16
     duration_s: float = 20.0
@@ -108,15 +124,18 @@ def make_bodies(model: ModelSpec) -> dict[str, Body]:
 
 @dataclass(frozen=True)
 class Row:
-    """One measured configuration: a server, its parallelism, a request body."""
+    """One measured configuration: a server, its parallelism, a request body, a load generator."""
 
     server: str  # "bastion" | "mlserver" | "minimal"
     workers: int  # bastion/uvicorn --workers; MLServer's parallel_workers
     body: str  # Body.key
+    generator: str = "wrk"  # "wrk" | "hey"
 
     @property
     def key(self) -> str:
-        return f"{self.server}-w{self.workers}-{self.body}"
+        # wrk rows keep the keys they had before hey rows existed (old results compare)
+        suffix = "" if self.generator == "wrk" else f"-{self.generator}"
+        return f"{self.server}-w{self.workers}-{self.body}{suffix}"
 
     @property
     def config(self) -> str:
@@ -125,12 +144,27 @@ class Row:
         return f"--workers {self.workers}"
 
 
-def plan(servers: Sequence[str], workers: Sequence[int], mlserver_workers: Sequence[int], batch: bool) -> list[Row]:
-    """The rows in the order they run: 1-row JSON for every server, then the batch-64 rows."""
-    rows = [Row("bastion", w, "json1") for w in workers if "bastion" in servers]
-    rows += [Row("mlserver", pw, "json1") for pw in mlserver_workers if "mlserver" in servers]
-    rows += [Row("minimal", w, "json1") for w in workers if "minimal" in servers]
-    if batch:
+def plan(
+    servers: Sequence[str],
+    workers: Sequence[int],
+    mlserver_workers: Sequence[int],
+    batch: bool,
+    generators: Sequence[str] = ("wrk",),
+) -> list[Row]:
+    """The rows in the order they run: 1-row JSON for every server with wrk, then 1-row JSON
+    with hey for Bastion and the minimal app, then the batch-64 rows (wrk)."""
+    unknown = [g for g in generators if g not in GENERATORS]
+    if unknown:
+        raise ValueError(f"unknown load generator {', '.join(unknown)}; expected some of {', '.join(GENERATORS)}")
+    rows: list[Row] = []
+    if "wrk" in generators:
+        rows += [Row("bastion", w, "json1") for w in workers if "bastion" in servers]
+        rows += [Row("mlserver", pw, "json1") for pw in mlserver_workers if "mlserver" in servers]
+        rows += [Row("minimal", w, "json1") for w in workers if "minimal" in servers]
+    if "hey" in generators:
+        rows += [Row(s, w, "json1", "hey") for s in HEY_SERVERS if s in servers for w in workers]
+    # the batch rows compare bodies, not clients: wrk alone, the cheaper client
+    if batch and "wrk" in generators:
         rows += [Row("bastion", 1, b) for b in ("bin64", "json64") if "bastion" in servers]
         rows += [Row("mlserver", pw, "json64") for pw in mlserver_workers if "mlserver" in servers]
         if "minimal" in servers:
@@ -155,6 +189,7 @@ class ServingConfig:
     load: Load = field(default_factory=Load)
     servers: Sequence[str] = SERVERS
     workers: Sequence[int] = (1, 2)
+    generators: Sequence[str] = GENERATORS  # "wrk" for every row, "hey" for Bastion and the minimal app's json1
     mlserver_workers: Sequence[int] = (0, 1)  # 0: inference inline; 1: MLServer's default pool
     batch: bool = True
     repeat: int = 1  # runs per row; the median-throughput run is reported
@@ -170,7 +205,7 @@ def quick(config: ServingConfig) -> ServingConfig:
 
 @dataclass
 class ServingRun:
-    """One row as measured: wrk's figures and the server tree's (``result``), the machine's."""
+    """One row as measured: the generator's figures and the server tree's (``result``), the machine's."""
 
     row: Row
     body_label: str
@@ -200,6 +235,7 @@ class ServingRun:
             "config": self.row.config,
             "workers": self.row.workers,
             "body": self.row.body,
+            "generator": self.row.generator,
             "body_label": self.body_label,
             "rows_per_request": self.rows_per_request,
             "result": self.result.to_dict(),
@@ -221,8 +257,11 @@ def saturate(
     extra: dict[str, Any] | None = None,
     command: str = "",
     notes: str = "",
+    generator: str = "wrk",
 ) -> tuple[BenchResult, HostUsage]:
-    """A warm-up, then one measured wrk run, with the server tree and the machine measured."""
+    """A warm-up, then one measured run of ``generator``, with the server tree and the
+    machine measured. The warm-up uses the same generator: its connections and headers are
+    the ones the measured run then finds warm."""
     cfg = SaturationConfig(
         url=url,
         body=body.payload,
@@ -230,9 +269,10 @@ def saturate(
         duration_s=load.duration_s,
         content_type=body.content_type,
         headers=dict(body.headers),
+        generator=generator,
     )
     if load.warmup_s > 0:  # unmeasured: allocator pools, ONNX Runtime's arenas, TCP, the CPU's caches
-        run_wrk(dataclasses.replace(cfg, duration_s=load.warmup_s))
+        run_load(dataclasses.replace(cfg, duration_s=load.warmup_s))
     info = {"payload": body.key, "rows": len(body.rows), "warmup_s": load.warmup_s, **(extra or {})}
     with HostMonitor() as host:
         result = measure_saturation(
@@ -285,6 +325,7 @@ def measure_row(
                 extra={"workers": row.workers, "config": row.config},
                 command=config.command,
                 notes=launch.notes,
+                generator=row.generator,
             )
             origin = log_origin(running) if row.server == "bastion" else None
         run = ServingRun(row, body.label, len(body.rows), result, host, running.startup_s, origin)
@@ -317,7 +358,7 @@ def git_head(root: Path | None = None) -> str:
     return (sha or "?") + ("+changes" if dirty else "")
 
 
-def environment(mlserver_python: Path | None) -> dict[str, Any]:
+def environment(mlserver_python: Path | None, generators: Sequence[str] = ("wrk",)) -> dict[str, Any]:
     """The machine (``results.machine_info``) and every version a reader needs."""
     here = Path(sys.executable)
     versions = {
@@ -328,8 +369,12 @@ def environment(mlserver_python: Path | None) -> dict[str, Any]:
         if mlserver_python
         else "not used",
         "uvicorn": installed_version(here, "uvicorn"),
-        "load generator": wrk_version(),
     }
+    # "load generator" is wrk's entry, under the name earlier reports used for it
+    if "wrk" in generators:
+        versions["load generator"] = wrk_version()
+    if "hey" in generators:
+        versions["hey"] = hey_version()
     return {**machine_info(), "versions": versions, "git": git_head()}
 
 
@@ -339,15 +384,20 @@ def run_serving(config: ServingConfig, say: Say = print) -> tuple[list[ServingRu
     Ctrl-C (or SIGTERM turned into KeyboardInterrupt by the CLI) stops the running server
     and returns the rows done so far.
     """
-    if wrk_available() is None:
-        raise WrkError("wrk is not installed (Debian package `wrk`; `make bench` installs it)")
+    rows = plan(config.servers, config.workers, config.mlserver_workers, config.batch, config.generators)
+    if not rows:
+        raise ValueError(
+            f"nothing to run for server(s) {', '.join(config.servers)} with {', '.join(config.generators)} "
+            f"(hey rows are for {' and '.join(HEY_SERVERS)} only)"
+        )
+    used = sorted({r.generator for r in rows}, key=GENERATORS.index)
+    require_generators(used)  # before minutes of builds and installs, not after
     repo = config.repository or build_demo(config.cache, say=say)
     model = demo_spec(repo)
     bodies = make_bodies(model)
-    rows = plan(config.servers, config.workers, config.mlserver_workers, config.batch)
     # install MLServer's venv (minutes, once) before anything is measured
     pythons = {s: python_for(s, adapter(s).requirements(), config.cache, say=say) for s in {r.server for r in rows}}
-    env = environment(pythons.get("mlserver"))
+    env = environment(pythons.get("mlserver"), used)
     env["busy_cores_before"] = round(busy_cores(1.0), 2)
     if env["busy_cores_before"] > BUSY_WARNING_CORES:
         say(
@@ -357,7 +407,7 @@ def run_serving(config: ServingConfig, say: Say = print) -> tuple[list[ServingRu
     config_file = repo / DEMO_MODEL / "config.yaml"
     env["bastion_model_config"] = config_file.read_text(encoding="utf-8") if config_file.exists() else None
     load = config.load
-    say(f"{len(rows)} rows x {load.duration_s:.0f} s (wrk, {load.connections} connections)")
+    say(f"{len(rows)} rows x {load.duration_s:.0f} s ({' and '.join(used)}, {load.connections} connections)")
     runs: list[ServingRun] = []
     try:
         for row in rows:

@@ -22,8 +22,14 @@ WRITER = "bastion bench serving"
 
 # The issue's targets, all on 1-row JSON requests with one worker each.
 TARGET_VS_MLSERVER_RPS = 3.0  # Bastion throughput >= 3x MLServer's
-TARGET_VS_MINIMAL_RPS = 0.9  # Bastion throughput >= 0.9x the minimal app's
+TARGET_VS_MINIMAL_RPS = 0.9  # Bastion throughput >= 0.9x the minimal app's, with wrk and with hey (issue 14)
 TARGET_P99_VS_MLSERVER = 1 / 3  # Bastion p99 <= 1/3 of MLServer's
+MINIMAL_RATIO = "Bastion / minimal app throughput"  # the stem of every such ratio's name
+# what each generator sends that matters here (issue 14: compression is negotiated per request)
+CLIENT = {
+    "wrk": "`wrk -t1`, no Accept-Encoding",
+    "hey": "`hey` at its default headers (Accept-Encoding: gzip, keep-alive)",
+}
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,7 @@ class Ratio:
     target: float | None = None
     higher_is_better: bool = True
     note: str = ""
+    generator: str = "wrk"  # the rows' load generator
 
     @property
     def met(self) -> bool | None:
@@ -44,12 +51,24 @@ class Ratio:
         return {**dataclasses.asdict(self), "met": self.met}
 
 
-def _pick(runs: Sequence[ServingRun], server: str, body: str, workers: int | None = None) -> list[ServingRun]:
+def _pick(
+    runs: Sequence[ServingRun], server: str, body: str, workers: int | None = None, generator: str = "wrk"
+) -> list[ServingRun]:
     return [
         r
         for r in runs
-        if r.row.server == server and r.row.body == body and (workers is None or r.row.workers == workers)
+        if r.row.server == server
+        and r.row.body == body
+        and (workers is None or r.row.workers == workers)
+        and r.row.generator == generator
     ]
+
+
+def minimal_ratio_name(generator: str, workers: int) -> str:
+    """The name of Bastion / minimal app throughput for one generator and --workers value;
+    wrk's keep the names they had before hey rows existed."""
+    qualifiers = ([] if generator == "wrk" else [generator]) + ([] if workers == 1 else [f"workers={workers}"])
+    return MINIMAL_RATIO + (f" ({', '.join(qualifiers)})" if qualifiers else "")
 
 
 def _div(a: float | None, b: float | None) -> float | None:
@@ -57,7 +76,8 @@ def _div(a: float | None, b: float | None) -> float | None:
 
 
 def ratios(runs: Sequence[ServingRun]) -> list[Ratio]:
-    """The issue's three targets (workers=1, 1-row JSON) and the informative extras.
+    """The issue's three targets (workers=1, 1-row JSON, wrk), Bastion / minimal app again
+    with hey (issue 14's target for clients that accept gzip), and the informative extras.
 
     MLServer is taken at its best per metric over the parallel_workers settings tried (the
     highest throughput, the lowest p99), so a "met" never rests on MLServer's worse setting.
@@ -80,7 +100,7 @@ def ratios(runs: Sequence[ServingRun]) -> list[Ratio]:
                 TARGET_VS_MLSERVER_RPS if primary else None,
             ),
             Ratio(
-                f"Bastion / minimal app throughput{suffix}",
+                minimal_ratio_name("wrk", w),
                 _div(b_rps, m[0].rps if m else None),
                 TARGET_VS_MINIMAL_RPS if primary else None,
                 note=f"minimal app with --workers {w}",
@@ -92,6 +112,19 @@ def ratios(runs: Sequence[ServingRun]) -> list[Ratio]:
                 higher_is_better=False,
             ),
         ]
+    # the same ratio with hey: what clients that accept gzip by default see (issue 14)
+    for w in sorted({r.row.workers for r in _pick(runs, "bastion", "json1", generator="hey")}):
+        b = _pick(runs, "bastion", "json1", w, "hey")
+        m = _pick(runs, "minimal", "json1", w, "hey")
+        out.append(
+            Ratio(
+                minimal_ratio_name("hey", w),
+                _div(b[0].rps, m[0].rps if m else None),
+                TARGET_VS_MINIMAL_RPS if w == 1 else None,
+                note=f"hey at its default headers (Accept-Encoding: gzip); minimal app with --workers {w}",
+                generator="hey",
+            )
+        )
     # batch 64: Bastion binary vs the others' JSON (MLServer's REST has no binary-tensor extension)
     bb = _pick(runs, "bastion", "bin64", 1)
     bj = _pick(runs, "bastion", "json64", 1)
@@ -125,8 +158,11 @@ def markdown(report: dict[str, Any], runs: Sequence[ServingRun], computed: Seque
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     load, repeat = report["load"], report["repeat"]
     loadavg = " / ".join(f"{x:.2f}" for x in env.get("loadavg_before") or [])
+    generators = [g for g in CLIENT if any(r.row.generator == g for r in runs)] or ["wrk"]
+    both = f"{CLIENT['wrk']}; rows marked (hey): {CLIENT['hey']}"
+    clients = CLIENT[generators[0]] if len(generators) == 1 else both
     how = (
-        f"`wrk -t1`, {load['connections']} connections, {load['duration_s']:.0f} s per row "
+        f"{clients}; {load['connections']} connections, {load['duration_s']:.0f} s per row "
         f"after a {load['warmup_s']:.0f} s warm-up, {repeat} run(s) per row"
         + (" (the run with the median throughput is shown)" if repeat > 1 else "")
         + "; load generator and servers on the same machine, one server at a time"
@@ -152,8 +188,9 @@ def markdown(report: dict[str, Any], runs: Sequence[ServingRun], computed: Seque
         d = r.stats.duration_s or 1.0
         lat = r.stats.latency_ms
         cores = f"{(r.result.cpu_s or 0.0) / d:.2f} | {r.host.children_cpu_s / d:.2f} | {r.host.machine_busy_s / d:.2f}"
+        label = r.body_label if r.row.generator == "wrk" else f"{r.body_label} ({r.row.generator})"
         lines.append(
-            f"| {r.row.server} | {r.row.config} | {r.body_label} | {r.rps:,.0f} | {r.rps * r.rows_per_request:,.0f} "
+            f"| {r.row.server} | {r.row.config} | {label} | {r.rps:,.0f} | {r.rps * r.rows_per_request:,.0f} "
             f"| {_fmt(lat.p50)} | {_fmt(lat.p90)} | {_fmt(lat.p99)} | {r.stats.errors} "
             f"| {_fmt(r.result.cpu_us_per_request, ',.0f')} | {cores} | {_fmt(r.result.peak_rss_mib, ',.0f')} |"
         )
@@ -163,6 +200,17 @@ def markdown(report: dict[str, Any], runs: Sequence[ServingRun], computed: Seque
         met = {True: "yes", False: "**no**", None: ""}[q.met]
         lines.append(f"| {q.name} | {_fmt(q.value)} | {target} | {met} |")
     lines.append("")
+    return "\n".join(lines)
+
+
+def console_summary(computed: Sequence[Ratio], connections: int) -> str:
+    """Bastion / minimal app per generator, one line each, for the end of the console output."""
+    lines = [f"Bastion / minimal app, 1-row JSON, {connections} connections:"]
+    for q in computed:
+        if not q.name.startswith(MINIMAL_RATIO):
+            continue
+        target = "" if q.target is None else f"  target >= {q.target:.2f}: {'met' if q.met else 'NOT met'}"
+        lines.append(f"  {q.generator:<4} {q.name:<52} {_fmt(q.value)}x{target}")
     return "\n".join(lines)
 
 

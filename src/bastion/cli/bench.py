@@ -148,8 +148,15 @@ def bench(
 @click.option("--quick", is_flag=True, help="5 s rows after a 2 s warm-up: a smoke run (BENCHMARKS.md is left alone).")
 @click.option("--duration", type=float, help="Measured seconds per row (default 20; --quick 5).")
 @click.option("--warmup", type=float, help="Unmeasured seconds of load before each row (default 3; --quick 2).")
-@click.option("--connections", type=int, default=16, show_default=True, help="wrk connections.")
+@click.option("--connections", type=int, default=16, show_default=True, help="Connections of the load generator.")
 @click.option("--only", default="bastion,mlserver,minimal", show_default=True, help="Servers to run.")
+@click.option(
+    "--generators",
+    default="wrk,hey",
+    show_default=True,
+    help="Load generators: wrk (every row) and hey (1-row JSON, Bastion and the minimal app, at hey's default "
+    "headers: Accept-Encoding: gzip, keep-alive).",
+)
 @click.option("--workers", default="1,2", show_default=True, help="--workers values for Bastion and the minimal app.")
 @click.option(
     "--mlserver-parallel-workers",
@@ -195,6 +202,7 @@ def serving(
     warmup: float | None,
     connections: int,
     only: str,
+    generators: str,
     workers: str,
     mlserver_parallel_workers: str,
     no_batch: bool,
@@ -208,9 +216,9 @@ def serving(
     rounds: int,
     cases: str | None,
 ) -> None:
-    """Bastion vs MLServer vs a minimal ASGI app on the demo's digits model (wrk, one server
-    at a time): throughput, latency, CPU and memory per row, the ratios against the issue's
-    targets, and BENCHMARKS.md's serving section. With --baseline-ref REF: two Bastion
+    """Bastion vs MLServer vs a minimal ASGI app on the demo's digits model (wrk, and hey
+    for 1-row JSON; one server at a time): throughput, latency, CPU and memory per row, the
+    ratios against the issues' targets, and BENCHMARKS.md's serving section. With --baseline-ref REF: two Bastion
     builds against each other instead (the before/after check of a refactor)."""
     import datetime as dt
     import shlex
@@ -230,7 +238,7 @@ def serving(
             ctx,
             "--baseline-ref",
             "the before/after check runs Bastion alone on its own cases",
-            ("only", "mlserver_parallel_workers", "no_batch", "repeat", "markdown_file", "no_markdown"),
+            ("only", "generators", "mlserver_parallel_workers", "no_batch", "repeat", "markdown_file", "no_markdown"),
         )
         from bastion.bench.abcompare import CASES, ABConfig, markdown, run_ab
 
@@ -258,13 +266,15 @@ def serving(
         return
     _no_options_for(ctx, "the serving table", "they belong to --baseline-ref", ("rounds", "cases"))
     from bastion.bench import serving_report
-    from bastion.bench.serving import SERVERS, ServingConfig, run_serving
+    from bastion.bench.saturation import GENERATORS
+    from bastion.bench.serving import SERVERS, ServingConfig, plan, run_serving
 
     config = ServingConfig(
         out=out.resolve(),
         cache=cache.resolve(),
         load=load,
         servers=_split(only, SERVERS, "server"),
+        generators=_split(generators, GENERATORS, "load generator"),
         workers=_ints(workers, "--workers"),
         mlserver_workers=_ints(mlserver_parallel_workers, "--mlserver-parallel-workers"),
         batch=not no_batch,
@@ -272,12 +282,16 @@ def serving(
         repository=repository.resolve() if repository else None,
         command=command,
     )
+    if not plan(config.servers, config.workers, config.mlserver_workers, config.batch, config.generators):
+        # e.g. --only mlserver --generators hey: hey rows are for Bastion and the minimal app
+        raise click.UsageError(f"no rows for --only {only} with --generators {generators}")
     started = dt.datetime.now(dt.timezone.utc)
     _stop_on_sigterm()
     runs, env = run_serving(config, _say)
     target = None if (no_markdown or quick) else markdown_file  # a smoke run is not for the record
     path, section = serving_report.write(config, runs, env, started, target)
     click.echo("\n" + section)
+    click.echo(serving_report.console_summary(serving_report.ratios(runs), load.connections))
     click.echo(f"results: {path}" + (f"; updated {target}" if target is not None and runs else ""))
     if not runs:
         raise SystemExit(1)
