@@ -65,6 +65,9 @@ class FakeDataPlane:
         return {"name": "bastion", "version": "0.1.0", "extensions": ["model_repository"]}
 
     # auth is the data plane's business (tested over a real server); the fake lets everyone in
+    def authenticate(self, credentials: Credentials, *, transport: str, action: str) -> None:
+        pass
+
     def admit(self, credentials: Credentials, model: str, *, transport: str) -> Any:
         self.transports.append(transport)
         return model  # the ticket: the fake's infer checks it names the request's model

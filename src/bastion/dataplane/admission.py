@@ -6,8 +6,10 @@ scope, the blocked list and the tenant's rate limit and query budget (401 / 403 
 each counted and audited by the guard) and returns an ``Admission``: a single-use ticket
 for that one request, which ``DataPlane.infer`` requires. A transport that forgets to
 admit has nothing to pass, and one that reuses a ticket is refused, so no path serves
-without limits. Admin routes get an ``AdminGrant`` the same way (admin role checked);
-the plane audits the action itself when it runs it.
+without limits. (gRPC, which learns the model only from the message, calls
+``authenticate`` before it reads the message, then ``admit`` before it parses it.) Admin
+routes get an ``AdminGrant`` the same way (admin role checked); the plane audits the
+action itself when it runs it.
 """
 
 from __future__ import annotations
@@ -73,6 +75,14 @@ class AdminGrant:
     def require(self, action: str) -> None:
         if self.action != action:
             raise InternalError(f"an admin grant for '{self.action}' was used for '{action}'")
+
+
+def authenticate(gate: Gate, credentials: Credentials, transport: str, action: str) -> None:
+    """Who is calling, and nothing more (401, counted and audited): for a transport that
+    must refuse a stranger before it reads a request whose model it cannot know yet (gRPC:
+    the model's name is inside the message). It mints nothing and returns nothing; ``admit``
+    still decides scope and limits, and makes the ticket."""
+    gate.authenticate(credentials.authorization, credentials.cert_fp, transport=transport, action=action, model="")
 
 
 def admit(gate: Gate, credentials: Credentials, model: str, transport: str) -> Admission:

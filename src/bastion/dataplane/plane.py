@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import bastion
@@ -103,6 +103,11 @@ class DataPlane:
         and query budget for ``model`` (401 / 403 / 429). ``infer`` requires the result."""
         return admission.admit(self.gate, credentials, model, transport)
 
+    def authenticate(self, credentials: Credentials, *, transport: str, action: str = "infer") -> None:
+        """Only who is calling (401), before a request is read whose model the transport
+        cannot know yet (gRPC: the name is inside the message). ``admit`` still follows."""
+        admission.authenticate(self.gate, credentials, transport, action)
+
     def signature(self, ticket: Admission, version: str | None) -> ModelMetadata:
         """The admitted model's signature, for codecs that decode against it (TF-Serving)."""
         return self._catalog.model_metadata(ticket.model, version)
@@ -128,7 +133,9 @@ class DataPlane:
             response = select_outputs(served, request, outputs)
         except Exception as exc:
             err = self._failed(exc, served, request)
-            self._audit(who, ticket.transport, request, ts, started, choice, None, err)
+            written = self._audit(who, ticket.transport, request, ts, started, choice, None, err)
+            if written is not None:
+                await written  # a refusal is an answer too: on record before it leaves
             if err is exc:
                 raise
             raise err from exc
@@ -141,7 +148,11 @@ class DataPlane:
             self.gate.watch_answer(who, request.model_name, (t.data for t in request.inputs),
                                    {t.name: t.data for t in response.outputs},
                                    served.label_output, served.probabilities_output)
-        self._audit(who, ticket.transport, request, ts, started, choice, response, None)  # 8. audit
+        # 8. audit: the record joins the ones written at the end of this loop iteration, and
+        # the answer waits for that write (durability: on record before the answer leaves)
+        written = self._audit(who, ticket.transport, request, ts, started, choice, response, None)
+        if written is not None:
+            await written
         return response  # 9. the transport encodes it
 
     def _failed(self, exc: Exception, served: Served | None, request: InferenceRequest) -> BastionError:
@@ -159,17 +170,19 @@ class DataPlane:
         return InternalError(f"internal error while serving model '{request.model_name[:200]}'")
 
     def _audit(self, who: Principal, transport: str, request: InferenceRequest, ts: float, started: float,
-               choice: ZooChoice | None, response: InferenceResponse | None, err: BastionError | None) -> None:
+               choice: ZooChoice | None, response: InferenceResponse | None, err: BastionError | None
+               ) -> Awaitable[None] | None:
+        """The inference's record, queued for this loop iteration's write; None without a log."""
         if self.gate.audit is None:
-            return
+            return None
         if err is not None:
             variant = version = None
         elif choice is not None:
             variant, version = choice.variant, choice.served.version
         else:
             variant, version = request.model_name, response.model_version if response is not None else None
-        self.gate.record(inference_record(who, transport, request, ts, started, variant=variant, version=version,
-                                          response=response, err=err))
+        return self.gate.record_batched(inference_record(who, transport, request, ts, started, variant=variant,
+                                                         version=version, response=response, err=err))
 
     # ---- health and metadata ------------------------------------------------------------
     def live(self) -> bool:

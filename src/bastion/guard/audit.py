@@ -22,7 +22,13 @@ files but lacks the master secret cannot recompute the chain.
 Durability rule. ``append`` hands the complete line to the kernel with one ``os.write`` on
 an ``O_APPEND`` descriptor before it returns (a short write is continued until the line is
 complete), so a record whose response was sent survives the process being killed (SIGKILL,
-OOM killer) at any moment afterwards: the data is in the page cache. A background thread
+OOM killer) at any moment afterwards: the data is in the page cache. The data plane's
+answers use ``append_batched`` instead: the records queued during one event-loop iteration
+are chained exactly as ``append`` chains them (one line, one ``seq`` and one MAC each) and
+written by one callback at the start of the next iteration, with one ``os.write`` per
+segment; each request awaits that write before its answer leaves, so the rule is the same
+(a response is sent only after its record is in the kernel) at one system call per batch
+instead of one per request. A background thread
 fsyncs (``fdatasync``) dirty segments every ``fsync_interval_s`` (default 0.2 s), so a
 power loss or kernel crash loses at most the records of that window; ``close()`` fsyncs
 before it returns. With ``fsync_interval_s <= 0`` every ``append`` fsyncs itself (slow).
@@ -47,11 +53,15 @@ periodically somewhere the server cannot write (a ticket, another host, a WORM b
 pass those anchors to ``verify``; every anchored record must still be there.
 
 Threads. ``append`` takes a lock (uncontended, ~0.1 µs) around the sequence number, the
-MAC and the write, so the event loop and admin threads may share one ``AuditLog``.
+MAC and the write, so the event loop and admin threads may share one ``AuditLog``;
+``append_batched`` is for the event-loop thread only (its batch is written under the same
+lock, so the chain stays one sequence whichever way a record came).
 """
 
 from __future__ import annotations
 
+import asyncio
+import binascii
 import contextlib
 import errno
 import fcntl
@@ -62,7 +72,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -117,6 +127,10 @@ class _Mac:
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
 
+    def pads(self) -> tuple[Any, Any]:
+        """The hash states after the inner and outer pads (copy before use)."""
+        return self._inner, self._outer
+
     def __call__(self, prev: bytes, body: bytes) -> bytes:
         inner = self._inner.copy()
         inner.update(prev)
@@ -124,6 +138,16 @@ class _Mac:
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.digest()
+
+
+class _BatchWritten(asyncio.Future[None]):
+    """The write of one batch of records, awaited by every request in it. It refuses to be
+    cancelled: cancelling a task cancels the future it awaits, and one request's
+    cancellation (a gRPC client gone) must not fail the others of its batch. A cancelled
+    task is cancelled once the batch is written instead."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
 
 
 def chain_mac(chain_key: bytes, prev_mac: bytes, body: bytes) -> bytes:
@@ -210,6 +234,13 @@ def _ts(rec: Mapping[str, Any]) -> float:
 # --------------------------------------------------------------------------- writer
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class AuditLog:
     """Appends HMAC-chained records for one writer (one server process). See the module
     docstring for the layout, the chain and the durability rule."""
@@ -244,6 +275,9 @@ class AuditLog:
         self._retired: list[int] = []  # rotated-out descriptors, fsynced and closed by the flusher
         self._pending_recovery: dict[str, Any] | None = None
         self._fd = -1
+        # append_batched: records serialised this loop iteration, and the future of their write
+        self._batch: list[bytes] = []
+        self._batch_written: _BatchWritten | None = None
 
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd = os.open(self.directory / f"audit-{writer_id}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
@@ -335,7 +369,7 @@ class AuditLog:
     def _write_pending_recovery(self) -> None:
         assert self._pending_recovery is not None
         # cleared only once written: if this write fails too, the next append tries again
-        self._write_record(orjson.dumps(self._pending_recovery))
+        self._write_records((orjson.dumps(self._pending_recovery),))
         self._pending_recovery = None
 
     # -- appending
@@ -354,65 +388,140 @@ class AuditLog:
         """Chain ``record`` and hand it to the kernel (durability rule: module docstring).
         Adds ``ts`` (now) when missing. Raises ``ValueError`` if the record uses a reserved
         field (``seq``, ``writer``, ``prev``, ``mac``), ``OSError`` if it could not be written."""
+        data = self._serialise(record)
+        with self._lock:
+            self._before_write()
+            self._write_records((data,))
+
+    def append_batched(self, record: dict[str, Any]) -> asyncio.Future[None]:
+        """Event-loop thread only: queue ``record`` for the write that ends this loop
+        iteration, and return the future of that write (shared by every record queued in the
+        iteration). The caller must await it before it answers (the durability rule); it
+        raises what ``append`` would have raised. The records are chained as ``append`` chains
+        them, one line and one MAC each, but the batch costs one ``write(2)``: on a busy server
+        one per request was most of what a record cost (the syscall, and the GIL it drops).
+        A record that cannot be serialised raises here, failing only its own request."""
+        if "seq" in record or "mac" in record or "prev" in record or "writer" in record:
+            raise ValueError(f"audit record: the fields {sorted(RESERVED_FIELDS & record.keys())} are reserved")
+        data = orjson.dumps(record if "ts" in record else {"ts": time.time(), **record})
+        written = self._batch_written
+        if written is None:
+            loop = asyncio.get_running_loop()
+            written = self._batch_written = _BatchWritten(loop=loop)
+            # call_soon: runs after every callback already queued for this iteration, so the
+            # requests resumed together (one model batch) share one write
+            loop.call_soon(self._write_batch)
+        self._batch.append(data)
+        return written
+
+    def _serialise(self, record: dict[str, Any]) -> bytes:
         if "seq" in record or "mac" in record or "prev" in record or "writer" in record:
             raise ValueError(f"audit record: the fields {sorted(RESERVED_FIELDS & record.keys())} are reserved")
         if "ts" not in record:
             record = {"ts": time.time(), **record}
-        data = orjson.dumps(record)
-        with self._lock:
-            if self._closed:
-                raise AuditError("audit log is closed")
-            if self._pending_recovery is not None:
-                if self._size:
-                    self._open_segment(self._segment_n + 1)
-                self._write_pending_recovery()
-            self._write_record(data)
+        return orjson.dumps(record)
 
-    def _write_record(self, data: bytes) -> None:
-        """Under the lock: splice the chain fields into ``data`` (a serialised dict), MAC, write.
-        (The hot path: ~3 µs, of which the write is ~1 and orjson + HMAC another ~1.3.)"""
-        head = b"".join((
-            data[:-1] if len(data) > 2 else b"{",
-            b',"seq":' if len(data) > 2 else b'"seq":',
-            str(self._seq).encode(),
-            self._writer_field,
-            b',"prev":"',
-            self._prev_hex,
-            b'"',
-        ))
-        mac = self._mac(self._prev, head + b"}")
-        mac_hex = mac.hex().encode()
-        line = b"".join((head, _MAC_PREFIX, mac_hex, b'"}\n'))
-        if self._size and self._size + len(line) > self.max_segment_bytes:
-            self._open_segment(self._segment_n + 1)
-        n = os.write(self._fd, line)
-        if n != len(line):
-            self._write_rest(line, n)
-        self._size += len(line)
-        self._seq += 1
-        self._prev = mac
-        self._prev_hex = mac_hex
-        self._dirty = True
-        if self.fsync_interval_s <= 0:
-            self._do_sync(self._take_sync_work())
-
-    def _write_rest(self, line: bytes, written: int) -> None:
-        """A short write (disk full, a signal): finish the line, or leave a noted fragment."""
+    def _write_batch(self) -> None:
+        """The loop callback (or ``close``): write the queued records, then release their requests."""
+        batch, written = self._batch, self._batch_written
+        self._batch, self._batch_written = [], None
+        if written is None:
+            return  # close() wrote it already
         try:
-            while written < len(line):
-                n = os.write(self._fd, line[written:])
+            with self._lock:
+                self._before_write()
+                self._write_records(batch)
+        except Exception as err:  # OSError, AuditError: every request of the batch fails with it
+            written.set_exception(err)
+        else:
+            written.set_result(None)
+
+    def _before_write(self) -> None:
+        """Under the lock: refuse when closed; note a fragment left by a failed write first."""
+        if self._closed:
+            raise AuditError("audit log is closed")
+        if self._pending_recovery is not None:
+            if self._size:
+                self._open_segment(self._segment_n + 1)
+            self._write_pending_recovery()
+
+    def _write_records(self, records: Sequence[bytes]) -> None:
+        """Under the lock: splice the chain fields into each serialised record, MAC each line
+        over the previous one, and write them: one ``write(2)`` per segment they land in.
+        The chain state moves only past lines the kernel took, so a failed write leaves the
+        chain where the file ends. (The hot path, per line: the MAC ~1 µs, the splice ~0.8.)"""
+        writer_field = self._writer_field
+        inner_pad, outer_pad = self._mac.pads()
+        seq, prev, prev_hex = self._seq, self._prev, self._prev_hex
+        lines: list[bytes] = []
+        append = lines.append
+        for data in records:
+            if len(data) > 2:
+                head = b'%s,"seq":%d%s,"prev":"%s"' % (data[:-1], seq, writer_field, prev_hex)
+            else:  # {}
+                head = b'{"seq":%d%s,"prev":"%s"' % (seq, writer_field, prev_hex)
+            # _Mac(prev, head + b"}") written out: this loop runs once per record
+            inner = inner_pad.copy()
+            inner.update(prev)
+            inner.update(head)
+            inner.update(b"}")
+            outer = outer_pad.copy()
+            outer.update(inner.digest())
+            prev = outer.digest()
+            prev_hex = binascii.hexlify(prev)
+            append(b'%s,"mac":"%s"}\n' % (head, prev_hex))
+            seq += 1
+        start = 0
+        while start < len(lines):
+            # the lines that fit the current segment; a line always fits an empty one
+            size, end, nbytes = self._size, start, 0
+            while end < len(lines) and not (size + nbytes and size + nbytes + len(lines[end]) > self.max_segment_bytes):
+                nbytes += len(lines[end])
+                end += 1
+            if end == start:
+                self._open_segment(self._segment_n + 1)
+                continue
+            chunk = lines[start] if end == start + 1 else b"".join(lines[start:end])
+            n = os.write(self._fd, chunk)
+            if n != nbytes:
+                self._write_rest(chunk, n, lines[start:end])
+            self._advance(end - start, lines[end - 1], nbytes)
+            start = end
+            if self.fsync_interval_s <= 0:
+                self._do_sync(self._take_sync_work())
+
+    def _advance(self, count: int, last_line: bytes, nbytes: int) -> None:
+        """``count`` more lines, ending with ``last_line``, are in the kernel's hands."""
+        self._size += nbytes
+        self._seq += count
+        self._prev_hex = last_line[-67:-3]  # the mac: ...,"mac":"<64 hex>"}\n
+        self._prev = binascii.unhexlify(self._prev_hex)
+        self._dirty = True
+
+    def _write_rest(self, chunk: bytes, written: int, lines: list[bytes]) -> None:
+        """A short write (disk full, a signal): finish the chunk, or keep the lines that made
+        it whole in the chain and leave a noted fragment of the one cut."""
+        try:
+            while written < len(chunk):
+                n = os.write(self._fd, chunk[written:])
                 if n <= 0:
                     raise OSError(errno.EIO, "audit segment accepted no bytes")
                 written += n
         except OSError:
-            if written:
+            whole = done = 0
+            while whole < len(lines) and done + len(lines[whole]) <= written:
+                done += len(lines[whole])
+                whole += 1
+            if whole:
+                self._advance(whole, lines[whole - 1], done)
+            if written > done:
                 # the segment now ends in a fragment: never append after it, note it in the next one
-                self._size += written
+                self._size += written - done
                 self._pending_recovery = {
                     "ts": time.time(),
                     "action": RECOVERED_ACTION,
                     "segment": self._segment_path.name,
-                    "partial_bytes": written,
+                    "partial_bytes": written - done,
                     "reason": "a write failed part-way; fragment left in place, chain continues here",
                 }
             raise
@@ -469,7 +578,11 @@ class AuditLog:
         self._sync_once()
 
     def close(self) -> None:
-        """Stop the fsync thread, fsync, close. Further appends raise ``AuditError``."""
+        """Write the records queued by ``append_batched`` (when called on their loop), stop
+        the fsync thread, fsync, close. Further appends raise ``AuditError``."""
+        written = self._batch_written
+        if written is not None and _running_loop() is written.get_loop():
+            self._write_batch()
         with self._lock:
             if self._closed:
                 return

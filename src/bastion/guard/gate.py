@@ -9,6 +9,7 @@ its payload; everything else is decided here, once, for REST, gRPC and TF-Servin
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -31,8 +32,10 @@ def bearer_token(value: str | bytes | None) -> str | None:
     if value is None:
         return None
     if isinstance(value, bytes):
-        if value[:7] == b"Bearer " and b" " not in value[7:] and value.isascii() and len(value) > 7:
-            return value[7:].decode("ascii")  # the usual form, parsed without the general path
+        if value.startswith(b"Bearer "):
+            token = value[7:]
+            if token and b" " not in token and token.isascii():
+                return token.decode("ascii")  # the usual form, parsed without the general path
         value = value.decode("latin-1")
     value = value.strip()
     if not value:
@@ -56,7 +59,7 @@ class Gate:
         *,
         authenticator: Authenticator | None,
         limiter: Limiter | None = None,
-        audit: Any = None,  # guard.audit.AuditLog: append(dict) / close()
+        audit: Any = None,  # guard.audit.AuditLog: append(dict) / append_batched(dict) / close()
         metrics: Metrics | None = None,
         open_metrics: bool = False,
         monitor: Any = None,  # guard.monitor.ExtractionMonitor
@@ -110,9 +113,14 @@ class Gate:
 
     def authorize(self, principal: Principal, model: str, *, transport: str, action: str = "infer") -> None:
         """Scope, then the tenant's rate limit and query budget (429)."""
-        self.check_scope(principal, model, transport=transport, action=action)
+        models = principal.models
+        if self.blocked or (models is not None and model not in models):
+            self.check_scope(principal, model, transport=transport, action=action)  # refuses, or lets through
         limiter = self.limiter
-        if limiter is not None and (not principal.limits.unlimited or limiter.overridden(principal.tenant)):
+        if limiter is None:
+            return
+        limits = principal.limits
+        if limits.rate_per_s is not None or limits.quota is not None or limiter.overridden(principal.tenant):
             try:
                 limiter.admit(principal)
             except BastionError as err:
@@ -183,9 +191,18 @@ class Gate:
 
     # ---- audit --------------------------------------------------------------------------
     def record(self, record: AuditRecord) -> None:
+        """Write ``record`` now (admin actions, alerts: any thread)."""
         audit = self.audit
         if audit is not None:
             audit.append(record.fields())
+
+    def record_batched(self, record: AuditRecord) -> asyncio.Future[None] | None:
+        """Queue an answer's record for the write that ends this loop iteration (event-loop
+        thread); the caller awaits the result before the answer leaves. None: no audit log."""
+        audit = self.audit
+        if audit is None:
+            return None
+        return audit.append_batched(record.fields())
 
     def record_rejection(
         self, principal: Principal | None, transport: str, action: str, model: str, err: BastionError

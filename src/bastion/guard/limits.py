@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from bastion.core.errors import RateLimited
 from bastion.guard.principal import Limits, Principal
@@ -145,6 +145,9 @@ class _Bucket:
     capacity: float
     tokens: float
     stamp: float
+    # the Limits that rate and capacity were derived from: while a tenant's Limits object
+    # is the same (until the key store reloads), they are not derived again per request
+    limits: Limits | None = None
 
 
 @dataclass(slots=True)
@@ -186,48 +189,72 @@ class Limiter:
         return bool(self._overrides) and tenant in self._overrides
 
     def admit(self, principal: Principal) -> None:
-        """Spend one token and one query of the principal's tenant, or raise 429."""
+        """Spend one token and one query of the principal's tenant, or raise 429.
+
+        Runs on every admitted request: the common case (a bucket with tokens, a lease with
+        queries left) is written out here rather than in helper calls."""
         limits = principal.limits
+        tenant = principal.tenant
         if self._overrides:
-            over = self._overrides.get(principal.tenant)
+            over = self._overrides.get(tenant)
             if over is not None:
                 limits = Limits(over.rate_per_s, over.burst, limits.quota, limits.quota_period)
         if limits.rate_per_s is not None:
-            self._take_token(principal.tenant, limits)
+            bucket = self._buckets.get(tenant)
+            if bucket is None or bucket.limits is not limits:
+                bucket = self._bucket(tenant, limits)
+            now = self._clock()
+            tokens = bucket.tokens + (now - bucket.stamp) * bucket.rate
+            if tokens > bucket.capacity:
+                tokens = bucket.capacity
+            bucket.stamp = now
+            if tokens < 1.0:
+                bucket.tokens = tokens
+                self._refuse_rate(tenant, limits, bucket, tokens)
+            bucket.tokens = tokens - 1.0
         if limits.quota is not None:
-            self._spend_query(principal.tenant, limits)
+            if limits.quota_period == "total":
+                period = "total"
+            else:
+                now = self._wall()
+                if now >= self._day_ends:
+                    self._new_day(limits, now)
+                period = self._day
+            lease = self._leases.get(tenant)
+            if lease is None or lease.period != period or lease.left <= 0:
+                lease = self._lease(tenant, limits, period)
+            lease.left -= 1
 
-    def _take_token(self, tenant: str, limits: Limits) -> None:
+    def _bucket(self, tenant: str, limits: Limits) -> _Bucket:
+        """The tenant's bucket for ``limits``: created full, or resized when the operator
+        changed the limits (the tokens clamped to the new capacity)."""
         rate = limits.rate_per_s * self._share  # type: ignore[operator]
         burst = limits.burst if limits.burst is not None else max(1, math.ceil(limits.rate_per_s))  # type: ignore[arg-type]
         capacity = max(1.0, burst * self._share)
-        now = self._clock()
         bucket = self._buckets.get(tenant)
         if bucket is None:
-            bucket = self._buckets[tenant] = _Bucket(rate, capacity, capacity, now)
-        elif bucket.rate != rate or bucket.capacity != capacity:  # the operator changed the limits
+            bucket = self._buckets[tenant] = _Bucket(rate, capacity, capacity, self._clock())
+        elif bucket.rate != rate or bucket.capacity != capacity:
             bucket.rate, bucket.capacity = rate, capacity
             bucket.tokens = min(bucket.tokens, capacity)
-        tokens = min(bucket.capacity, bucket.tokens + (now - bucket.stamp) * bucket.rate)
-        bucket.stamp = now
-        if tokens < 1.0:
-            bucket.tokens = tokens
-            wait = (1.0 - tokens) / bucket.rate if bucket.rate > 0 else 3600.0
-            raise RateLimited(
-                f"rate limit exceeded for tenant '{tenant}' ({_fmt_rate(limits)}); retry after {wait:.3g} s",
-                retry_after=wait,
-            )
-        bucket.tokens = tokens - 1.0
+        bucket.limits = limits
+        return bucket
 
-    def _spend_query(self, tenant: str, limits: Limits) -> None:
-        now = self._wall()
-        if limits.quota_period == "total":
-            period = "total"
-        else:
-            if now >= self._day_ends:
-                self._day = period_key(limits, now)
-                self._day_ends = now + (seconds_to_next_period(limits, now) or 0.0)
-            period = self._day
+    @staticmethod
+    def _refuse_rate(tenant: str, limits: Limits, bucket: _Bucket, tokens: float) -> NoReturn:
+        wait = (1.0 - tokens) / bucket.rate if bucket.rate > 0 else 3600.0
+        raise RateLimited(
+            f"rate limit exceeded for tenant '{tenant}' ({_fmt_rate(limits)}); retry after {wait:.3g} s",
+            retry_after=wait,
+        )
+
+    def _new_day(self, limits: Limits, now: float) -> None:
+        self._day = period_key(limits, now)
+        self._day_ends = now + (seconds_to_next_period(limits, now) or 0.0)
+
+    def _lease(self, tenant: str, limits: Limits, period: str) -> _Lease:
+        """A lease with a query left for ``period``: the old period's unspent queries go
+        back, an empty lease is refilled from the ledger; 429 when the budget is spent."""
         lease = self._leases.get(tenant)
         if lease is None or lease.period != period:
             if lease is not None:
@@ -239,14 +266,14 @@ class Limiter:
             block = max(1, min(self._lease_block, budget // 1000))
             lease.left = self._ledger.reserve(tenant, period, block, budget)
             if lease.left <= 0:
-                reset = seconds_to_next_period(limits, now)
+                reset = seconds_to_next_period(limits, self._wall())
                 when = "it resets at 00:00 UTC" if reset is not None else "it does not reset"
                 raise QuotaExhausted(
                     f"query quota exhausted for tenant '{tenant}': {limits.quota} per "
                     f"{limits.quota_period}; {when}",
                     retry_after=reset,
                 )
-        lease.left -= 1
+        return lease
 
     def close(self) -> None:
         """Return unspent leases to the ledger (clean shutdown)."""

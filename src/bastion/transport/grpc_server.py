@@ -6,20 +6,30 @@ choice, audit -- lives below, in the data plane. Errors are values: a
 ``BastionError`` becomes the gRPC status its class names, anything else is a bug
 in Bastion and becomes INTERNAL with a generic message (the traceback goes to the
 ``bastion.grpc`` log, never to the client).
+
+The front door (issue 14): every method is registered as stream-unary, which on the
+wire is the same HTTP/2 exchange as a unary call, so a handler runs on the call's
+metadata before its message is read. A method that needs a key authenticates the
+caller first (``DataPlane.authenticate``) and only then reads the one message; until
+then the server holds only what HTTP/2 flow control lets a stream send (one window),
+never a whole message. ModelInfer then takes the model name off the wire without
+parsing the message (``v2_grpc.peek_model_name``) and admits the caller for it (scope,
+rate limit, query budget) before the message is parsed. The health and server-metadata
+requests have no fields: they are answered without being read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError, Message
 
-from bastion.core.errors import BastionError
+from bastion.core.errors import BastionError, InvalidInput
 from bastion.core.limits import RequestLimits
 from bastion.core.metadata import ModelMetadata
 from bastion.core.tensors import InferenceRequest, InferenceResponse
@@ -39,6 +49,7 @@ __all__ = [
 logger = logging.getLogger("bastion.grpc")
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 # Shown to clients for unexpected exceptions: details of a bug are for the operator's log.
 INTERNAL_ERROR_MESSAGE = "internal server error; the server log has the details"
@@ -54,6 +65,8 @@ class DataPlaneAPI(Protocol):
     def ready(self) -> bool: ...
 
     def server_metadata(self) -> dict[str, Any]: ...
+
+    def authenticate(self, credentials: Credentials, *, transport: str, action: str) -> None: ...
 
     def admit(self, credentials: Credentials, model: str, *, transport: str) -> Admission: ...
 
@@ -180,16 +193,57 @@ class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb2.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb2.ModelInferResponse:
+        """A parsed message (the servicer called directly); the server runs ``infer_message``."""
+
         async def work() -> pb2.ModelInferResponse:
-            # credentials, scope and limits before the tensors are decoded
             ticket = self._dataplane.admit(self._credentials(context), request.model_name, transport="grpc")
-            decoded = v2_grpc.decode_infer_request(request, limits=self._limits)
-            response = await self._dataplane.infer(ticket, decoded)
-            if response.id is None:
-                response.id = decoded.id  # the protocol echoes the request id
-            return v2_grpc.encode_infer_response(response, raw=v2_grpc.response_uses_raw(request))
+            return await self._answer(ticket, request)
 
         return await self._serve(context, "ModelInfer", work)
+
+    async def infer_message(
+        self, data: bytes, context: grpc.aio.ServicerContext, credentials: Credentials
+    ) -> pb2.ModelInferResponse:
+        """ModelInfer as the server runs it: ``data`` is the message as received, not parsed,
+        from a caller already authenticated on its metadata."""
+
+        async def work() -> pb2.ModelInferResponse:
+            # scope, rate limit and query budget for the name on the wire, before parsing
+            name = v2_grpc.peek_model_name(data)
+            ticket = self._dataplane.admit(credentials, name, transport="grpc")
+            request = _parse(pb2.ModelInferRequest, data)
+            if request.model_name != name:  # a parser keeps the last of repeated fields
+                raise InvalidInput("model_name: given more than once, with different values")
+            return await self._answer(ticket, request)
+
+        return await self._serve(context, "ModelInfer", work)
+
+    async def _answer(self, ticket: Admission, request: pb2.ModelInferRequest) -> pb2.ModelInferResponse:
+        decoded = v2_grpc.decode_infer_request(request, limits=self._limits)
+        response = await self._dataplane.infer(ticket, decoded)
+        if response.id is None:
+            response.id = decoded.id  # the protocol echoes the request id
+        return v2_grpc.encode_infer_response(response, raw=v2_grpc.response_uses_raw(request))
+
+    async def read_authenticated(
+        self, context: grpc.aio.ServicerContext, method: str, action: str, credentials: Credentials
+    ) -> bytes:
+        """Authenticate the caller on its metadata, then read the call's message.
+
+        A refused caller is answered before any of its message is read: HTTP/2 flow control
+        then lets its stream send one window at most, and the server drops that. Only the
+        first message is read; a unary client sends no other (a second one, which only a
+        hand-made client could send, is never read, as with a unary registration).
+        """
+
+        async def work() -> bytes:
+            self._dataplane.authenticate(credentials, transport="grpc", action=action)
+            data = await context.read()
+            if data is grpc.aio.EOF:
+                raise InvalidInput(f"{method}: the call carried no request message")
+            return data
+
+        return await self._serve(context, method, work)
 
     # ---------------------------------------------------- model repository
 
@@ -226,26 +280,51 @@ class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         return await self._serve(context, "RepositoryModelUnload", work)
 
 
-def _parsing(
-    method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]], request_type: type[Message]
-) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
-    """Wrap a servicer method so that it receives the request's bytes and parses them itself.
+def _parse(request_type: type[M], data: bytes) -> M:
+    """The message, or InvalidInput: a client's garbage (corrupt wire format, a string field
+    that is not UTF-8) is a client mistake, not the UNKNOWN gRPC's own parsing would answer."""
+    try:
+        return request_type.FromString(data)
+    except DecodeError as exc:
+        raise InvalidInput(f"request is not a valid {request_type.DESCRIPTOR.full_name} message: {exc}") from None
 
-    With protoc's registration gRPC parses the message, and an unparsable one (corrupt
-    wire format, a string field that is not UTF-8) ends as UNKNOWN with the Python
-    exception's name in the details. A client's garbage is a client mistake: here it
-    becomes INVALID_ARGUMENT.
-    """
-    full_name = request_type.DESCRIPTOR.full_name
 
-    async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Message:
+# methods whose request message has no fields (health, server metadata): open to everyone,
+# and answered without reading the message, so a stranger cannot make the server hold one
+_UNREAD = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
+# every other method authenticates before reading; the action its refusal is audited as
+_ACTIONS = {
+    "ModelReady": "ready",
+    "ModelMetadata": "metadata",
+    "ModelInfer": "infer",
+    "RepositoryIndex": "index",
+    "RepositoryModelLoad": "load",
+    "RepositoryModelUnload": "unload",
+}
+
+Handler = Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Awaitable[Message]]
+
+
+def _front_door(servicer: GrpcInferenceServicer, name: str, request_type: type[Message]) -> Handler:
+    """The stream-unary handler of one method (see the module docstring)."""
+    method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]] = getattr(servicer, name)
+    if name in _UNREAD:
+
+        async def unread(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Message:
+            return await method(request_type(), context)
+
+        return unread
+    action = _ACTIONS[name]  # a method missing here is refused at registration, not served open
+
+    async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Message:
+        credentials = servicer._credentials(context)
+        data = await servicer.read_authenticated(context, name, action, credentials)
+        if name == "ModelInfer":
+            return await servicer.infer_message(data, context, credentials)
         try:
-            request = request_type.FromString(data)
-        except DecodeError as exc:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {full_name} message: {exc}"
-            )
-            raise AssertionError("unreachable: context.abort raises") from None
+            request = _parse(request_type, data)
+        except InvalidInput as err:
+            await _abort(context, err)
         return await method(request, context)
 
     return handle
@@ -253,14 +332,15 @@ def _parsing(
 
 def add_servicer_to_server(servicer: GrpcInferenceServicer, server: grpc.aio.Server) -> None:
     """Register every method of ``inference.GRPCInferenceService`` (in place of protoc's
-    ``add_GRPCInferenceServiceServicer_to_server``, see ``_parsing``)."""
+    ``add_GRPCInferenceServiceServicer_to_server``): each as stream-unary with a bytes
+    deserializer (``_front_door``), which tritonclient and any unary stub call unchanged."""
     service = pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
-    for method in service.methods:  # all unary-unary
+    for method in service.methods:  # all unary-unary in the .proto
         request_type = getattr(pb2, method.input_type.name)
         response_type = getattr(pb2, method.output_type.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _parsing(getattr(servicer, method.name), request_type),
+        handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+            _front_door(servicer, method.name, request_type),
             request_deserializer=None,
             response_serializer=response_type.SerializeToString,
         )
@@ -296,7 +376,7 @@ def create_grpc_server(
     ``port=0`` the OS picks a free one.
 
     - the plane's ``limits.max_body_bytes`` caps received and sent messages; gRPC itself answers a larger
-      message with RESOURCE_EXHAUSTED before any of Bastion's code runs.
+      message with RESOURCE_EXHAUSTED when the handler reads it (after the caller is authenticated).
     - ``reuse_port`` sets SO_REUSEPORT so that several worker processes can bind the same
       port and the kernel spreads connections between them.
     - ``max_concurrent_rpcs``: RPCs beyond it are refused with RESOURCE_EXHAUSTED.

@@ -66,6 +66,9 @@ MAX_HEADER_BYTES = 64 * 1024
 # shorter here, as the bytes discarded are an anonymous client's)
 LINGER_S = 5.0
 LINGER_MAX_BYTES = 256 << 20
+# a refused request's body up to this size is read and dropped before the answer, which
+# keeps the connection open; a larger one is answered at once and the connection closed
+SMALL_BODY_BYTES = 64 * 1024
 
 
 @dataclass
@@ -119,6 +122,7 @@ class _Exchange:
         "keep_alive",
         "receive_waiter",
         "refusal",
+        "refusal_waits",
         "response_done",
         "response_started",
         "scope",
@@ -140,6 +144,9 @@ class _Exchange:
         # discarded rather than buffered
         self.refusal: Response | None = None
         self.early = False  # the refusal was (or is to be) sent before the body arrived
+        # a small body still coming after a refusal: read (and dropped) before answering, so
+        # that the connection stays open for the client's next request (a retry with a key)
+        self.refusal_waits = False
 
     async def receive(self) -> dict[str, Any]:
         if self.response_done or self.conn.closed:
@@ -291,7 +298,7 @@ class _HttpProtocol(asyncio.Protocol):
             self._fail(400, f"malformed HTTP request: {err}")
             return
         ex = self.parsing
-        if ex is not None and ex.refusal is not None and not self.closed:
+        if ex is not None and ex.refusal is not None and not ex.refusal_waits and not self.closed:
             # refused on its headers and its body is still coming: answer now, not after it
             self.parsing = None
             self._answer_early(ex)
@@ -412,6 +419,7 @@ class _HttpProtocol(asyncio.Protocol):
             return
         expect_continue = False
         has_body = False
+        length = -1
         for name, value in ex.scope["headers"]:
             if name == b"content-length":
                 try:
@@ -432,6 +440,9 @@ class _HttpProtocol(asyncio.Protocol):
             # a body is on its way: who may send it is decided before it is read
             ex.refusal = self.head(ex.scope)
             if ex.refusal is not None:
+                # a small body announced without Expect is on the wire already: drop it as it
+                # comes and answer in order, keeping the connection; anything else now
+                ex.refusal_waits = 0 <= length <= SMALL_BODY_BYTES and not expect_continue
                 return
         if expect_continue and not self.closed:
             self.transport.write(_CONTINUE)
