@@ -257,3 +257,69 @@ def test_close_drains_then_refuses(executor) -> None:  # type: ignore[no-untyped
             await b.submit(_x(1, 1.0), 1)
 
     run(scenario())
+
+
+class ThreadRecorder(AffineRuntime):
+    """AffineRuntime that notes the thread each batch ran on, optionally taking its time."""
+
+    def __init__(self, cost_s: float = 0.0) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+        self.cost_s = cost_s
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.threads.append(threading.current_thread().name)
+        if self.cost_s:
+            threading.Event().wait(self.cost_s)
+        return super().predict(inputs)
+
+
+def test_cheap_batches_run_on_the_loop_thread_once_measured(executor) -> None:  # type: ignore[no-untyped-def]
+    from bastion.engine.batcher import INLINE_AFTER
+
+    rt = ThreadRecorder()
+    b = Batcher(rt, executor, max_batch_size=8, batching=BatchingConfig())
+
+    async def scenario() -> str:
+        for i in range(INLINE_AFTER + 5):
+            out = await b.submit(_x(1, float(i)), 1)
+            assert out["y"][0, 0] == 2 * i + 1
+        return threading.current_thread().name
+
+    loop_thread = run(scenario())
+    # the first batches are timed on a predict thread; then they cost microseconds and run inline
+    assert loop_thread not in rt.threads[:INLINE_AFTER]
+    assert set(rt.threads[INLINE_AFTER + 1 :]) == {loop_thread}
+
+
+def test_costly_batches_stay_on_predict_threads(executor) -> None:  # type: ignore[no-untyped-def]
+    from bastion.engine.batcher import INLINE_AFTER
+
+    rt = ThreadRecorder(cost_s=0.002)  # 2 ms a batch: far above the inline bound
+
+    b = Batcher(rt, executor, max_batch_size=8, batching=BatchingConfig())
+
+    async def scenario() -> str:
+        for i in range(INLINE_AFTER + 4):
+            await b.submit(_x(1, float(i)), 1)
+        return threading.current_thread().name
+
+    loop_thread = run(scenario())
+    assert loop_thread not in rt.threads
+
+
+def test_a_long_queue_of_inline_batches_is_served_without_recursion(executor) -> None:  # type: ignore[no-untyped-def]
+    from bastion.engine.batcher import INLINE_AFTER
+
+    rt = ThreadRecorder()
+    # one row a batch: 3000 queued requests become 3000 inline batches in one dispatch pass
+    b = Batcher(rt, executor, max_batch_size=1, batching=BatchingConfig(max_queue_size=5000))
+
+    async def scenario() -> int:
+        for _ in range(INLINE_AFTER + 1):
+            await b.submit(_x(1, 0.0), 1)
+        outs = await asyncio.gather(*(b.submit(_x(1, float(i)), 1) for i in range(3000)))
+        assert [float(o["y"][0, 0]) for o in outs] == [2.0 * i + 1 for i in range(3000)]
+        return len(outs)
+
+    assert run(scenario()) == 3000

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from bastion.core.errors import InvalidInput, ModelNotReady, NotFound
 from bastion.core.limits import RequestLimits
 from bastion.core.metadata import TensorSpec
 from bastion.engine.batcher import Batcher
+from bastion.engine.predict_pool import PredictPool
 from bastion.guard.hardening import HardeningSpec, served_outputs
 from bastion.observability.metrics import Metrics, VersionMetrics
 from bastion.repository.store import LoadedVersion, ModelRepository, ModelState
@@ -64,7 +64,7 @@ class Registry:
         self.repository = repository
         self._metrics = metrics
         self._timeout_s = limits.request_timeout_s
-        self._executor = ThreadPoolExecutor(max_workers=executor_threads or 4, thread_name_prefix="bastion-predict")
+        self._executor = PredictPool(executor_threads or 4)
         self._served: dict[str, dict[int, Served]] = {}
         self.latest: dict[str, Served] = {}  # the newest loaded version of each model
         self._draining: set[asyncio.Task[None]] = set()
