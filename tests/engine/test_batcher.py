@@ -308,6 +308,20 @@ def test_costly_batches_stay_on_predict_threads(executor) -> None:  # type: igno
     assert loop_thread not in rt.threads
 
 
+def test_inline_max_us_0_keeps_every_batch_on_predict_threads(executor) -> None:  # type: ignore[no-untyped-def]
+    from bastion.engine.batcher import INLINE_AFTER
+
+    rt = ThreadRecorder()
+    b = Batcher(rt, executor, max_batch_size=8, batching=BatchingConfig(inline_max_us=0))
+
+    async def scenario() -> str:
+        for i in range(INLINE_AFTER + 4):
+            await b.submit(_x(1, float(i)), 1)
+        return threading.current_thread().name
+
+    assert run(scenario()) not in rt.threads
+
+
 def test_a_long_queue_of_inline_batches_is_served_without_recursion(executor) -> None:  # type: ignore[no-untyped-def]
     from bastion.engine.batcher import INLINE_AFTER
 

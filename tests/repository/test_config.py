@@ -127,6 +127,10 @@ def test_version_policies(policy: Any, expected: VersionPolicy) -> None:
             "m/config.yaml: dynamic_batching.max_queue_size: expected an integer >= 1, got 0",
         ),
         (
+            _valid(dynamic_batching={"inline_max_us": -1}),
+            "m/config.yaml: dynamic_batching.inline_max_us: expected an integer >= 0, got -1",
+        ),
+        (
             {"runtime": "onnx", "dynamic_batching": {"preferred_batch_sizes": [2]}},
             "m/config.yaml: dynamic_batching.preferred_batch_sizes[0]: 2 is larger than max_batch_size 0",
         ),

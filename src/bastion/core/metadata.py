@@ -29,6 +29,9 @@ class BatchingConfig:
     max_queue_delay_us: int = 0  # 0: take what is queued, never wait (Triton's default)
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 256  # requests waiting per model version; beyond it: 503
+    # a batch whose predict is estimated to take at most this long runs on the event loop's
+    # thread (no hand-off to a predict thread); 0: always on a predict thread (engine/batcher.py)
+    inline_max_us: int = 1000
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,7 +44,7 @@ _TOP_KEYS = (
     "hardening",
 )
 _TENSOR_KEYS = ("name", "datatype", "shape")
-_BATCHING_KEYS = ("max_queue_delay_us", "preferred_batch_sizes", "max_queue_size")
+_BATCHING_KEYS = ("max_queue_delay_us", "preferred_batch_sizes", "max_queue_size", "inline_max_us")
 _DATATYPE_LIST = ", ".join(sorted(DATATYPES))
 
 
@@ -220,6 +220,9 @@ class _Parser:
             preferred_batch_sizes=tuple(sorted(set(preferred))),
             max_queue_size=self.integer(
                 f"{path}.max_queue_size", b.get("max_queue_size", defaults.max_queue_size), minimum=1
+            ),
+            inline_max_us=self.integer(
+                f"{path}.inline_max_us", b.get("inline_max_us", defaults.inline_max_us), minimum=0
             ),
         )
 
