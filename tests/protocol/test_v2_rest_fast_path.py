@@ -125,3 +125,16 @@ def test_requested_outputs_agree_on_both_paths(outputs: object) -> None:
     assert not isinstance(fast, tuple)
     assert fast.outputs == full.outputs
     np.testing.assert_array_equal(fast.inputs[0].data, full.inputs[0].data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=80) | st.lists(st.sampled_from([b"true", b"false", b"u", b"l", b"tr", b"fa", b"1.5", b'"'])
+                                          , max_size=30).map(b"".join))
+def test_boolean_scan_agrees_with_a_substring_search(text: bytes) -> None:
+    assert v2_rest._has_json_boolean(text) == (b"true" in text or b"false" in text)
+
+
+def test_boolean_scan_of_a_text_full_of_its_letters_stays_linear() -> None:
+    text = b"ul" * 200_000
+    assert not v2_rest._has_json_boolean(text)
+    assert v2_rest._has_json_boolean(text + b"false")

@@ -782,6 +782,30 @@ def _fast_request(
     return InferenceRequest(model_name, model_version, tensors, request_id, outputs, {})
 
 
+def _has_json_boolean(text: bytes) -> bool:
+    """Whether ``true`` or ``false`` occurs anywhere in ``text`` (also inside strings: then
+    the caller takes the slower path, never a wrong one).
+
+    A substring search runs at ~1.6 GB/s here (11 µs for a 64-row body, twice); a single
+    byte is found with memchr at ~70 GB/s. Numbers never hold a ``u`` or an ``l``, and a
+    plain request has only a few (``inputs``, ``outputs``), so each is checked in place.
+    Text with many of them goes to the substring search after a few looks: the Python
+    loop must not grow with what a client sends."""
+    for letter, word in ((b"u", b"true"), (b"l", b"false")):
+        i = text.find(letter)
+        looks = 0
+        while i != -1:
+            if text.startswith(word, i - 2):  # u and l are the third letter of their word
+                return True
+            looks += 1
+            if looks > 16:
+                if word in text:
+                    return True
+                break
+            i = text.find(letter, i + 1)
+    return False
+
+
 def decode_infer_request(
     body: bytes,
     model_name: str,
@@ -811,7 +835,7 @@ def decode_infer_request(
     header, start = _split_body(body, header_length)
     obj = _load_object(header, "request body", max_depth)
     if header_length is None and max_depth >= _FAST_DEPTH:
-        no_booleans = type(header) is bytes and b"true" not in header and b"false" not in header
+        no_booleans = type(header) is bytes and not _has_json_boolean(header)
         fast = _fast_request(obj, model_name, model_version, max_elements, limits.max_batch_size, no_booleans)
         if fast is not None:
             return fast
