@@ -401,9 +401,7 @@ class AuditLog:
         them, one line and one MAC each, but the batch costs one ``write(2)``: on a busy server
         one per request was most of what a record cost (the syscall, and the GIL it drops).
         A record that cannot be serialised raises here, failing only its own request."""
-        if "seq" in record or "mac" in record or "prev" in record or "writer" in record:
-            raise ValueError(f"audit record: the fields {sorted(RESERVED_FIELDS & record.keys())} are reserved")
-        data = orjson.dumps(record if "ts" in record else {"ts": time.time(), **record})
+        data = self._serialise(record)
         written = self._batch_written
         if written is None:
             loop = asyncio.get_running_loop()
