@@ -1,4 +1,4 @@
-"""``v2_grpc.peek_model_name``: the model name of a ModelInferRequest, off the wire, unparsed."""
+"""``grpc_peek.peek_model_name``: the model name of a ModelInferRequest, off the wire, unparsed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bastion.core.errors import InvalidInput
-from bastion.protocol import v2_grpc
+from bastion.protocol import grpc_peek
 from bastion.protocol.grpc_v2 import grpc_service_pb2 as pb2
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -36,14 +36,14 @@ def _request(name: str, version: str, rid: str, params: dict[str, int], raw: lis
 @FUZZ
 @given(requests)
 def test_the_name_of_any_serialized_request(msg: pb2.ModelInferRequest) -> None:
-    assert v2_grpc.peek_model_name(msg.SerializeToString()) == msg.model_name
+    assert grpc_peek.peek_model_name(msg.SerializeToString()) == msg.model_name
 
 
 @FUZZ
 @given(st.binary(max_size=64))
 def test_garbage_is_a_name_an_empty_name_or_invalid_input(data: bytes) -> None:
     try:
-        name = v2_grpc.peek_model_name(data)
+        name = grpc_peek.peek_model_name(data)
     except InvalidInput as err:
         assert err.message.startswith(("request is not a valid inference.ModelInferRequest message: ", "model_name:"))
         return
@@ -52,29 +52,29 @@ def test_garbage_is_a_name_an_empty_name_or_invalid_input(data: bytes) -> None:
 
 def test_a_name_after_other_fields_and_the_first_of_two() -> None:
     later = pb2.ModelInferRequest(id="x", model_version="2").SerializeToString()
-    assert v2_grpc.peek_model_name(later + pb2.ModelInferRequest(model_name="m").SerializeToString()) == "m"
+    assert grpc_peek.peek_model_name(later + pb2.ModelInferRequest(model_name="m").SerializeToString()) == "m"
     two = pb2.ModelInferRequest(model_name="a").SerializeToString() + pb2.ModelInferRequest(
         model_name="b"
     ).SerializeToString()
-    assert v2_grpc.peek_model_name(two) == "a"  # the parser keeps "b": the transport compares
+    assert grpc_peek.peek_model_name(two) == "a"  # the parser keeps "b": the transport compares
     assert pb2.ModelInferRequest.FromString(two).model_name == "b"
 
 
 def test_only_the_first_fields_are_looked_at() -> None:
     """Cost independent of the message: a name behind more than PEEK_MAX_FIELDS fields is not
     looked for ("" then, and the parsed name differs, which the transport refuses)."""
-    filler = pb2.ModelInferRequest(id="x").SerializeToString() * v2_grpc.PEEK_MAX_FIELDS
+    filler = pb2.ModelInferRequest(id="x").SerializeToString() * grpc_peek.PEEK_MAX_FIELDS
     data = filler + pb2.ModelInferRequest(model_name="m").SerializeToString()
-    assert v2_grpc.peek_model_name(data) == ""
-    assert v2_grpc.peek_model_name(b"") == ""
-    assert v2_grpc.peek_model_name(pb2.ModelInferRequest(id="x").SerializeToString()) == ""
+    assert grpc_peek.peek_model_name(data) == ""
+    assert grpc_peek.peek_model_name(b"") == ""
+    assert grpc_peek.peek_model_name(pb2.ModelInferRequest(id="x").SerializeToString()) == ""
 
 
 def test_a_large_message_is_not_copied() -> None:
     msg = pb2.ModelInferRequest(model_name="simple")
     msg.raw_input_contents.append(bytes(8 << 20))
     data = memoryview(msg.SerializeToString())
-    assert v2_grpc.peek_model_name(data) == "simple"
+    assert grpc_peek.peek_model_name(data) == "simple"
 
 
 @pytest.mark.parametrize(
@@ -90,13 +90,13 @@ def test_a_large_message_is_not_copied() -> None:
 )
 def test_malformed_bytes_before_the_name(data: bytes, message: str) -> None:
     with pytest.raises(InvalidInput) as info:
-        v2_grpc.peek_model_name(data)
+        grpc_peek.peek_model_name(data)
     assert info.value.message == f"request is not a valid inference.ModelInferRequest message: {message}"
 
 
 def test_a_name_that_is_not_utf8() -> None:
     with pytest.raises(InvalidInput) as info:
-        v2_grpc.peek_model_name(b"\x0a\x02\xff\xfe")
+        grpc_peek.peek_model_name(b"\x0a\x02\xff\xfe")
     assert info.value.message == "model_name: not valid UTF-8"
     with pytest.raises(Exception):  # noqa: B017 - the parser refuses it too
         pb2.ModelInferRequest.FromString(b"\x0a\x02\xff\xfe")

@@ -7,6 +7,9 @@ import numpy as np
 from bastion.core.errors import InvalidInput
 
 # BF16 has no numpy dtype; it is refused with a clear message rather than guessed.
+# NumPy 1 supports 32 dimensions, NumPy 2 64; the lower bound keeps both safe.
+MAX_DIMS = 32
+
 DATATYPE_TO_NUMPY: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype(np.uint8),

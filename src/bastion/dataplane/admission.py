@@ -77,14 +77,6 @@ class AdminGrant:
             raise InternalError(f"an admin grant for '{self.action}' was used for '{action}'")
 
 
-def authenticate(gate: Gate, credentials: Credentials, transport: str, action: str) -> None:
-    """Who is calling, and nothing more (401, counted and audited): for a transport that
-    must refuse a stranger before it reads a request whose model it cannot know yet (gRPC:
-    the model's name is inside the message). It mints nothing and returns nothing; ``admit``
-    still decides scope and limits, and makes the ticket."""
-    gate.authenticate(credentials.authorization, credentials.cert_fp, transport=transport, action=action, model="")
-
-
 def admit(gate: Gate, credentials: Credentials, model: str, transport: str) -> Admission:
     """Authenticate, then scope, block list, rate limit and query budget for ``model``."""
     if gate.authenticator is None:

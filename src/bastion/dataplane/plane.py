@@ -106,7 +106,7 @@ class DataPlane:
     def authenticate(self, credentials: Credentials, *, transport: str, action: str = "infer") -> None:
         """Only who is calling (401), before a request is read whose model the transport
         cannot know yet (gRPC: the name is inside the message). ``admit`` still follows."""
-        admission.authenticate(self.gate, credentials, transport, action)
+        admission.caller(self.gate, credentials, transport, action)  # no model: no scope yet
 
     def signature(self, ticket: Admission, version: str | None) -> ModelMetadata:
         """The admitted model's signature, for codecs that decode against it (TF-Serving)."""

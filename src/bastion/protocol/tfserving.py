@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bastion.core.datatypes import DATATYPE_TO_NUMPY
+from bastion.core.datatypes import DATATYPE_TO_NUMPY, MAX_DIMS
 from bastion.core.errors import InvalidInput, PayloadTooLarge
 from bastion.core.limits import DEFAULT_LIMITS, RequestLimits
 from bastion.core.metadata import ModelMetadata, TensorSpec, VersionStatus
@@ -46,7 +46,6 @@ __all__ = [
 DEFAULT_SIGNATURE = "serving_default"
 _NUMPY_OPTS = orjson.OPT_SERIALIZE_NUMPY
 _FLOAT_KINDS = "fc"
-_MAX_DIMS = 32
 _ORJSON_MAX_DEPTH = 1024
 _REQUEST_KEYS = frozenset({"instances", "inputs", "signature_name"})
 # {"instances": [{"name": [...]}]}: the deepest skeleton around the input values. Smaller
@@ -203,8 +202,8 @@ def _bytes_array(value: Any, label: str, json_level: int, limits: RequestLimits)
     # numpy stops at its dimension limit and keeps what is deeper as list cells (refused below)
     if json_level + cells.ndim > max_depth:
         raise _too_deep(max_depth, f"{label}: values are")
-    if cells.ndim > _MAX_DIMS:
-        raise InvalidInput(f"{label}: values are nested deeper than {_MAX_DIMS} levels")
+    if cells.ndim > MAX_DIMS:
+        raise InvalidInput(f"{label}: values are nested deeper than {MAX_DIMS} levels")
     items = cells.reshape(-1).tolist()
     types = set(map(type, items))
     if list in types:

@@ -35,7 +35,6 @@ Wire choices clients depend on:
 
 from __future__ import annotations
 
-import array
 import math
 import reprlib
 import struct
@@ -46,11 +45,12 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bastion.core.datatypes import DATATYPE_TO_NUMPY, numpy_dtype
+from bastion.core.datatypes import DATATYPE_TO_NUMPY, MAX_DIMS, numpy_dtype
 from bastion.core.errors import InternalError, InvalidInput, PayloadTooLarge
 from bastion.core.limits import DEFAULT_LIMITS, RequestLimits
 from bastion.core.metadata import ModelMetadata
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor, RequestedOutput
+from bastion.protocol.v2_rest_fast import FAST_DEPTH, fast_request
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -71,8 +71,6 @@ __all__ = [
 DEFAULT_MAX_ELEMENTS = DEFAULT_LIMITS.max_elements
 """Total tensor elements accepted in one request (kept for callers that predate ``RequestLimits``)."""
 
-# NumPy 1 supports 32 dimensions, NumPy 2 64; the lower bound keeps both safe.
-_MAX_DIMS = 32
 _NUMPY2 = int(np.__version__.split(".")[0]) >= 2
 _LITTLE_ENDIAN = {name: dt.newbyteorder("<") for name, dt in DATATYPE_TO_NUMPY.items()}
 _NUMPY_OPTS = orjson.OPT_SERIALIZE_NUMPY
@@ -197,7 +195,7 @@ def _check_unknown_depth(obj: dict, known: frozenset[str], level: int, limit: in
 
 def _data_too_deep(label: str, json_limit: int | None) -> InvalidInput:
     if json_limit is None:
-        return InvalidInput(f"{label}: data is nested deeper than {_MAX_DIMS} levels")
+        return InvalidInput(f"{label}: data is nested deeper than {MAX_DIMS} levels")
     return InvalidInput(
         f"{label}: data is nested deeper than max_json_depth ({json_limit} levels, counting the request body object "
         "as 1)"
@@ -338,8 +336,8 @@ def array_from_json(
     """
     if type(data) is not list:
         raise _expected(f"{label}: data", "an array", data)
-    levels, json_limit = _MAX_DIMS, None
-    if max_json_depth is not None and max_json_depth - json_level < _MAX_DIMS:
+    levels, json_limit = MAX_DIMS, None
+    if max_json_depth is not None and max_json_depth - json_level < MAX_DIMS:
         levels, json_limit = max_json_depth - json_level, max_json_depth
         if levels < 1:
             raise _data_too_deep(label, json_limit)
@@ -382,7 +380,7 @@ class _Head:
 
 
 def _valid_shape(shape: Any) -> bool:
-    if type(shape) is not list or len(shape) > _MAX_DIMS:
+    if type(shape) is not list or len(shape) > MAX_DIMS:
         return False
     for dim in shape:  # noqa: SIM110 - a plain loop is 2x faster than all() on short shapes
         if type(dim) is not int or dim < 0:
@@ -423,7 +421,7 @@ def _parse_head(raw: Any, field: str, kind: str, max_batch: int | None, max_dept
         numpy_dtype(datatype, f"{field}.datatype")
     shape = raw.get("shape", _MISSING)
     if not _valid_shape(shape):
-        what = f"a list of at most {_MAX_DIMS} non-negative integers"
+        what = f"a list of at most {MAX_DIMS} non-negative integers"
         raise _expected(f"{field}.shape", what, shape)
     label = f"{kind} '{name}'"
     # Server-wide cap, checked before any data is converted; the model's own cap is the data plane's.
@@ -682,130 +680,6 @@ def _requested_outputs(raw: Any, max_depth: int) -> list[RequestedOutput] | None
     return outputs
 
 
-# The request shape nearly every client sends: JSON only, inputs of exactly name/datatype/
-# shape/data with flat numeric data, nothing else but an id. ``_fast_request`` decodes it in
-# one pass; anything else, and anything it finds wrong, goes through the full decoder,
-# which also words the error. Float types wider than the check below are left out: FP16's
-# range check and BOOL/BYTES conversions stay on the full path.
-_FAST_KEYS = frozenset({"name", "datatype", "shape", "data"})
-_FAST_TOP = frozenset({"inputs", "id", "outputs"})  # "inputs" required, the others optional
-_FAST_TYPES: dict[str, tuple[np.dtype, frozenset[type], str]] = {
-    # (dtype, the JSON value types allowed, the array module typecode that converts them)
-    "FP32": (DATATYPE_TO_NUMPY["FP32"], _NUMBER_TYPES, "d"),
-    "FP64": (DATATYPE_TO_NUMPY["FP64"], _NUMBER_TYPES, "d"),
-    "INT32": (DATATYPE_TO_NUMPY["INT32"], frozenset({int}), "i"),
-    "INT64": (DATATYPE_TO_NUMPY["INT64"], frozenset({int}), "q"),
-}
-# Every body the fast path accepts nests exactly this deep ({"inputs": [{"data": [1.0]}]}:
-# keys and types are checked exactly and data must be flat), so max_json_depth costs it one
-# comparison per request instead of a walk.
-_FAST_DEPTH = 4
-
-
-def _fast_request(
-    obj: dict, model_name: str, model_version: str | None, max_elements: int, max_batch: int | None,
-    no_booleans: bool = False,
-) -> InferenceRequest | None:
-    """The decoded request, or None to leave it to the full decoder. ``no_booleans``: the
-    JSON text holds no ``true``/``false`` at all (the caller searched its bytes)."""
-    keys = obj.keys()
-    if not keys <= _FAST_TOP or "inputs" not in keys:  # a view compared in place: no set built
-        return None
-    outputs = None
-    raw_outputs = obj.get("outputs")
-    if raw_outputs is not None:
-        # outputs asked for by name only ({"name": "probabilities"}); with parameters, the full path
-        if type(raw_outputs) is not list or not raw_outputs:
-            return None
-        names_out = []
-        for item in raw_outputs:
-            if type(item) is not dict or len(item) != 1 or type(item.get("name")) is not str or not item["name"]:
-                return None
-            names_out.append(item["name"])
-        if len(set(names_out)) != len(names_out):
-            return None
-        outputs = [RequestedOutput(name, {}) for name in names_out]
-    request_id = obj.get("id")
-    raw_inputs = obj["inputs"]
-    if (request_id is not None and type(request_id) is not str) or type(raw_inputs) is not list or not raw_inputs:
-        return None
-    tensors = []
-    names = set()
-    total = 0
-    for item in raw_inputs:
-        if type(item) is not dict or item.keys() != _FAST_KEYS:
-            return None
-        name, datatype, shape, data = item["name"], item["datatype"], item["shape"], item["data"]
-        if type(datatype) is not str or type(name) is not str or not name or name in names:
-            return None
-        fast = _FAST_TYPES.get(datatype)
-        if fast is None or type(shape) is not list:
-            return None
-        if type(data) is not list or len(shape) > _MAX_DIMS:
-            return None
-        count = 1
-        for d in shape:
-            if type(d) is not int or d < 0:
-                return None
-            count *= d
-        total += count
-        if count != len(data) or total > max_elements:
-            return None
-        if max_batch is not None and shape and shape[0] > max_batch:
-            return None
-        dtype = fast[0]
-        try:
-            if no_booleans:
-                # Python's array module converts and type-checks in one C loop: a str, None,
-                # list or object raises TypeError, an int beyond the type OverflowError (a
-                # float in an integer type TypeError). A bool would pass as 0/1, but the
-                # text has none. About half of np.array's cost plus the type census below.
-                arr = np.frombuffer(array.array(fast[2], data), fast[2])
-                if datatype == "FP32":
-                    with np.errstate(over="ignore"):
-                        arr = arr.astype(dtype)
-            else:
-                if not set(map(type, data)) <= fast[1]:
-                    return None
-                with np.errstate(over="ignore"):
-                    arr = np.array(data, dtype)
-            if datatype == "FP32" and not np.isfinite(arr).all():
-                # values at or past FP32's rounding threshold became inf in the cast; one
-                # vectorised check after it is ~100x cheaper than Python's max/min over the
-                # list (the full decoder words that error)
-                return None
-        except (OverflowError, ValueError, TypeError):
-            return None
-        names.add(name)
-        # orjson yields no NaN/Inf and FP32 was range-checked: float data here is finite
-        tensors.append(InferTensor(name, datatype, tuple(shape), arr.reshape(shape), {}, True))
-    return InferenceRequest(model_name, model_version, tensors, request_id, outputs, {})
-
-
-def _has_json_boolean(text: bytes) -> bool:
-    """Whether ``true`` or ``false`` occurs anywhere in ``text`` (also inside strings: then
-    the caller takes the slower path, never a wrong one).
-
-    A substring search runs at ~1.6 GB/s here (11 µs for a 64-row body, twice); a single
-    byte is found with memchr at ~70 GB/s. Numbers never hold a ``u`` or an ``l``, and a
-    plain request has only a few (``inputs``, ``outputs``), so each is checked in place.
-    Text with many of them goes to the substring search after a few looks: the Python
-    loop must not grow with what a client sends."""
-    for letter, word in ((b"u", b"true"), (b"l", b"false")):
-        i = text.find(letter)
-        looks = 0
-        while i != -1:
-            if text.startswith(word, i - 2):  # u and l are the third letter of their word
-                return True
-            looks += 1
-            if looks > 16:
-                if word in text:
-                    return True
-                break
-            i = text.find(letter, i + 1)
-    return False
-
-
 def decode_infer_request(
     body: bytes,
     model_name: str,
@@ -834,16 +708,15 @@ def decode_infer_request(
     max_depth = limits.max_json_depth
     header, start = _split_body(body, header_length)
     obj = _load_object(header, "request body", max_depth)
-    if header_length is None and max_depth >= _FAST_DEPTH:
-        no_booleans = type(header) is bytes and not _has_json_boolean(header)
-        fast = _fast_request(obj, model_name, model_version, max_elements, limits.max_batch_size, no_booleans)
+    if header_length is None and max_depth >= FAST_DEPTH:
+        fast = fast_request(obj, header, model_name, model_version, max_elements, limits.max_batch_size)
         if fast is not None:
             return fast
     raw_inputs = obj.get("inputs", _MISSING)
     raw_parameters = obj.get("parameters")
     raw_outputs = obj.get("outputs")
     request_id = obj.get("id")
-    if max_depth < _FAST_DEPTH:
+    if max_depth < FAST_DEPTH:
         # Limits this small are never practical; walking everything keeps the checks below
         # free to assume the fixed levels of a request's skeleton (4 deep) are allowed.
         check_json_depth(obj, 1, max_depth, "request body")

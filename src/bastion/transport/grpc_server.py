@@ -13,7 +13,7 @@ metadata before its message is read. A method that needs a key authenticates the
 caller first (``DataPlane.authenticate``) and only then reads the one message; until
 then the server holds only what HTTP/2 flow control lets a stream send (one window),
 never a whole message. ModelInfer then takes the model name off the wire without
-parsing the message (``v2_grpc.peek_model_name``) and admits the caller for it (scope,
+parsing the message (``grpc_peek.peek_model_name``) and admits the caller for it (scope,
 rate limit, query budget) before the message is parsed. The health and server-metadata
 requests have no fields: they are answered without being read.
 """
@@ -34,7 +34,7 @@ from bastion.core.limits import RequestLimits
 from bastion.core.metadata import ModelMetadata
 from bastion.core.tensors import InferenceRequest, InferenceResponse
 from bastion.dataplane import AdminGrant, Admission, Credentials
-from bastion.protocol import v2_grpc
+from bastion.protocol import grpc_peek, v2_grpc
 from bastion.protocol.grpc_v2 import grpc_service_pb2 as pb2
 from bastion.protocol.grpc_v2 import grpc_service_pb2_grpc as pb2_grpc
 
@@ -209,7 +209,7 @@ class GrpcInferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
 
         async def work() -> pb2.ModelInferResponse:
             # scope, rate limit and query budget for the name on the wire, before parsing
-            name = v2_grpc.peek_model_name(data)
+            name = grpc_peek.peek_model_name(data)
             ticket = self._dataplane.admit(credentials, name, transport="grpc")
             request = _parse(pb2.ModelInferRequest, data)
             if request.model_name != name:  # a parser keeps the last of repeated fields
