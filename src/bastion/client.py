@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
@@ -21,6 +21,9 @@ import orjson
 from bastion.core.datatypes import datatype_of
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor
 from bastion.protocol import v2_rest
+
+if TYPE_CHECKING:
+    from bastion.confidential.client import ConfidentialSession
 
 
 class ClientError(Exception):
@@ -126,10 +129,55 @@ class Client:
         hl = resp.headers.get("inference-header-content-length")
         return v2_rest.decode_infer_response(resp.content, int(hl) if hl else None)
 
+    # ---- confidential models (docs/CONFIDENTIAL.md) ----------------------------------------
+    def attestation(self, model: str, nonce_hex: str, *, version: str | None = None) -> tuple[str, bytes]:
+        """The trusted worker's evidence for ``nonce_hex`` (unverified: see ``confidential``)."""
+        import base64
+
+        path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + f"/attestation/{nonce_hex}"
+        doc = orjson.loads(self._call("GET", path).content)
+        return str(doc["kind"]), base64.b64decode(doc["evidence"])
+
+    def confidential(self, model: str, *, expect: dict[str, str] | str, allow_dev: bool = False,
+                     version: str | None = None) -> ConfidentialSession:
+        """A session that verifies ``model``'s worker against ``expect`` before sealing anything."""
+        from bastion.confidential.client import ConfidentialSession, policy_from
+
+        return ConfidentialSession(model, lambda m, n: self.attestation(m, n, version=version),
+                                   policy_from(expect, allow_dev=allow_dev))
+
+    def infer_confidential(self, session: ConfidentialSession, inputs: dict[str, np.ndarray], *,
+                           outputs: Sequence[str] | None = None, version: str | None = None) -> dict[str, np.ndarray]:
+        """Seal ``inputs`` to the attested worker, send, open the answer. A sealed error raises
+        ``SealedRemoteError`` (status and message only this client can read)."""
+        from bastion.confidential.client import SEALED_TENSOR, sealed_tensor
+
+        envelope, secret, params = session.seal(inputs, outputs)
+        response = self.infer(session.model, {SEALED_TENSOR: sealed_tensor(envelope)}, version=version,
+                              parameters=params)
+        sealed = next((t for t in response.outputs if t.name == SEALED_TENSOR), None)
+        if sealed is None:
+            raise ClientError(f"the server answered without the {SEALED_TENSOR!r} output")
+        return session.open(secret, bytes(sealed.data.reshape(-1)[0]))
+
+    def arrays_from_files(self, model: str, specs: list[str], *, version: str | None = None
+                          ) -> dict[str, np.ndarray]:
+        """Inputs from files, typed and shaped by the model's metadata (see ``infer_files``)."""
+        arrays = self._arrays(model, specs, version)
+        if isinstance(arrays, bytes):
+            raise ClientError("a full V2 request body cannot be sealed: give the tensors as .npy or a list of values")
+        return arrays
+
     def infer_files(
         self, model: str, specs: list[str], *, version: str | None = None, binary: bool = True
     ) -> InferenceResponse:
         """Inputs from files: ``FILE`` (the model's only input) or ``NAME=FILE``; .npy or .json."""
+        arrays = self._arrays(model, specs, version)
+        if isinstance(arrays, bytes):
+            return self._infer_raw(model, version, arrays)
+        return self.infer(model, arrays, version=version, binary=binary)
+
+    def _arrays(self, model: str, specs: list[str], version: str | None) -> dict[str, np.ndarray] | bytes:
         meta = self.model_metadata(model, version)
         declared = meta.get("inputs", [])
         arrays: dict[str, np.ndarray] = {}
@@ -141,7 +189,7 @@ class Client:
             if path.suffix == ".json":
                 doc = orjson.loads(path.read_bytes())
                 if isinstance(doc, dict) and "inputs" in doc:
-                    return self._infer_raw(model, version, path.read_bytes())
+                    return path.read_bytes()
                 data = np.asarray(doc)
             elif path.suffix == ".npy":
                 data = np.load(path, allow_pickle=False)
@@ -160,7 +208,7 @@ class Client:
                 if len(target["shape"]) == data.ndim + 1:
                     data = data[np.newaxis]  # one sample given: make it a batch of one
             arrays[name] = data
-        return self.infer(model, arrays, version=version, binary=binary)
+        return arrays
 
     def _infer_raw(self, model: str, version: str | None, body: bytes) -> InferenceResponse:
         path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"

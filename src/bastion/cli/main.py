@@ -79,7 +79,7 @@ class _LazyGroup(click.Group):
     listed by --help): `bastion serve` then does not import the key store's CLI, the bundles'
     crypto, the lab or the benchmarks (about 0.1 s of its start)."""
 
-    LAZY = {name: f"bastion.cli.{name}" for name in ("tls", "keys", "audit", "bundle", "lab", "bench")}
+    LAZY = {name: f"bastion.cli.{name}" for name in ("tls", "keys", "audit", "bundle", "lab", "bench", "kms", "worker")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
@@ -410,15 +410,38 @@ def models_unload(url: str, name: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the V2 response JSON.")
 @click.option("--binary/--no-binary", default=True, show_default=True,
               help="Send tensors with the binary data extension.")
+@click.option("--confidential", is_flag=True,
+              help="End-to-end encrypted: verify the trusted worker's attestation, seal the inputs to its key.")
+@click.option("--expect-measurement", default=None,
+              help="With --confidential: the measurement the worker must attest (name=hex,... or a dev hex digest).")
+@click.option("--allow-dev-attestation", is_flag=True,
+              help="With --confidential: accept self-signed DEV evidence (development only: proves nothing).")
 def infer(url: str, model: str, inputs: tuple[str, ...], model_version: str | None, as_json: bool,
-          binary: bool) -> None:
+          binary: bool, confidential: bool, expect_measurement: str | None, allow_dev_attestation: bool) -> None:
     """Call MODEL on a running server with inputs from files."""
     from bastion.client import ClientError
+    from bastion.core.datatypes import datatype_of
+    from bastion.core.errors import BastionError
+    from bastion.core.tensors import InferenceResponse, InferTensor
 
     client = _client(url)
     try:
-        response = client.infer_files(model, list(inputs), version=model_version, binary=binary)
-    except ClientError as err:
+        if confidential:
+            if not expect_measurement:
+                raise click.UsageError("--confidential needs --expect-measurement: a client trusts only a worker "
+                                       "whose measurement it expects")
+            if allow_dev_attestation:
+                click.echo("WARNING: accepting DEV attestation (self-signed, no TEE): never with real data",
+                           err=True)
+            session = client.confidential(model, expect=expect_measurement, allow_dev=allow_dev_attestation,
+                                          version=model_version)
+            arrays = client.arrays_from_files(model, list(inputs), version=model_version)
+            outputs = client.infer_confidential(session, arrays, version=model_version)
+            response = InferenceResponse(model, model_version, [
+                InferTensor(n, datatype_of(a), tuple(a.shape), a) for n, a in outputs.items()])
+        else:
+            response = client.infer_files(model, list(inputs), version=model_version, binary=binary)
+    except (ClientError, BastionError) as err:
         raise click.ClickException(str(err)) from None
     if as_json:
         click.echo(_dumps(client.response_as_json(response)))

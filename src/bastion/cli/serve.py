@@ -209,6 +209,7 @@ async def serve_async(
     # bind before loading models so a port clash fails fast, not after minutes of loading
     early = not opts.listen_when_ready  # see ServeOptions.listen_when_ready
     http_sock = http_socket(opts.host, opts.http_port, reuse_port, listen=early)
+    worker_client, supervisor = await _start_trusted_worker(opts)
     repo = ModelRepository(
         Path(opts.repository),
         poll_interval_s=opts.poll_interval_s or None,
@@ -312,7 +313,37 @@ async def serve_async(
         await asyncio.gather(*drains)
         await dataplane.stop()
         dataplane.metrics.flush()
+        if worker_client is not None:
+            from bastion.confidential.worker_client import set_current_worker
+
+            set_current_worker(None)
+            worker_client.close()
+        if supervisor is not None:
+            await supervisor.stop()
         log.info("stopped")
+
+
+async def _start_trusted_worker(opts: ServeOptions) -> tuple[Any, Any]:
+    """The channel to the trusted worker (and the worker itself, with --worker-config), before
+    models load: confidential ones are loaded through it."""
+    if not opts.worker_socket:
+        return None, None
+    from bastion.confidential.attestation import MeasurementPolicy, parse_expected_measurement
+    from bastion.confidential.worker_client import WorkerClient, set_current_worker
+
+    supervisor = None
+    if opts.worker_config:
+        from bastion.confidential.supervisor import WorkerSupervisor
+
+        supervisor = WorkerSupervisor(Path(opts.worker_config), Path(opts.worker_socket), log_level=opts.log_level)
+        await supervisor.start()
+    policy = None
+    if opts.worker_expect:
+        policy = MeasurementPolicy(parse_expected_measurement(opts.worker_expect), allow_dev=True)
+    client = WorkerClient(opts.worker_socket, policy=policy)
+    client.start()
+    set_current_worker(client)
+    return client, supervisor
 
 
 def run_server(opts: ServeOptions, *, progress: Callable[[str, int, int], None] | None = None) -> int:

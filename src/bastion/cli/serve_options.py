@@ -134,6 +134,18 @@ class ServeOptions:
     bundle_key_provider: str | None = field(default=None, metadata=flag(
         "--bundle-key-provider",
         help="Where the bundle master key comes from: env:VAR, file:PATH or module:pkg.mod:factory."))
+    # ---- confidential models (docs/CONFIDENTIAL.md) ----
+    worker_socket: str | None = field(default=None, metadata=flag(
+        "--worker-socket",
+        help="The trusted worker that serves confidential models: a Unix socket path, or vsock:CID:PORT."))
+    worker_config: str | None = field(default=None, metadata=flag(
+        "--worker-config", type=click.Path(exists=True, dir_okay=False),
+        help="Start and supervise a local trusted worker with this worker.yaml on --worker-socket "
+             "(an ordinary process: no TEE protects it)."))
+    worker_expect: str | None = field(default=None, metadata=flag(
+        "--worker-expect",
+        help="Measurement the trusted worker must attest (name=hex,...); without it any worker's evidence "
+             "is accepted for the channel and its measurement logged."))
     extraction_monitor: dict[str, Any] | None = None  # PRADA settings (guard/monitor.py); None = off
     probe_monitor: dict[str, Any] | None = None  # zoo-probing detector (guard/probes.py); None = off
     # ---- request limits (core/limits.py) ----
@@ -202,6 +214,15 @@ class ServeOptions:
             from bastion.guard.keyproviders import load_key_provider
 
             load_key_provider(self.bundle_key_provider)
+        if self.worker_config and not self.worker_socket:
+            raise ValueError("--worker-config needs --worker-socket: the path the supervised worker listens on")
+        if self.worker_config and self.workers > 1:
+            raise ValueError("--worker-config supervises one worker from one process: with --workers > 1, start "
+                             "`bastion worker serve` yourself and give every process --worker-socket")
+        if self.worker_expect:
+            from bastion.confidential.attestation import parse_expected_measurement
+
+            parse_expected_measurement(self.worker_expect)
 
     def request_limits(self) -> RequestLimits:
         return RequestLimits(

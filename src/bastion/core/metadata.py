@@ -61,6 +61,19 @@ class ModelConfig:
     instance_count: int = 1
     # output hardening against extraction: a guard.hardening.HardeningSpec (core does not import guard)
     hardening: object | None = None
+    # served by the trusted worker, never loaded by this process (docs/CONFIDENTIAL.md)
+    confidential: ConfidentialSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConfidentialSpec:
+    """``confidential:`` of config.yaml. ``e2e``: ``required`` (only inputs sealed to the
+    worker's attested key are accepted), ``optional`` (plaintext inputs too: the weights
+    stay in the worker, the inputs pass through this host) or ``off``. ``bundle``: the
+    sealed bundle in each version directory that the worker opens."""
+
+    e2e: str = "required"
+    bundle: str = "model.bundle"
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import bastion
-from bastion.core.errors import BastionError, InternalError
+from bastion.core.errors import BastionError, InternalError, InvalidInput
 from bastion.core.limits import RequestLimits
 from bastion.core.metadata import ModelMetadata, VersionStatus
 from bastion.core.tensors import InferenceRequest, InferenceResponse
@@ -32,6 +32,8 @@ from bastion.dataplane.admin import ControlHook, Operations
 from bastion.dataplane.admission import AdminGrant, Admission, Credentials
 from bastion.dataplane.catalog import Catalog
 from bastion.dataplane.registry import Registry, Served
+from bastion.dataplane.sealed import PARAMETER as SEALED_PARAMETER
+from bastion.dataplane.sealed import attestation_document, is_sealed, run_sealed
 from bastion.dataplane.validate import select_outputs, validate_inputs
 from bastion.dataplane.zoo_router import ZooChoice, ZooRouter
 from bastion.guard.audit_record import inference_record
@@ -126,11 +128,23 @@ class DataPlane:
             else:
                 choice = self._zoos.select(zoo, request, who)  # 3. selection: policy + the tenant's defense
                 served = choice.served
-            arrays, rows = validate_inputs(served, request)  # 4. validation against the signature
-            outputs = await served.batcher.submit(arrays, rows)  # 5. batching → runtime
-            if served.hardening is not None:
-                outputs = harden(outputs, served.hardening)  # 6. hardening of the answer
-            response = select_outputs(served, request, outputs)
+            confidential = served.loaded.config.confidential
+            status = 200
+            if request.parameters and is_sealed(request):  # 4-6 in the trusted worker: the host sees ciphertext
+                response, status = await run_sealed(served.loaded.runtime, served.version, request)
+                if status != 200:
+                    served.metrics.count("client_error" if status < 500 else "server_error")
+            else:
+                if confidential is not None and confidential.e2e == "required":
+                    raise InvalidInput(
+                        f"model '{request.model_name}' takes only end-to-end encrypted inputs: seal them to the "
+                        f"trusted worker's attested key (parameter {SEALED_PARAMETER}; bastion.client, "
+                        "bastion infer --confidential)")
+                arrays, rows = validate_inputs(served, request)  # 4. validation against the signature
+                outputs = await served.batcher.submit(arrays, rows)  # 5. batching → runtime
+                if served.hardening is not None:
+                    outputs = harden(outputs, served.hardening)  # 6. hardening of the answer
+                response = select_outputs(served, request, outputs)
         except Exception as exc:
             err = self._failed(exc, served, request)
             written = self._audit(who, ticket.transport, request, ts, started, choice, None, err)
@@ -140,11 +154,13 @@ class DataPlane:
                 raise
             raise err from exc
         vm = served.metrics
-        vm.outcomes["success"] += 1
+        if status == 200:  # a sealed request's error is sealed to the client, counted above
+            vm.outcomes["success"] += 1
         vm.request_latency.observe(time.perf_counter() - started)
         if choice is not None:
             self._zoos.finish(choice, response)  # goodput; the answer names the zoo, not the variant
-        if self.gate.monitor is not None:  # 7. monitors: the extraction detector sees the answer
+        # 7. monitors: the extraction detector sees the answer (not a sealed one: it is ciphertext here)
+        if self.gate.monitor is not None and SEALED_PARAMETER not in response.parameters:
             self.gate.watch_answer(who, request.model_name, (t.data for t in request.inputs),
                                    {t.name: t.data for t in response.outputs},
                                    served.label_output, served.probabilities_output)
@@ -209,6 +225,13 @@ class DataPlane:
     ) -> list[VersionStatus]:
         admission.caller(self.gate, credentials, transport, "metadata", name)
         return self._catalog.version_states(name, version)
+
+    async def attestation(self, credentials: Credentials, name: str, version: str | None, nonce_hex: str, *,
+                          transport: str) -> dict[str, Any]:
+        """Evidence from the trusted worker serving ``name`` (a confidential model, or a zoo of
+        them), bound to the client's nonce: the client verifies it before sealing anything."""
+        admission.caller(self.gate, credentials, transport, "metadata", name)
+        return await attestation_document(self._registry, self._zoos, name, version, nonce_hex)
 
     def repository_index(self, credentials: Credentials, *, transport: str) -> list[dict[str, Any]]:
         """Every model and zoo, or, for a key with a model scope, the ones it may use."""

@@ -105,7 +105,8 @@ class Batcher:
         self._executor = executor
         self._max_rows = max_batch_size if batching.enabled and max_batch_size > 0 else 0
         self._delay_s = batching.max_queue_delay_us / 1e6 if self._max_rows else 0.0
-        self._inline_max_s = batching.inline_max_us / 1e6
+        # a runtime that waits on another process (the trusted worker) never runs on the loop
+        self._inline_max_s = 0.0 if getattr(runtime, "remote", False) else batching.inline_max_us / 1e6
         self._preferred = tuple(sorted(s for s in batching.preferred_batch_sizes if 0 < s <= self._max_rows))
         self._max_queue = max(1, batching.max_queue_size)
         self._slots = max(1, instance_count)

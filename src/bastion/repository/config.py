@@ -23,7 +23,7 @@ import yaml
 
 from bastion.core.datatypes import DATATYPES
 from bastion.core.errors import InvalidInput
-from bastion.core.metadata import BatchingConfig, ModelConfig, TensorSpec, VersionPolicy
+from bastion.core.metadata import BatchingConfig, ConfidentialSpec, ModelConfig, TensorSpec, VersionPolicy
 from bastion.runtimes import RUNTIME_NAMES, ModelLoadError
 
 __all__ = ["CONFIG_FILE", "ConfigError", "load_model_config", "parse_model_config", "parse_model_config_yaml"]
@@ -42,7 +42,10 @@ _TOP_KEYS = (
     "allow_non_finite",
     "instance_count",
     "hardening",
+    "confidential",
 )
+_CONFIDENTIAL_KEYS = ("e2e", "bundle")
+_E2E_MODES = ("required", "optional", "off")
 _TENSOR_KEYS = ("name", "datatype", "shape")
 _BATCHING_KEYS = ("max_queue_delay_us", "preferred_batch_sizes", "max_queue_size", "inline_max_us")
 _DATATYPE_LIST = ", ".join(sorted(DATATYPES))
@@ -113,6 +116,7 @@ def parse_model_config(name: str, data: Any, *, source: str | None = None) -> Mo
         allow_non_finite=p.boolean("allow_non_finite", top.get("allow_non_finite", False)),
         instance_count=p.integer("instance_count", top.get("instance_count", 1), minimum=1),
         hardening=p.hardening(top.get("hardening")),
+        confidential=p.confidential(top.get("confidential")),
     )
 
 
@@ -132,6 +136,20 @@ class _Parser:
 
     def __init__(self, source: str) -> None:
         self.source = source
+
+    def confidential(self, value: Any) -> ConfidentialSpec | None:
+        if value is None or value is False:
+            return None
+        if value is True:
+            return ConfidentialSpec()
+        c = self.mapping("confidential", value, _CONFIDENTIAL_KEYS)
+        e2e = c.get("e2e", "required")
+        if e2e not in _E2E_MODES:
+            self.fail("confidential.e2e", f"expected one of {', '.join(_E2E_MODES)}, got {_show(e2e)}")
+        bundle = c.get("bundle", "model.bundle")
+        if not isinstance(bundle, str) or not bundle or "/" in bundle or bundle.startswith("."):
+            self.fail("confidential.bundle", f"expected a file name inside the version directory, got {_show(bundle)}")
+        return ConfidentialSpec(e2e=e2e, bundle=bundle)
 
     def fail(self, path: str, message: str) -> NoReturn:
         raise ConfigError(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")

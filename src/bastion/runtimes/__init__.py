@@ -80,7 +80,12 @@ _SAFE_ALTERNATIVES = (
 
 def create_runtime(config: ModelConfig, version_dir: Path, files: ModelFiles | None = None) -> Runtime:
     """Load the model version in ``version_dir`` (or held in ``files``, from a sealed bundle)
-    with the runtime named by ``config.runtime``."""
+    with the runtime named by ``config.runtime``; a confidential model's version is loaded
+    by the trusted worker instead (runtimes.worker_runtime)."""
+    if config.confidential is not None:
+        from bastion.runtimes.worker_runtime import WorkerRuntime
+
+        return WorkerRuntime(config, Path(version_dir), files)
     canonical = _ALIASES.get(config.runtime, config.runtime)
     target = _RUNTIMES.get(canonical)
     if target is None:

@@ -310,6 +310,9 @@ class RestApp:
             if rest == ["ready"]:
                 _expect(method, "GET")
                 return partial(self._model_ready, name, version)
+            if len(rest) == 2 and rest[0] == "attestation":
+                _expect(method, "GET")
+                return partial(self._attestation, name, version, rest[1])
         elif n == 1:
             _expect(method, "GET")
             return self._server_metadata
@@ -408,6 +411,11 @@ class RestApp:
     async def _version_states(self, name: str, version: str | None, req: _Request, receive: Receive) -> Response:
         states = self.dataplane.version_states(req.credentials(), name, version, transport="tfserving")
         return 200, JSON_HEADERS, tfserving.encode_model_status(states)
+
+    async def _attestation(self, name: str, version: str | None, nonce: str, req: _Request,
+                           receive: Receive) -> Response:
+        doc = await self.dataplane.attestation(req.credentials(), name, version, nonce, transport="rest")
+        return 200, JSON_HEADERS, orjson.dumps(doc)
 
     async def _server_metadata(self, req: _Request, receive: Receive) -> Response:
         return 200, JSON_HEADERS, orjson.dumps(self.dataplane.server_metadata())

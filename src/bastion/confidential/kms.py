@@ -1,0 +1,671 @@
+"""The key-release service: a bundle's data key, unwrapped only for a worker that proves what it runs.
+
+secureTF's "configuration and attestation service", for sealed bundles
+(``guard/bundles.py``). A trusted worker that must open a bundle sends the bundle's
+*wrapped* data key together with attestation evidence; the service verifies the evidence
+against the release policy of the bundle's key id (``kms_store.ReleasePolicy``), unwraps
+the data key with the master key it holds, and answers it HPKE-sealed (RFC 9180,
+X25519 / HKDF-SHA256 / AES-256-GCM, ``identity.HPKE_SUITE``) to the public key the evidence attests. Only the
+private half, which never leaves the attested worker, opens it: the untrusted host that
+relays the answer learns nothing. Every decision is audited in the service's own HMAC
+chain (``guard/audit.py``); no record ever holds key material.
+
+HTTP API (JSON bodies, errors as ``{"error": reason}`` plus ``"field"`` on a 400):
+
+* ``GET /healthz`` -> 200 ``{"status": "ok"}``.
+* ``POST /v1/nonce`` -> 200 ``{"nonce": b64(32 random bytes), "expires_in": 120}``. Nonces
+  are held in memory, single use, and expire; when ``max_nonces`` are outstanding the
+  answer is 503 with ``Retry-After`` (unexpired nonces are never evicted: evicting them
+  would let a flood of nonce requests void the honest workers' nonces).
+* ``POST /v1/keys/{key_id}/release`` with ``{"kind", "evidence": b64, "nonce": b64,
+  "wrapped": b64}`` -> 200 ``{"sealed_key": b64}``, the data key sealed with
+  ``info = RELEASE_INFO_PREFIX + key_id + b"\\0" + nonce`` (:func:`release_info`), so a
+  sealed key answered for one key id and nonce cannot be passed off as another's.
+  400: malformed body (the field is named), or ``wrapped`` does not unwrap under the key
+  id's master key; 403: the nonce is not one this service issued, unused and unexpired,
+  the key id has no policy, or the evidence does not verify or does not satisfy the
+  policy (the reason says which measurement differs); 404: unknown key id; 413: body over
+  ``MAX_BODY_BYTES`` (refused before it is read); 503: the audit log cannot be written
+  (nothing is released unaudited).
+
+There is deliberately no ``wrap`` route: operators seal bundles with a local key file
+(``bastion bundle keygen --master-key``, ``bastion bundle seal --key-provider
+file:KEYFILE``) and then ``bastion kms import-key KEY_ID --key-file KEYFILE``. The wrap
+format is ``LocalKeyProvider``'s, so those bundles open here unchanged, and a service
+that never wraps cannot be used to mint wrapped keys for bundles it did not approve.
+
+Why no authentication of the answer: HPKE base mode does not authenticate the sender, so
+whoever sits between worker and service could seal a data key of its own choosing to the
+worker. That gains nothing: a bundle is signed (Ed25519) and every chunk is AES-GCM
+authenticated under the real data key, so a substituted key only makes the bundle fail
+to open. Serve over TLS (``--tls-cert``) anyway where the network is not trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bastion.confidential.attestation import (
+    MAX_EVIDENCE_BYTES,
+    Attestation,
+    AttestationError,
+    MeasurementPolicy,
+    verify_evidence,
+)
+from bastion.confidential.identity import seal_to
+from bastion.confidential.kms_store import KmsStore, KmsStoreError, ReleasePolicy
+from bastion.core.errors import (
+    BastionError,
+    InvalidInput,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    PermissionDenied,
+)
+from bastion.guard.audit import AuditLog
+from bastion.guard.keyproviders import KeyProviderError, KeyUnwrapError, LocalKeyProvider, check_key_id
+from bastion.guard.secrets import derive_key, load_or_create_secret
+
+__all__ = [
+    "AUDIT_ADMIN_WRITER",
+    "AUDIT_WRITER",
+    "MAX_BODY_BYTES",
+    "MAX_NONCES",
+    "NONCE_BYTES",
+    "NONCE_TTL_S",
+    "RELEASE_INFO_PREFIX",
+    "KmsApp",
+    "NonceBook",
+    "audit_log_for",
+    "release_info",
+    "run_kms",
+    "serve_kms",
+]
+
+log = logging.getLogger("bastion.kms")
+
+RELEASE_INFO_PREFIX = b"bastion-kms-release-v1\x00"
+NONCE_BYTES = 32
+NONCE_TTL_S = 120.0
+MAX_NONCES = 4096  # outstanding at once: ~34 releases a second sustained at a 120 s lifetime
+# evidence (at most 64 KiB, 87 KiB as base64) and three short fields; checked before parsing
+MAX_BODY_BYTES = 256 * 1024
+MAX_WRAPPED_BYTES = 4096  # bundles refuse larger wrapped keys (bundles._MAX_WRAPPED_KEY)
+AUDIT_WRITER = "kms"
+AUDIT_ADMIN_WRITER = "kms_admin"
+AUDIT_CHAIN_PURPOSE = "audit-chain"  # the purpose `bastion audit verify` derives the chain key with
+_MAX_REASON = 500
+_KIND_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+Response = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+def release_info(key_id: str, nonce: bytes) -> bytes:
+    """The HPKE ``info`` a released key is sealed with: binds the answer to its key id and nonce."""
+    return RELEASE_INFO_PREFIX + key_id.encode() + b"\x00" + nonce
+
+
+class FieldError(InvalidInput):
+    """A 400 that names the request field at fault."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.field = name
+
+
+class Unavailable(BastionError):
+    """The service cannot decide right now (audit log unwritable, a master key that does not open)."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+
+# ---------------------------------------------------------------------- nonces
+
+
+class NonceBook:
+    """Nonces this service issued and not yet seen back: single use, ``ttl_s`` lifetime,
+    at most ``capacity`` outstanding. Insertion order is expiry order (one lifetime for
+    all, a monotonic clock), so expired ones are dropped from the front."""
+
+    def __init__(
+        self, *, capacity: int = MAX_NONCES, ttl_s: float = NONCE_TTL_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if capacity < 1 or ttl_s <= 0:
+            raise ValueError("NonceBook: capacity >= 1 and ttl_s > 0")
+        self.capacity = capacity
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._live: dict[bytes, float] = {}  # nonce -> expiry (monotonic)
+        self._lock = threading.Lock()  # the loop thread only under HttpServer; cheap insurance elsewhere
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def _purge(self, now: float) -> None:
+        while self._live:
+            nonce, expiry = next(iter(self._live.items()))
+            if expiry > now:
+                return
+            del self._live[nonce]
+
+    def issue(self) -> bytes:
+        """A fresh nonce; :class:`Overloaded` (503, with the wait) when the table is full."""
+        with self._lock:
+            now = self._clock()
+            self._purge(now)
+            if len(self._live) >= self.capacity:
+                wait = next(iter(self._live.values())) - now
+                raise Overloaded(
+                    f"{self.capacity} nonces are outstanding, the most this service holds; retry in {wait:.0f} s",
+                    retry_after=max(wait, 1.0),
+                )
+            nonce = secrets.token_bytes(NONCE_BYTES)
+            self._live[nonce] = now + self.ttl_s
+            return nonce
+
+    def consume(self, nonce: bytes) -> None:
+        """Use ``nonce`` up, or raise :class:`PermissionDenied` saying why it is not acceptable."""
+        with self._lock:
+            expiry = self._live.pop(nonce, None)
+        if expiry is None:
+            raise PermissionDenied("unknown nonce or already used: ask POST /v1/nonce for a fresh one, use it once")
+        if expiry <= self._clock():
+            raise PermissionDenied(f"nonce expired (nonces live {self.ttl_s:.0f} s): ask POST /v1/nonce again")
+
+
+# ---------------------------------------------------------------------- policy
+
+
+class PolicyMismatch(AttestationError):
+    """Evidence that verified (signature, nonce, freshness) but whose measurement the
+    policy does not accept; carries the attestation so the refusal can be audited with
+    what the worker attests."""
+
+    def __init__(self, message: str, attestation: Attestation) -> None:
+        super().__init__(message)
+        self.attestation = attestation
+
+
+@dataclass(frozen=True)
+class _AnyOf(MeasurementPolicy):
+    """A ``MeasurementPolicy`` accepting any one of several measurements.
+
+    ``verify_evidence`` calls ``check`` last, after signature, chain, nonce, freshness and
+    public key have passed: one verification, however many measurements are accepted.
+    ``expected`` holds the first of them (the base class reads it as "something is expected").
+    """
+
+    accepted: tuple[Mapping[str, str], ...] = ()
+
+    def check(self, att: Attestation) -> None:
+        reasons = []
+        for want in self.accepted:
+            try:
+                MeasurementPolicy(expected=want).check(att)
+                return
+            except AttestationError as exc:
+                reasons.append(str(exc))
+        if not reasons:
+            raise PolicyMismatch("the policy accepts no measurement", att)
+        if len(reasons) == 1:
+            raise PolicyMismatch(reasons[0], att)
+        listed = "; ".join(f"[{i}] {r}" for i, r in enumerate(reasons, 1))
+        raise PolicyMismatch(f"the worker matches none of the {len(reasons)} accepted measurements: {listed}", att)
+
+
+def _measurement_policy(policy: ReleasePolicy) -> _AnyOf:
+    return _AnyOf(
+        expected=policy.accept[0], allow_dev=policy.allow_dev, max_age_s=policy.max_age_s, accepted=policy.accept
+    )
+
+
+class _StoreKeys(LocalKeyProvider):
+    """Unwraps exactly as ``file:``/``env:`` providers wrap (same AES-256-GCM format and
+    AAD), with master keys from the store."""
+
+    def __init__(self, store: KmsStore) -> None:
+        self._store = store
+
+    def master_key(self, key_id: str) -> bytes:
+        return self._store.master_key(key_id)
+
+    def __str__(self) -> str:
+        return f"the KMS store {self._store.path}"
+
+
+# ---------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class _ReleaseRequest:
+    kind: str
+    evidence: bytes
+    nonce: bytes
+    wrapped: bytes
+
+
+def _b64_field(body: Mapping[str, Any], name: str, limit: int) -> bytes:
+    value = body.get(name)
+    if value is None:
+        raise FieldError(name, "missing (expected base64 text)")
+    if not isinstance(value, str):
+        raise FieldError(name, f"expected base64 text, got {type(value).__name__}")
+    if len(value) > (limit + 2) // 3 * 4 + 4:  # longer than any base64 of ``limit`` bytes: not decoded
+        raise FieldError(name, f"more than {limit} bytes")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise FieldError(name, "not base64 (standard alphabet, padded)") from None
+    if len(raw) > limit:
+        raise FieldError(name, f"{len(raw)} bytes, more than {limit}")
+    return raw
+
+
+def _parse_release(body: bytes) -> _ReleaseRequest:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise FieldError("body", 'not JSON; expected {"kind", "evidence", "nonce", "wrapped"}') from None
+    if not isinstance(data, dict):
+        raise FieldError("body", f"expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - {"kind", "evidence", "nonce", "wrapped"})
+    if unknown:
+        raise FieldError(unknown[0][:40], "unknown field (expected kind, evidence, nonce, wrapped)")
+    kind = data.get("kind")
+    if not isinstance(kind, str) or not kind or len(kind) > 32 or not set(kind) <= _KIND_CHARS:
+        raise FieldError("kind", 'expected the evidence kind, e.g. "nitro" or "dev"')
+    nonce = _b64_field(data, "nonce", NONCE_BYTES)
+    if len(nonce) != NONCE_BYTES:
+        raise FieldError("nonce", f"{len(nonce)} bytes, expected {NONCE_BYTES} (the nonce POST /v1/nonce gave)")
+    evidence = _b64_field(data, "evidence", MAX_EVIDENCE_BYTES)
+    if not evidence:
+        raise FieldError("evidence", "empty")
+    wrapped = _b64_field(data, "wrapped", MAX_WRAPPED_BYTES)
+    if not wrapped:
+        raise FieldError("wrapped", "empty")
+    return _ReleaseRequest(kind, evidence, nonce, wrapped)
+
+
+def _json(status: int, data: Mapping[str, Any], extra: list[tuple[bytes, bytes]] | None = None) -> Response:
+    headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+    if extra:
+        headers += extra
+    return status, headers, orjson.dumps(data)
+
+
+def _error(err: BastionError) -> Response:
+    data: dict[str, Any] = {"error": err.message[:_MAX_REASON]}
+    extra = []
+    if isinstance(err, FieldError):
+        data["field"] = err.field
+    if err.retry_after_s is not None:
+        extra.append((b"retry-after", str(err.retry_after_s).encode()))
+    if isinstance(err, MethodNotAllowed) and err.allow:
+        extra.append((b"allow", ", ".join(err.allow).encode()))
+    return _json(err.http_status, data, extra)
+
+
+def _client_of(scope: Mapping[str, Any]) -> str | None:
+    client = scope.get("client")
+    return str(client[0]) if client else None
+
+
+def _short_id(key_id: str) -> str:
+    """A path segment as it may appear in a message or the audit log (bounded, printable)."""
+    return key_id if len(key_id) <= 128 and key_id.isprintable() else repr(key_id[:64]) + "..."
+
+
+# ---------------------------------------------------------------------- the app
+
+
+class KmsApp:
+    """The service as an app for ``bastion.transport.http_server.HttpServer`` (its
+    ``respond`` fast path and ``head`` front door) and, through ``__call__``, for any
+    ASGI-3 server."""
+
+    def __init__(
+        self,
+        store: KmsStore,
+        audit: AuditLog | None,
+        *,
+        nonces: NonceBook | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        self.store = store
+        self.audit = audit
+        self.nonces = nonces if nonces is not None else NonceBook()  # (an empty book is falsy: __len__)
+        self.max_body_bytes = max_body_bytes
+        self._keys = _StoreKeys(store)
+
+    # -- routing
+
+    @staticmethod
+    def _route(method: str, path: str) -> tuple[str, str] | BastionError:
+        if path == "/healthz":
+            return ("health", "") if method in ("GET", "HEAD") else _not_allowed("GET")
+        if path == "/v1/nonce":
+            return ("nonce", "") if method == "POST" else _not_allowed("POST")
+        if path.startswith("/v1/keys/") and path.endswith("/release"):
+            key_id = path[len("/v1/keys/") : -len("/release")]
+            if key_id and "/" not in key_id:
+                return ("release", key_id) if method == "POST" else _not_allowed("POST")
+        return NotFound(
+            f"no route {path[:200]!r}: expected POST /v1/nonce, POST /v1/keys/KEY_ID/release or GET /healthz"
+        )
+
+    def head(self, scope: dict[str, Any]) -> Response | None:
+        """Refuse a request with a body to an unknown route before reading the body."""
+        route = self._route(scope["method"], scope["path"])
+        return _error(route) if isinstance(route, BastionError) else None
+
+    async def respond(self, scope: dict[str, Any], receive: Any, body: bytes) -> Response:
+        route = self._route(scope["method"], scope["path"])
+        if isinstance(route, BastionError):
+            return _error(route)
+        what, key_id = route
+        if what == "health":
+            return _json(200, {"status": "ok"})
+        if what == "nonce":
+            return self._nonce(scope)
+        # Verification is a few milliseconds of CPU at most (a COSE signature and a certificate
+        # chain for Nitro); key releases are rare (one per bundle a worker loads), so it runs on
+        # the loop rather than paying a thread hop for every request.
+        return self._release(key_id, body, _client_of(scope))
+
+    async def __call__(
+        self,
+        scope: dict[str, Any],
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+        send: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        chunks, size, response = [], 0, None
+        while True:  # bounded before anything is parsed, whichever server runs the app
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                response = _error(PayloadTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes"))
+                break
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        if response is None:
+            response = await self.respond(scope, receive, b"".join(chunks))
+        status, headers, body = response
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    # -- handlers
+
+    def _nonce(self, scope: Mapping[str, Any]) -> Response:
+        try:
+            nonce = self.nonces.issue()
+        except Overloaded as err:
+            self._audit(
+                {
+                    "action": "kms.nonce",
+                    "decision": "refused",
+                    "status": err.http_status,
+                    "reason": err.message,
+                    "client": _client_of(scope),
+                }
+            )
+            return _error(err)
+        return _json(200, {"nonce": base64.b64encode(nonce).decode(), "expires_in": round(self.nonces.ttl_s)})
+
+    def _release(self, key_id: str, body: bytes, client: str | None) -> Response:
+        record: dict[str, Any] = {
+            "action": "kms.refuse",
+            "decision": "refused",
+            "status": 0,
+            "key_id": _short_id(key_id),
+            "kind": None,
+            "measurement": None,
+            "attested_key": None,
+            "policy": None,
+            "reason": "",
+            "client": client,
+        }
+        try:
+            sealed = self._decide(key_id, body, record)
+        except BastionError as err:
+            record["status"] = err.http_status
+            record["reason"] = err.message[:_MAX_REASON]
+            self._audit(record)
+            return _error(err)
+        except Exception as exc:  # a verifier or store bug: refuse (fail closed), audited, logged
+            log.exception("key release failed", extra={"key_id": record["key_id"]})
+            record["status"] = 500
+            record["reason"] = f"internal error: {type(exc).__name__}"
+            self._audit(record)
+            return _json(500, {"error": "internal error while deciding the release (see the service log)"})
+        record.update(action="kms.release", decision="released", status=200, reason="")
+        try:
+            self._audit(record, required=True)
+        except Unavailable as err:
+            return _error(err)  # never release what the audit log does not show
+        return _json(200, {"sealed_key": base64.b64encode(sealed).decode()})
+
+    def _decide(self, key_id: str, body: bytes, record: dict[str, Any]) -> bytes:
+        """The release, step by step; raises the refusal. Fills ``record`` as it learns."""
+        try:
+            check_key_id(key_id)
+        except KeyProviderError:
+            raise NotFound(f"unknown key id {_short_id(key_id)!r}") from None
+        if len(body) > self.max_body_bytes:
+            raise PayloadTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes")
+        req = _parse_release(body)
+        record["kind"] = req.kind
+        if not self.store.has_key(key_id):
+            raise NotFound(f"unknown key id {key_id!r}: this service holds no master key by that name")
+        # used up before anything else is checked: a nonce buys one attempt, successful or not
+        self.nonces.consume(req.nonce)
+        policy = self.store.policy(key_id)
+        if policy is None:
+            raise PermissionDenied(
+                f"key id {key_id!r} has no release policy: nothing is released until one is set "
+                f"(bastion kms policy {key_id} --accept ...)"
+            )
+        record["policy"] = policy.digest()
+        if req.kind == "dev" and not policy.allow_dev:
+            # said here rather than by verify_evidence, whose reason names another command's flag
+            raise PermissionDenied(
+                f"dev evidence refused by policy: key id {key_id!r} accepts only hardware "
+                "evidence (dev evidence is self-signed and proves nothing about the host; "
+                f"bastion kms policy {key_id} --allow-dev admits it)"
+            )
+        try:
+            att = verify_evidence(req.kind, req.evidence, nonce=req.nonce, policy=_measurement_policy(policy))
+        except PolicyMismatch as exc:
+            self._note_attestation(record, exc.attestation)
+            raise PermissionDenied(exc.message) from None
+        except AttestationError as exc:
+            raise PermissionDenied(exc.message) from None
+        self._note_attestation(record, att)
+        try:
+            data_key = self._keys.unwrap_key(key_id, req.wrapped)
+        except KeyUnwrapError as exc:
+            raise FieldError("wrapped", exc.message) from None
+        except KmsStoreError as exc:
+            raise Unavailable(f"the service cannot open its master key {key_id!r}: {exc}") from None
+        try:  # identity.seal_to: the worker's HPKE suite, and it refuses low-order (all-zero secret) keys
+            return seal_to(att.public_key, data_key, release_info(key_id, req.nonce))
+        except ValueError as exc:
+            raise PermissionDenied(f"the attested public key is unusable: {exc}") from None
+
+    @staticmethod
+    def _note_attestation(record: dict[str, Any], att: Attestation) -> None:
+        # digests only: measurement values and a fingerprint of the worker's public key
+        record["measurement"] = {str(k)[:32]: str(v)[:256] for k, v in sorted(att.measurement.items())[:32]}
+        record["attested_key"] = hashlib.sha256(att.public_key).hexdigest()[:32]
+
+    def _audit(self, record: dict[str, Any], *, required: bool = False) -> None:
+        if self.audit is None:
+            return
+        record = {"ts": time.time(), **record}
+        try:
+            self.audit.append(record)
+        except Exception as exc:
+            log.error("cannot write the KMS audit log: %s", exc)
+            if required:
+                raise Unavailable("the audit log cannot be written; nothing is released unaudited") from None
+
+
+def _not_allowed(allowed: str) -> BastionError:
+    return MethodNotAllowed(f"method not allowed; this route takes {allowed}", allow=(allowed,))
+
+
+# ---------------------------------------------------------------------- running it
+
+
+def audit_log_for(directory: Path, writer_id: str = AUDIT_WRITER) -> AuditLog:
+    """The KMS's own audit chain in ``directory`` (writer ``kms`` for the service,
+    ``kms_admin`` for ``bastion kms`` changes). Its secret is ``DIRECTORY.secret`` beside
+    it, where ``bastion audit verify --dir DIRECTORY`` looks without further options; it
+    is not the store's secret, so an auditor who verifies the chain needs nothing that
+    opens master keys."""
+    directory = Path(directory)
+    secret = load_or_create_secret(directory.with_name(directory.name + ".secret"))
+    return AuditLog(directory, derive_key(secret, AUDIT_CHAIN_PURPOSE), writer_id=writer_id)
+
+
+async def serve_kms(
+    app: KmsApp, sock: socket.socket, *, ssl_context: ssl.SSLContext | None = None, stop: asyncio.Event
+) -> None:
+    """Serve ``app`` on the bound socket until ``stop`` is set, then let in-flight requests finish.
+
+    The project's own HTTP server rather than uvicorn: it enforces the body limit on the
+    headers (a 413 before a byte of an oversized body is buffered), caps headers, closes
+    refused connections cleanly, and needs no server configuration of its own.
+    """
+    from bastion.transport.http_server import HttpServer
+
+    server = HttpServer(app, max_body_bytes=app.max_body_bytes)
+    await server.start([sock], ssl=ssl_context)
+    try:
+        await stop.wait()
+    finally:
+        await server.shutdown(5.0)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _write_port_file(path: Path, port: int) -> None:
+    """Written whole then renamed: a reader polling for it never sees it half written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{port}\n")
+    os.replace(tmp, path)
+
+
+def run_kms(
+    db: Path,
+    audit_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8700,
+    port_file: Path | None = None,
+    secret_file: Path | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    max_nonces: int = MAX_NONCES,
+    ready: Callable[[str], None] | None = None,
+) -> int:
+    """Open the store and the audit log, serve until SIGTERM/SIGINT; returns the exit code.
+
+    The store must exist (a typo'd ``--db`` must not serve an empty store). ``ready`` is
+    called with the URL once the socket listens (after ``port_file`` is written).
+    """
+    store = KmsStore(db, secret_file=secret_file, create=False)
+    audit = None
+    sock = None
+    try:
+        audit = audit_log_for(audit_dir)
+        sock = bind_socket(host, port)
+        bound = sock.getsockname()[1]
+        scheme = "https" if ssl_context is not None else "http"
+        url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{bound}"
+        app = KmsApp(store, audit, nonces=NonceBook(capacity=max_nonces))
+        audit.append(
+            {
+                "ts": time.time(),
+                "action": "kms.start",
+                "decision": "accepted",
+                "status": 0,
+                "url": url,
+                "keys": len(store.list_keys()),
+                "reason": "",
+            }
+        )
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, stop.set)
+            task = asyncio.ensure_future(serve_kms(app, sock, ssl_context=ssl_context, stop=stop))
+            # the socket listens already (bind_socket): a client connecting now waits in the backlog
+            if port_file is not None:
+                _write_port_file(Path(port_file), bound)
+            if ready is not None:
+                ready(url)
+            await task
+
+        asyncio.run(main())
+        audit.append({"ts": time.time(), "action": "kms.stop", "decision": "accepted", "status": 0, "reason": ""})
+        return 0
+    finally:
+        if sock is not None:
+            sock.close()
+        if audit is not None:
+            audit.close()
+        store.close()

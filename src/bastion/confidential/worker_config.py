@@ -1,0 +1,116 @@
+"""``worker.yaml``: everything the trusted worker trusts, and therefore what it measures.
+
+The file is part of the worker's identity: its canonical form goes into the dev
+measurement (on Nitro it is baked into the enclave image, so into the PCRs). A worker
+started with another key provider, other trusted signers or other model pins has
+another measurement, and a key-release service that expects the original refuses it.
+
+Example::
+
+    attestation: dev                      # dev | nitro
+    key_provider: module:bastion.confidential.kms_client:from_env
+    trusted_signers: [signer.pub.pem]     # Ed25519 bundle signers (paths; measured by fingerprint)
+    models:                               # optional pins: only these bundles (SHA-256) may load
+      secret_cnn: [3f0c...]
+    max_frame_bytes: 268435456
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bastion.core.errors import BastionError
+
+__all__ = ["WorkerConfig", "WorkerConfigError", "load_worker_config"]
+
+_KEYS = ("attestation", "key_provider", "trusted_signers", "models", "max_frame_bytes", "max_sealed_bytes")
+_ATTESTATION = ("dev", "nitro")
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+class WorkerConfigError(BastionError):
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    attestation: str = "dev"
+    key_provider: str | None = None
+    trusted_signers: tuple[Path, ...] = ()
+    # model name -> accepted bundle SHA-256 digests; empty = any bundle from a trusted signer
+    models: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    max_frame_bytes: int = 256 * 1024 * 1024
+    max_sealed_bytes: int = 64 * 1024 * 1024
+
+    def canonical(self) -> dict[str, Any]:
+        """What is measured: signers by the SHA-256 of their key file, not by path (a path is
+        where the host put it, the key is what the worker trusts)."""
+        return {
+            "attestation": self.attestation,
+            "key_provider": self.key_provider,
+            "trusted_signers": sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in self.trusted_signers),
+            "models": {name: sorted(digests) for name, digests in sorted(self.models.items())},
+            "max_frame_bytes": self.max_frame_bytes,
+            "max_sealed_bytes": self.max_sealed_bytes,
+        }
+
+
+def load_worker_config(path: Path) -> WorkerConfig:
+    path = Path(path)
+    try:
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise WorkerConfigError(f"{path}: larger than {_MAX_CONFIG_BYTES} bytes")
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise WorkerConfigError(f"{path}: cannot read: {exc}") from None
+    return parse_worker_config(data, base=path.parent, source=str(path))
+
+
+def parse_worker_config(data: Any, *, base: Path, source: str = "worker.yaml") -> WorkerConfig:
+    def fail(where: str, what: str) -> WorkerConfigError:
+        return WorkerConfigError(f"{source}: {where}: {what}")
+
+    if not isinstance(data, Mapping):
+        raise fail("top", f"expected a mapping, got {type(data).__name__}")
+    for key in data:
+        if key not in _KEYS:
+            raise fail(str(key), f"unknown key; expected one of {', '.join(_KEYS)}")
+    attestation = data.get("attestation", "dev")
+    if attestation not in _ATTESTATION:
+        raise fail("attestation", f"expected one of {', '.join(_ATTESTATION)}, got {attestation!r}")
+    provider = data.get("key_provider")
+    if provider is not None and (not isinstance(provider, str) or not provider):
+        raise fail("key_provider", f"expected env:VAR, file:PATH or module:pkg.mod:factory, got {provider!r}")
+    signers = data.get("trusted_signers", [])
+    if not isinstance(signers, list) or not all(isinstance(s, str) and s for s in signers):
+        raise fail("trusted_signers", "expected a list of public key file paths")
+    paths = tuple((base / s) if not Path(s).is_absolute() else Path(s) for s in signers)
+    for p in paths:
+        if not p.is_file():
+            raise fail("trusted_signers", f"{p}: not a file")
+    models = data.get("models", {}) or {}
+    if not isinstance(models, Mapping):
+        raise fail("models", "expected a mapping of model name -> list of bundle SHA-256 digests")
+    pins: dict[str, tuple[str, ...]] = {}
+    for name, digests in models.items():
+        if isinstance(digests, str):
+            digests = [digests]
+        if not isinstance(digests, list) or not digests or not all(
+            isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d.lower()) for d in digests
+        ):
+            raise fail(f"models.{name}", "expected a list of SHA-256 hex digests of sealed bundles")
+        pins[str(name)] = tuple(d.lower() for d in digests)
+    sizes = {}
+    for key, default in (("max_frame_bytes", 256 << 20), ("max_sealed_bytes", 64 << 20)):
+        value = data.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not 4096 <= value <= 1 << 31:
+            raise fail(key, f"expected an integer between 4096 and {1 << 31}, got {value!r}")
+        sizes[key] = value
+    return WorkerConfig(attestation=attestation, key_provider=provider, trusted_signers=paths, models=pins, **sizes)
