@@ -149,12 +149,21 @@ class Client:
     def infer_confidential(self, session: ConfidentialSession, inputs: dict[str, np.ndarray], *,
                            outputs: Sequence[str] | None = None, version: str | None = None) -> dict[str, np.ndarray]:
         """Seal ``inputs`` to the attested worker, send, open the answer. A sealed error raises
-        ``SealedRemoteError`` (status and message only this client can read)."""
+        ``SealedRemoteError`` (status and message only this client can read). A worker that
+        restarted has a new key: the request is then refused unopened, and sent once more
+        after a fresh attestation."""
         from bastion.confidential.client import SEALED_TENSOR, sealed_tensor
 
-        envelope, secret, params = session.seal(inputs, outputs)
-        response = self.infer(session.model, {SEALED_TENSOR: sealed_tensor(envelope)}, version=version,
-                              parameters=params)
+        for attempt in (1, 2):
+            envelope, secret, params = session.seal(inputs, outputs)
+            try:
+                response = self.infer(session.model, {SEALED_TENSOR: sealed_tensor(envelope)}, version=version,
+                                      parameters=params)
+                break
+            except ClientError as err:
+                if attempt == 2 or err.status != 400 or "not sealed to this worker" not in str(err):
+                    raise
+                session.forget()
         sealed = next((t for t in response.outputs if t.name == SEALED_TENSOR), None)
         if sealed is None:
             raise ClientError(f"the server answered without the {SEALED_TENSOR!r} output")

@@ -8,6 +8,7 @@ tests that kill the worker or start a modified one run last or on their own serv
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -306,6 +307,43 @@ def test_a_sealed_canary_never_reaches_the_front_process(deployment: Deployment)
     assert base64.b64encode(secret.tobytes()) not in audit
 
 
+def test_a_new_bundle_replaces_the_version_in_the_worker(deployment: Deployment) -> None:
+    """Hot reload: the new runtime loads before the old one closes, and closing the old one
+    must not unload the version just loaded."""
+    root = deployment.root
+    key_file = root / "master.key"
+    signer = root / "signer2.pem"
+    # a fresh signer is not trusted by the worker: the reload is refused and the old version serves
+    from bastion.guard.bundles import write_private_key
+
+    other = generate_signing_key()
+    write_private_key(other, signer)
+    plain = root / "plain2" / "affine"
+    (plain / "1").mkdir(parents=True)
+    (plain / "1" / "model.onnx").write_bytes(affine_model(offset=9.0, width=WIDTH))
+    (plain / "config.yaml").write_text(yaml.safe_dump({"runtime": "onnx", "max_batch_size": 64}))
+    staged = root / "staged" / "secret"
+    package_confidential(plain, staged, key_id="k1", signing_key=other,
+                         key_provider=load_key_provider(f"file:{key_file}"), e2e="optional")
+    target = deployment.repo / "secret" / "1" / "model.bundle"
+    original = target.read_bytes()
+    client = Client(deployment.server.url)
+    x = {"x": np.zeros((1, WIDTH), np.float32)}
+    try:
+        (staged / "1" / "model.bundle").replace(target)
+        with contextlib.suppress(ClientError):  # refused by the worker: the loaded version stays
+            client.load("secret")
+        assert client.infer("secret", x).outputs[0].data[0, 0] == pytest.approx(OFFSET)
+    finally:
+        tmp = target.with_name(".restore")
+        tmp.write_bytes(original)
+        tmp.replace(target)
+    client.load("secret")  # the same bundle loaded again: a new runtime, then the old one closes
+    for _ in range(20):
+        assert client.infer("secret", x).outputs[0].data[0, 0] == pytest.approx(OFFSET)
+        time.sleep(0.05)
+
+
 def test_modified_worker_is_refused_its_keys(deployment: Deployment) -> None:
     """Another worker config is another measurement: the key-release service refuses it, the
     confidential models stay FAILED with the reason, the plain model serves."""
@@ -355,6 +393,10 @@ def test_worker_sigkill_answers_503_then_recovers(deployment: Deployment) -> Non
             # the plain model never stops
             assert http.post(f"{url}/v2/models/open/infer", json=OPEN_BODY).status_code == 200
     assert 503 in statuses and statuses[-1] == 200, statuses[-20:]
-    # the restarted worker has a new key: a session re-attests and goes on
-    session.forget()
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert re.search(r"^bastion_trusted_worker_up 1\.0$", metrics, re.M), metrics
+    connects = re.search(r"^bastion_trusted_worker_connects_total (\S+)$", metrics, re.M)
+    assert connects is not None and float(connects.group(1)) >= 2
+    # the restarted worker has a new key: the client's request is refused unopened, and the
+    # client re-attests and sends it again by itself
     assert client.infer_confidential(session, x)["y"][0, 0] == pytest.approx(2 + OFFSET)

@@ -221,6 +221,8 @@ async def serve_async(
     from bastion.observability.metrics import Metrics
 
     metrics = Metrics()
+    if worker_client is not None:
+        metrics.watch_worker(worker_client)
     dataplane = DataPlane(
         repo,
         metrics=metrics,

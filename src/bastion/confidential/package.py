@@ -35,12 +35,13 @@ def package_confidential(model_dir: Path, out_dir: Path, *, key_id: str, signing
         raise ValueError(f"{model_dir}: no version directories to seal")
     headers: dict[int, BundleHeader] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
+    sealed_config = {**config, "confidential": {"e2e": e2e}}  # the worker enforces its own copy
     for version in versions:
         with tempfile.TemporaryDirectory() as tmp:
             # one version per bundle: a version's bundle changes (and reloads) alone
             staged = Path(tmp) / name
             staged.mkdir()
-            shutil.copy2(model_dir / "config.yaml", staged / "config.yaml")
+            (staged / "config.yaml").write_text(yaml.safe_dump(sealed_config, sort_keys=False), encoding="utf-8")
             shutil.copytree(model_dir / str(version), staged / str(version))
             (out_dir / str(version)).mkdir(exist_ok=True)
             headers[version] = seal_bundle(staged, out_dir / str(version) / "model.bundle", key_id=key_id,

@@ -70,6 +70,7 @@ class _Model:
     outputs: tuple[TensorSpec, ...]
     hardening: Any
     bundle_sha256: str
+    e2e: str  # from the bundle's own config: the host's config.yaml cannot relax it
 
 
 def dev_measurement(config: WorkerConfig) -> bytes:
@@ -162,11 +163,15 @@ class TrustedWorker:
             return {}
         loaded = self._get(model, version)
         if op == "infer":
+            if loaded.e2e == "required":
+                raise _Refused(f"model {model!r} takes only end-to-end sealed inputs (its sealed config says so)")
             arrays = decode_tensors(message.get("inputs"), max_bytes=self.config.max_frame_bytes)
             _check(loaded, arrays)
             outputs = await asyncio.get_running_loop().run_in_executor(self.pool, loaded.runtime.predict, arrays)
             return {"outputs": encode_tensors(outputs)}
         if op == "sealed":
+            if loaded.e2e == "off":
+                raise InvalidInput(f"model {model!r} does not take sealed inputs (confidential.e2e: off)")
             return await self._sealed(loaded, model, message)
         raise InvalidInput(f"op: unknown operation {op!r}")
 
@@ -197,6 +202,7 @@ class TrustedWorker:
         if version not in opened.versions:
             raise _Refused(f"bundle for {model!r} holds versions {list(opened.versions)}, not {version}")
         config = parse_model_config_yaml(model, opened.read(CONFIG_PATH), source=f"{model}/{version}:config.yaml")
+        e2e = config.confidential.e2e if config.confidential is not None else "required"
         # The bundle's own config is run here as a plain model: it must not send itself on.
         config = dataclasses.replace(config, confidential=None)
         runtime = create_runtime(config, Path(model) / str(version), files=opened.read_version(version))
@@ -204,7 +210,7 @@ class TrustedWorker:
         outputs = config.outputs or runtime.outputs
         old = self.models.get((model, version))
         self.models[(model, version)] = _Model(config, runtime, {s.name: s for s in inputs}, tuple(outputs),
-                                              config.hardening, digest)
+                                              config.hardening, digest, e2e)
         if old is not None:
             old.runtime.close()
         log.info("loaded %s/%s (bundle sha256 %s)", model, version, digest)
@@ -222,6 +228,9 @@ class TrustedWorker:
         # Opening failures are the client's (or an attacker's) bytes: answered in the clear,
         # since without the response key there is nothing to seal them to.
         sealed_for = _text(message, "sealed_for") if message.get("sealed_for") is not None else model
+        if sealed_for != model:
+            # the host routes; it must not run a request sealed for one model on another
+            raise _Refused(f"a request sealed for {sealed_for!r} is not run on {model!r}")
         try:
             opened = open_request(self.identity, envelope, model=sealed_for, replay=self.replay,
                                   max_bytes=self.config.max_sealed_bytes)
@@ -235,7 +244,7 @@ class TrustedWorker:
             arrays = opened.inputs
             got = _check(loaded, arrays)
             if rows is not None and loaded.config.max_batch_size > 0 and rows != got:
-                # the host counts quota by the declared rows: a mismatch is refused, never served
+                # the declared rows are all the host can count (metrics, row quotas): they must be true
                 raise InvalidInput(f"parameter bastion_rows: declared {rows}, the sealed inputs hold {got} rows")
             outputs = await asyncio.get_running_loop().run_in_executor(self.pool, loaded.runtime.predict, arrays)
             if loaded.hardening is not None:

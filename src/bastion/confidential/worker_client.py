@@ -73,6 +73,7 @@ class _Loaded:
     model: str
     version: int
     bundle_path: Path
+    owner: object  # the runtime that loaded it: only its close unloads it
 
 
 class WorkerClient:
@@ -120,6 +121,12 @@ class WorkerClient:
         self._loop.run_forever()
         if self._channel is not None:
             self._channel.close()
+        # end the reader and the reconnect loop here, or asyncio reports them destroyed pending
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self._loop.close()
 
     async def _maintain(self) -> None:
         delay = 0.05
@@ -182,10 +189,16 @@ class WorkerClient:
                 future.set_exception(err)
 
     async def _reload(self) -> None:
+        # every version on its own: one that no longer loads must not keep the others out
         for item in list(self._loaded.values()):
-            bundle = await asyncio.to_thread(item.bundle_path.read_bytes)
-            await self._call({"op": "load", "model": item.model, "version": item.version, "bundle": bundle},
-                             require_ready=False)
+            try:
+                bundle = await asyncio.to_thread(item.bundle_path.read_bytes)
+                await self._call({"op": "load", "model": item.model, "version": item.version, "bundle": bundle},
+                                 require_ready=False)
+            except (OSError, BastionError) as exc:
+                log.error("a confidential version did not reload into the restarted worker; it answers errors "
+                          "until its next load", extra={"model": item.model, "version": item.version,
+                                                        "error": str(exc)})
 
     # ---- calls ------------------------------------------------------------------------
     async def _call(self, message: dict[str, Any], *, require_ready: bool = True) -> dict[str, Any]:
@@ -222,15 +235,20 @@ class WorkerClient:
         return asyncio.wrap_future(future)
 
     # ---- model versions ---------------------------------------------------------------
-    def load(self, model: str, version: int, bundle_path: Path) -> dict[str, Any]:
+    def load(self, model: str, version: int, bundle_path: Path, owner: object) -> dict[str, Any]:
         """Send the sealed bundle (ciphertext: the host never holds the weights in the clear)."""
         bundle = bundle_path.read_bytes()
         reply = self.call({"op": "load", "model": model, "version": version, "bundle": bundle})
-        self._loaded[(model, version)] = _Loaded(model, version, bundle_path)
+        self._loaded[(model, version)] = _Loaded(model, version, bundle_path, owner)
         return reply
 
-    def unload(self, model: str, version: int) -> None:
-        self._loaded.pop((model, version), None)
+    def unload(self, model: str, version: int, owner: object) -> None:
+        """Unload unless a newer load of the same version replaced ``owner``'s (a hot reload
+        loads the new runtime before it closes the old one)."""
+        item = self._loaded.get((model, version))
+        if item is None or item.owner is not owner:
+            return
+        del self._loaded[(model, version)]
         if self._ready.is_set():
             with contextlib.suppress(BastionError):
                 self.call({"op": "unload", "model": model, "version": version})

@@ -33,7 +33,7 @@ from bastion.dataplane.admission import AdminGrant, Admission, Credentials
 from bastion.dataplane.catalog import Catalog
 from bastion.dataplane.registry import Registry, Served
 from bastion.dataplane.sealed import PARAMETER as SEALED_PARAMETER
-from bastion.dataplane.sealed import attestation_document, is_sealed, run_sealed
+from bastion.dataplane.sealed import SealedError, attestation_document, is_sealed, run_sealed
 from bastion.dataplane.validate import select_outputs, validate_inputs
 from bastion.dataplane.zoo_router import ZooChoice, ZooRouter
 from bastion.guard.audit_record import inference_record
@@ -131,6 +131,9 @@ class DataPlane:
             confidential = served.loaded.config.confidential
             status = 200
             if request.parameters and is_sealed(request):  # 4-6 in the trusted worker: the host sees ciphertext
+                if confidential is not None and confidential.e2e == "off":
+                    raise InvalidInput(
+                        f"model '{request.model_name}' does not take sealed inputs (confidential.e2e: off)")
                 response, status = await run_sealed(served.loaded.runtime, served.version, request)
                 if status != 200:
                     served.metrics.count("client_error" if status < 500 else "server_error")
@@ -166,7 +169,8 @@ class DataPlane:
                                    served.label_output, served.probabilities_output)
         # 8. audit: the record joins the ones written at the end of this loop iteration, and
         # the answer waits for that write (durability: on record before the answer leaves)
-        written = self._audit(who, ticket.transport, request, ts, started, choice, response, None)
+        sealed_error = None if status == 200 else SealedError(status)
+        written = self._audit(who, ticket.transport, request, ts, started, choice, response, sealed_error)
         if written is not None:
             await written
         return response  # 9. the transport encodes it

@@ -17,11 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from bastion.core.errors import InvalidInput, NotFound
+from bastion.core.errors import BastionError, InvalidInput, NotFound
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor
 
 __all__ = [
-    "PARAMETER", "ROWS_PARAMETER", "SEALED_TENSOR", "STATUS_PARAMETER", "attestation_document", "is_sealed",
+    "PARAMETER",
+    "ROWS_PARAMETER",
+    "SEALED_TENSOR",
+    "STATUS_PARAMETER",
+    "SealedError",
+    "attestation_document",
+    "is_sealed",
     "run_sealed",
 ]
 
@@ -31,6 +37,14 @@ SEALED_TENSOR = "bastion_sealed"
 SUITE_NAME = "hpke-x25519-hkdfsha256-aes256gcm-v1"
 ROWS_PARAMETER = "bastion_rows"
 STATUS_PARAMETER = "bastion_status"
+
+
+class SealedError(BastionError):
+    """For the audit record of a sealed answer that carries an error: its status, not its message."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"error sealed to the client (status {status})")
+        self.http_status = status
 
 
 def is_sealed(request: InferenceRequest) -> bool:

@@ -139,6 +139,18 @@ class Metrics:
         )
         self._http_stats: Any = None
         self._http_seen = (dict[int, int](), 0, 0)
+        self.worker_up = Gauge(
+            "bastion_trusted_worker_up",
+            "1 when the attested channel to the trusted worker is up (confidential models can answer)",
+            registry=r, multiprocess_mode="livemax",
+        )
+        self.worker_connects = Counter(
+            "bastion_trusted_worker_connects_total",
+            "Attested channels established with the trusted worker (more than one: it restarted)",
+            registry=r,
+        )
+        self._worker: Any = None
+        self._worker_seen = 0
         self.model_ready = Gauge(
             "bastion_model_ready",
             "1 when the model version is loaded and serving",
@@ -177,10 +189,20 @@ class Metrics:
         """Report an ``HttpServer``'s ``stats`` (``transport.http_server.HttpStats``)."""
         self._http_stats = stats
 
+    def watch_worker(self, client: Any) -> None:
+        """Report a ``confidential.worker_client.WorkerClient``'s state."""
+        self._worker = client
+
     def flush(self) -> None:
         """Move tallied observations into the Prometheus metrics (event-loop thread only)."""
         for vm in list(self._versions):
             vm.flush()
+        worker = self._worker
+        if worker is not None:
+            self.worker_up.set(1 if worker.ready else 0)
+            if worker.connects > self._worker_seen:
+                self.worker_connects.inc(worker.connects - self._worker_seen)
+                self._worker_seen = worker.connects
         stats = self._http_stats
         if stats is not None:
             seen_early, seen_linger, seen_discarded = self._http_seen

@@ -49,7 +49,7 @@ class WorkerRuntime:
         try:
             if not client.ready:
                 client.wait_connected(30)
-            reply = client.load(name, self.version, bundle)
+            reply = client.load(name, self.version, bundle, self)
         except BastionError as err:
             raise ModelLoadError(f"{name}: version {self.version}: the trusted worker refused it: "
                                  f"{err.message}") from None
@@ -89,7 +89,7 @@ class WorkerRuntime:
         return await self._client.attest(nonce)
 
     def close(self) -> None:
-        self._client.unload(self._name, self.version)
+        self._client.unload(self._name, self.version, self)
 
 
 def _spec(item: Any) -> TensorSpec:
