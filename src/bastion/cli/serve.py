@@ -342,7 +342,7 @@ async def _start_trusted_worker(opts: ServeOptions) -> tuple[Any, Any]:
     policy = None
     if opts.worker_expect:
         policy = MeasurementPolicy(parse_expected_measurement(opts.worker_expect), allow_dev=True)
-    client = WorkerClient(opts.worker_socket, policy=policy)
+    client = WorkerClient(opts.worker_socket, policy=policy, loop=asyncio.get_running_loop())
     client.start()
     set_current_worker(client)
     return client, supervisor

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -102,6 +102,8 @@ class Batcher:
         self._runtime = runtime
         self._name = getattr(runtime, "name", "") or "model"
         self._predict: Callable[[Tensors], Tensors] = runtime.predict
+        # a runtime that waits on another process offers a coroutine: awaited on the loop
+        self._apredict: Callable[[Tensors], Awaitable[Tensors]] | None = getattr(runtime, "apredict", None)
         self._executor = executor
         self._max_rows = max_batch_size if batching.enabled and max_batch_size > 0 else 0
         self._delay_s = batching.max_queue_delay_us / 1e6 if self._max_rows else 0.0
@@ -129,6 +131,7 @@ class Batcher:
         self._row_cost_s = 1e-4
         self._measured = 0  # batches timed so far: the estimate is trusted from INLINE_AFTER on
         self._inline = False  # a batch is running on the loop's thread right now
+        self._tasks: set[asyncio.Task[None]] = set()  # apredict batches in flight
 
     async def submit(self, inputs: Tensors, rows: int) -> Tensors:
         """Run ``inputs`` (``rows`` along the batch dim) and return all outputs."""
@@ -272,7 +275,10 @@ class Batcher:
         else:
             names = batch[0].inputs.keys()
             merged = {n: np.concatenate([p.inputs[n] for p in batch]) for n in names}
-        if self._measured >= INLINE_AFTER and self._row_cost_s * rows <= self._inline_max_s:
+        if self._apredict is not None:
+            self._tasks.add(task := loop.create_task(self._run_async(loop, batch, started, merged)))
+            task.add_done_callback(self._tasks.discard)
+        elif self._measured >= INLINE_AFTER and self._row_cost_s * rows <= self._inline_max_s:
             # cheaper to run here than to hand over: waking a predict thread, the GIL passed
             # back and forth while it runs the runtime's Python wrapper, and the wake-up of
             # this loop cost more than a batch this small computes (measured on the 2-core VM:
@@ -303,6 +309,26 @@ class Batcher:
             self._complete(loop, batch, started, None, err, time.perf_counter() - started)
             return
         self._complete(loop, batch, started, outputs, None, time.perf_counter() - started)
+
+    async def _run_async(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], started: float,
+                         merged: Tensors) -> None:
+        assert self._apredict is not None
+        t0 = time.perf_counter()
+        try:
+            outputs = await self._apredict(merged)
+        except Exception as err:
+            if len(batch) > 1 and not (isinstance(err, BastionError) and err.http_status == 503):
+                results: list[tuple[Tensors | None, BaseException | None]] = []
+                for p in batch:  # one client's input must not fail the others merged with it
+                    try:
+                        results.append((await self._apredict(p.inputs), None))
+                    except Exception as one:
+                        results.append((None, one))
+                self._complete_each(loop, batch, started, results, time.perf_counter() - t0)
+                return
+            self._complete(loop, batch, started, None, err, time.perf_counter() - t0)
+            return
+        self._complete(loop, batch, started, outputs, None, time.perf_counter() - t0)
 
     def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], started: float, merged: Tensors) -> None:
         """On the executor thread: predict, then one wake-up of the loop with the outcome

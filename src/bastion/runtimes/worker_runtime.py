@@ -72,10 +72,19 @@ class WorkerRuntime:
         return self._outputs
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Blocking (the Runtime protocol); the batcher calls ``apredict`` instead."""
         from bastion.confidential.tensor_codec import decode_tensors, encode_tensors
 
         reply = self._client.call({"op": "infer", "model": self._name, "version": self.version,
                                    "inputs": encode_tensors(inputs)})
+        return decode_tensors(reply.get("outputs"), max_bytes=self._client.max_frame_bytes)
+
+    async def apredict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batch on the server's loop: no predict thread waits on the worker."""
+        from bastion.confidential.tensor_codec import decode_tensors, encode_tensors
+
+        reply = await self._client.acall({"op": "infer", "model": self._name, "version": self.version,
+                                          "inputs": encode_tensors(inputs)})
         return decode_tensors(reply.get("outputs"), max_bytes=self._client.max_frame_bytes)
 
     async def infer_sealed(self, envelope: bytes, rows: int | None, sealed_for: str) -> tuple[int, bytes]:
