@@ -496,3 +496,91 @@ def test_the_app_under_a_plain_asgi_server(kms: Kms) -> None:
             assert worker.open(base64.b64decode(r.json()["sealed_key"]), release_info(KEY_ID, nonce)) == data_key
 
     asyncio.run(check())
+
+
+# ---------------------------------------------------------------------- generate (the worker's mirror key)
+
+MIRROR_KEY_ID = "mirror-v1"
+
+
+def _generate_body(worker: WorkerIdentity, nonce: bytes) -> dict:
+    body = _release_body(worker, nonce, b"unused")
+    del body["wrapped"]
+    return body
+
+
+@pytest.fixture
+def mirror_key(kms: Kms) -> str:
+    kms.store.add_key(MIRROR_KEY_ID)  # generated here: the only master key generate serves
+    kms.store.set_policy(MIRROR_KEY_ID, check_policy([{"measurement": GOOD.hex()}], allow_dev=True))
+    return MIRROR_KEY_ID
+
+
+def test_generate_a_data_key_for_the_attested_worker(kms: Kms, http: httpx.Client, mirror_key: str) -> None:
+    worker = _worker()
+    nonce = _nonce(http)
+    r = http.post(f"/v1/keys/{mirror_key}/generate", json=_generate_body(worker, nonce))
+    assert r.status_code == 200, r.text
+    assert set(r.json()) == {"wrapped", "sealed_key"}
+    wrapped = base64.b64decode(r.json()["wrapped"])
+    data_key = worker.open(base64.b64decode(r.json()["sealed_key"]), release_info(mirror_key, nonce))
+    assert len(data_key) == 32 and data_key not in wrapped
+    with pytest.raises(UnsealError):  # sealed to that worker only
+        _worker().open(base64.b64decode(r.json()["sealed_key"]), release_info(mirror_key, nonce))
+    # the wrapped form is what release unwraps: the same key again, after a restart (a new identity)
+    later = _worker()
+    nonce2 = _nonce(http)
+    r2 = http.post(f"/v1/keys/{mirror_key}/release", json=_release_body(later, nonce2, wrapped))
+    assert r2.status_code == 200, r2.text
+    assert later.open(base64.b64decode(r2.json()["sealed_key"]), release_info(mirror_key, nonce2)) == data_key
+    rec = _records(kms.audit_dir)[-2]
+    assert rec["action"] == "kms.generate" and rec["decision"] == "released" and rec["route"] == "generate"
+    assert rec["key_id"] == mirror_key and rec["measurement"] == {"measurement": GOOD.hex()}
+    assert _records(kms.audit_dir)[-1]["action"] == "kms.release"
+    # through the worker's provider
+    provider = KmsKeyProvider(kms.url, _worker())
+    wrapped, key = provider.generate_data_key(mirror_key)
+    assert provider.unwrap_key(mirror_key, wrapped) == key
+    assert KmsKeyProvider(kms.url, _worker()).generate_data_key(mirror_key)[1] != key  # fresh each time
+    provider.close()
+
+
+def test_generate_refusals_are_those_of_release_and_audited(kms: Kms, http: httpx.Client, mirror_key: str) -> None:
+    # a modified worker
+    r = http.post(f"/v1/keys/{mirror_key}/generate", json=_generate_body(_worker(MODIFIED), _nonce(http)))
+    assert r.status_code == 403 and "the worker attests" in r.json()["error"] and "wrapped" not in r.json()
+    rec = _records(kms.audit_dir)[-1]
+    assert rec["action"] == "kms.refuse" and rec["route"] == "generate" and rec["status"] == 403
+    with pytest.raises(KeyProviderError, match="refused to release"):
+        KmsKeyProvider(kms.url, _worker(MODIFIED)).generate_data_key(mirror_key)
+    # single-use nonces
+    worker, nonce = _worker(), _nonce(http)
+    assert http.post(f"/v1/keys/{mirror_key}/generate", json=_generate_body(worker, nonce)).status_code == 200
+    r = http.post(f"/v1/keys/{mirror_key}/generate", json=_generate_body(worker, nonce))
+    assert r.status_code == 403 and "already used" in r.json()["error"]
+    # a master key imported from a key file: its holder could unwrap what generate wraps
+    r = http.post(f"/v1/keys/{KEY_ID}/generate", json=_generate_body(worker, _nonce(http)))
+    assert r.status_code == 403 and "imported from a key file" in r.json()["error"]
+    # unknown key id, no policy, a body with wrapped (release's), the wrong method
+    r = http.post("/v1/keys/absent/generate", json=_generate_body(worker, _nonce(http)))
+    assert r.status_code == 404
+    kms.store.add_key("no-policy")
+    r = http.post("/v1/keys/no-policy/generate", json=_generate_body(worker, _nonce(http)))
+    assert r.status_code == 403 and "has no release policy" in r.json()["error"]
+    r = http.post(f"/v1/keys/{mirror_key}/generate", json=_release_body(worker, _nonce(http), b"w"))
+    assert r.status_code == 400 and r.json()["field"] == "wrapped"
+    assert http.get(f"/v1/keys/{mirror_key}/generate").status_code == 405
+    statuses = [(rec["route"], rec["status"]) for rec in _records(kms.audit_dir)[-4:]]
+    assert statuses == [("generate", 403), ("generate", 404), ("generate", 403), ("generate", 400)]
+    # nothing generated is in the audit log
+    kms.app.audit.flush()
+    raw = b"".join(p.read_bytes() for p in kms.audit_dir.iterdir())
+    assert b"sealed_key" not in raw and b'"wrapped"' not in raw
+
+
+def test_generate_refuses_dev_evidence_unless_the_policy_admits_it(
+    kms: Kms, http: httpx.Client, mirror_key: str
+) -> None:
+    kms.store.set_policy(mirror_key, check_policy([{"measurement": GOOD.hex()}], allow_dev=False))
+    r = http.post(f"/v1/keys/{mirror_key}/generate", json=_generate_body(_worker(), _nonce(http)))
+    assert r.status_code == 403 and r.json()["error"].startswith("dev evidence refused by policy")

@@ -45,7 +45,8 @@ def test_e2e_required_comes_from_the_sealed_config_not_the_host(tmp_path: Path) 
     worker, bundle = _worker(tmp_path, "required")
 
     async def run() -> None:
-        await worker.dispatch({"op": "load", "model": "m", "version": 1, "bundle": bundle})
+        loaded = await worker.dispatch({"op": "load", "model": "m", "version": 1, "bundle": bundle})
+        assert loaded["source"] == "bundle" and len(loaded["bundle_sha256"]) == 64  # no mirror configured
         x = np.ones((2, 4), np.float32)
         with pytest.raises(BastionError, match="only end-to-end sealed") as err:
             await worker.dispatch({"op": "infer", "model": "m", "version": 1, "inputs": encode_tensors({"x": x})})
@@ -66,12 +67,14 @@ def test_a_request_sealed_for_one_model_is_not_run_on_another(tmp_path: Path) ->
         x = np.ones((1, 4), np.float32)
         envelope, _ = seal_request(worker.identity.public_key, "other", {"x": x})
         with pytest.raises(BastionError, match="sealed for 'other' is not run on 'm'"):
-            await worker.dispatch({"op": "sealed", "model": "m", "version": 1, "envelope": envelope,
-                                   "sealed_for": "other"})
+            await worker.dispatch(
+                {"op": "sealed", "model": "m", "version": 1, "envelope": envelope, "sealed_for": "other"}
+            )
         # plaintext is allowed by this model's sealed config; fast models end up on the loop
         for _ in range(12):
-            reply = await worker.dispatch({"op": "infer", "model": "m", "version": 1,
-                                           "inputs": encode_tensors({"x": x})})
+            reply = await worker.dispatch(
+                {"op": "infer", "model": "m", "version": 1, "inputs": encode_tensors({"x": x})}
+            )
         np.testing.assert_allclose(decode_tensors(reply["outputs"])["y"], 2 * x + 0.5)
         assert worker.models[("m", 1)].measured == 12
 
@@ -80,8 +83,12 @@ def test_a_request_sealed_for_one_model_is_not_run_on_another(tmp_path: Path) ->
 
 def test_bundles_are_refused_without_signers_pins_or_by_digest(tmp_path: Path) -> None:
     config, provider, bundle = _bundles(tmp_path, "optional")
-    pinned = WorkerConfig(attestation="dev", key_provider=config.key_provider,
-                          trusted_signers=config.trusted_signers, models={"m": ("0" * 64,)})
+    pinned = WorkerConfig(
+        attestation="dev",
+        key_provider=config.key_provider,
+        trusted_signers=config.trusted_signers,
+        models={"m": ("0" * 64,)},
+    )
     worker = TrustedWorker(pinned, build_identity(pinned), provider)  # type: ignore[arg-type]
     with pytest.raises(BastionError, match="not pinned"):
         asyncio.run(worker.dispatch({"op": "load", "model": "m", "version": 1, "bundle": bundle.read_bytes()}))

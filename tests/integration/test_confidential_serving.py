@@ -344,6 +344,51 @@ def test_a_new_bundle_replaces_the_version_in_the_worker(deployment: Deployment)
         time.sleep(0.05)
 
 
+def test_keys_scopes_quotas_and_audit_hold_for_confidential_models(deployment: Deployment) -> None:
+    """The same rules as for any model: the attestation and sealed requests need a key in
+    scope, count against the tenant's quota, and are audited with digests only."""
+    from bastion.guard.keystore import KeyStore
+    from bastion.guard.principal import Limits
+
+    root = deployment.root
+    db = root / "keys.db"
+    store = KeyStore(db)
+    alice, _ = store.create_key("alice", models=["secret"])
+    bob, _ = store.create_key("bob", models=["open"])
+    carol, _ = store.create_key("carol", models=["secret"], limits=Limits(quota=3, quota_period="total"))
+    store.close()
+    x = {"x": np.full((1, WIDTH), 3.0, np.float32)}
+    with ServerProcess(deployment.repo, "--keys", str(db), "--poll-interval", "0", "--worker-socket",
+                       str(root / "w3.sock"), "--worker-config", str(deployment.worker_yaml),
+                       "--audit-dir", str(root / "audit3")) as server:
+        nonce = "11" * 32
+        assert httpx.get(f"{server.url}/v2/models/secret/attestation/{nonce}", timeout=10).status_code == 401
+        bob_headers = {"authorization": f"Bearer {bob}"}
+        assert httpx.get(f"{server.url}/v2/models/secret/attestation/{nonce}", headers=bob_headers,
+                         timeout=10).status_code == 403
+        client = Client(server.url, api_key=alice)
+        session = client.confidential("secret", expect=deployment.measurement, allow_dev=True)
+        assert client.infer_confidential(session, x)["y"][0, 0] == pytest.approx(6 + OFFSET)
+        envelope, _ = seal_request(session.attestation().public_key, "secret", x)
+        assert _post_sealed(server.url, "secret", envelope).status_code == 401
+        with pytest.raises(ClientError) as refused:
+            Client(server.url, api_key=bob).infer_confidential(session, x)
+        assert refused.value.status == 403
+        limited = Client(server.url, api_key=carol)
+        carol_session = limited.confidential("secret", expect=deployment.measurement, allow_dev=True)
+        for _ in range(3):
+            limited.infer_confidential(carol_session, x)
+        with pytest.raises(ClientError) as over:
+            limited.infer_confidential(carol_session, x)
+        assert over.value.status == 429
+    records = [json.loads(line) for p in sorted((root / "audit3").glob("*.jsonl"))
+               for line in p.read_text().splitlines()]
+    sealed = [r for r in records if r.get("model") == "secret" and r.get("tenant") == "alice"]
+    assert sealed, records[-5:]
+    text = json.dumps(sealed)
+    assert base64.b64encode(x["x"].tobytes()).decode() not in text
+
+
 def test_modified_worker_is_refused_its_keys(deployment: Deployment) -> None:
     """Another worker config is another measurement: the key-release service refuses it, the
     confidential models stay FAILED with the reason, the plain model serves."""

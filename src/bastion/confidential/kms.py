@@ -27,12 +27,25 @@ HTTP API (JSON bodies, errors as ``{"error": reason}`` plus ``"field"`` on a 400
   policy (the reason says which measurement differs); 404: unknown key id; 413: body over
   ``MAX_BODY_BYTES`` (refused before it is read); 503: the audit log cannot be written
   (nothing is released unaudited).
+* ``POST /v1/keys/{key_id}/generate`` with ``{"kind", "evidence": b64, "nonce": b64}``
+  -> 200 ``{"wrapped": b64, "sealed_key": b64}``: a fresh random 32-byte data key,
+  wrapped under the key id's master key (the format ``release`` unwraps) and sealed to
+  the attested key exactly as ``release`` seals (same ``info``). AWS KMS's
+  GenerateDataKey, for the worker's fast-recovery mirror (``mirror.py``): the worker keeps
+  the wrapped form on the host's disk and has it released again after a restart. Same
+  checks, refusals and audit as ``release`` (action ``kms.generate``); no ``wrapped``
+  field, so no 400 for it. One more refusal, 403: a key id whose master key was imported
+  from a key file (``bastion kms import-key``): whoever holds that file could unwrap the
+  generated key, so ``generate`` serves only keys this service generated (``add-key``).
 
 There is deliberately no ``wrap`` route: operators seal bundles with a local key file
 (``bastion bundle keygen --master-key``, ``bastion bundle seal --key-provider
 file:KEYFILE``) and then ``bastion kms import-key KEY_ID --key-file KEYFILE``. The wrap
 format is ``LocalKeyProvider``'s, so those bundles open here unchanged, and a service
 that never wraps cannot be used to mint wrapped keys for bundles it did not approve.
+``generate`` does not change that: it wraps only a key it drew itself, which only the
+attested worker (and this service) ever holds, so nobody else can encrypt anything
+under it; and bundles are signed besides.
 
 Why no authentication of the answer: HPKE base mode does not authenticate the sender, so
 whoever sits between worker and service could seal a data key of its own choosing to the
@@ -82,7 +95,7 @@ from bastion.core.errors import (
     PermissionDenied,
 )
 from bastion.guard.audit import AuditLog
-from bastion.guard.keyproviders import KeyProviderError, KeyUnwrapError, LocalKeyProvider, check_key_id
+from bastion.guard.keyproviders import KEY_BYTES, KeyProviderError, KeyUnwrapError, LocalKeyProvider, check_key_id
 from bastion.guard.secrets import derive_key, load_or_create_secret
 
 __all__ = [
@@ -257,11 +270,15 @@ class _StoreKeys(LocalKeyProvider):
 
 
 @dataclass(frozen=True)
-class _ReleaseRequest:
+class _KeyRequest:
     kind: str
     evidence: bytes
     nonce: bytes
-    wrapped: bytes
+    wrapped: bytes | None  # None for generate
+
+
+_RELEASE_FIELDS = ("kind", "evidence", "nonce", "wrapped")
+_GENERATE_FIELDS = ("kind", "evidence", "nonce")
 
 
 def _b64_field(body: Mapping[str, Any], name: str, limit: int) -> bytes:
@@ -281,16 +298,17 @@ def _b64_field(body: Mapping[str, Any], name: str, limit: int) -> bytes:
     return raw
 
 
-def _parse_release(body: bytes) -> _ReleaseRequest:
+def _parse_key_request(body: bytes, *, generate: bool = False) -> _KeyRequest:
+    fields = _GENERATE_FIELDS if generate else _RELEASE_FIELDS
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise FieldError("body", 'not JSON; expected {"kind", "evidence", "nonce", "wrapped"}') from None
+        raise FieldError("body", "not JSON; expected {" + ", ".join(f'"{f}"' for f in fields) + "}") from None
     if not isinstance(data, dict):
         raise FieldError("body", f"expected a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - {"kind", "evidence", "nonce", "wrapped"})
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise FieldError(unknown[0][:40], "unknown field (expected kind, evidence, nonce, wrapped)")
+        raise FieldError(unknown[0][:40], f"unknown field (expected {', '.join(fields)})")
     kind = data.get("kind")
     if not isinstance(kind, str) or not kind or len(kind) > 32 or not set(kind) <= _KIND_CHARS:
         raise FieldError("kind", 'expected the evidence kind, e.g. "nitro" or "dev"')
@@ -300,10 +318,12 @@ def _parse_release(body: bytes) -> _ReleaseRequest:
     evidence = _b64_field(data, "evidence", MAX_EVIDENCE_BYTES)
     if not evidence:
         raise FieldError("evidence", "empty")
+    if generate:
+        return _KeyRequest(kind, evidence, nonce, None)
     wrapped = _b64_field(data, "wrapped", MAX_WRAPPED_BYTES)
     if not wrapped:
         raise FieldError("wrapped", "empty")
-    return _ReleaseRequest(kind, evidence, nonce, wrapped)
+    return _KeyRequest(kind, evidence, nonce, wrapped)
 
 
 def _json(status: int, data: Mapping[str, Any], extra: list[tuple[bytes, bytes]] | None = None) -> Response:
@@ -365,12 +385,15 @@ class KmsApp:
             return ("health", "") if method in ("GET", "HEAD") else _not_allowed("GET")
         if path == "/v1/nonce":
             return ("nonce", "") if method == "POST" else _not_allowed("POST")
-        if path.startswith("/v1/keys/") and path.endswith("/release"):
-            key_id = path[len("/v1/keys/") : -len("/release")]
-            if key_id and "/" not in key_id:
-                return ("release", key_id) if method == "POST" else _not_allowed("POST")
+        if path.startswith("/v1/keys/"):
+            for what in ("release", "generate"):
+                if path.endswith(f"/{what}"):
+                    key_id = path[len("/v1/keys/") : -len(what) - 1]
+                    if key_id and "/" not in key_id:
+                        return (what, key_id) if method == "POST" else _not_allowed("POST")
         return NotFound(
-            f"no route {path[:200]!r}: expected POST /v1/nonce, POST /v1/keys/KEY_ID/release or GET /healthz"
+            f"no route {path[:200]!r}: expected POST /v1/nonce, POST /v1/keys/KEY_ID/release, "
+            "POST /v1/keys/KEY_ID/generate or GET /healthz"
         )
 
     def head(self, scope: dict[str, Any]) -> Response | None:
@@ -390,7 +413,7 @@ class KmsApp:
         # Verification is a few milliseconds of CPU at most (a COSE signature and a certificate
         # chain for Nitro); key releases are rare (one per bundle a worker loads), so it runs on
         # the loop rather than paying a thread hop for every request.
-        return self._release(key_id, body, _client_of(scope))
+        return self._key_route(what, key_id, body, _client_of(scope))
 
     async def __call__(
         self,
@@ -451,11 +474,14 @@ class KmsApp:
             return _error(err)
         return _json(200, {"nonce": base64.b64encode(nonce).decode(), "expires_in": round(self.nonces.ttl_s)})
 
-    def _release(self, key_id: str, body: bytes, client: str | None) -> Response:
+    def _key_route(self, what: str, key_id: str, body: bytes, client: str | None) -> Response:
+        """``release`` or ``generate``: one decision, audited, whatever its outcome."""
+        generate = what == "generate"
         record: dict[str, Any] = {
             "action": "kms.refuse",
             "decision": "refused",
             "status": 0,
+            "route": what,
             "key_id": _short_id(key_id),
             "kind": None,
             "measurement": None,
@@ -465,34 +491,40 @@ class KmsApp:
             "client": client,
         }
         try:
-            sealed = self._decide(key_id, body, record)
+            sealed, wrapped = self._decide(key_id, body, record, generate=generate)
         except BastionError as err:
             record["status"] = err.http_status
             record["reason"] = err.message[:_MAX_REASON]
             self._audit(record)
             return _error(err)
         except Exception as exc:  # a verifier or store bug: refuse (fail closed), audited, logged
-            log.exception("key release failed", extra={"key_id": record["key_id"]})
+            log.exception("key %s failed", what, extra={"key_id": record["key_id"]})
             record["status"] = 500
             record["reason"] = f"internal error: {type(exc).__name__}"
             self._audit(record)
-            return _json(500, {"error": "internal error while deciding the release (see the service log)"})
-        record.update(action="kms.release", decision="released", status=200, reason="")
+            return _json(500, {"error": f"internal error while deciding the {what} (see the service log)"})
+        record.update(action=f"kms.{what}", decision="released", status=200, reason="")
         try:
             self._audit(record, required=True)
         except Unavailable as err:
             return _error(err)  # never release what the audit log does not show
-        return _json(200, {"sealed_key": base64.b64encode(sealed).decode()})
+        answer = {"sealed_key": base64.b64encode(sealed).decode()}
+        if wrapped is not None:
+            answer["wrapped"] = base64.b64encode(wrapped).decode()
+        return _json(200, answer)
 
-    def _decide(self, key_id: str, body: bytes, record: dict[str, Any]) -> bytes:
-        """The release, step by step; raises the refusal. Fills ``record`` as it learns."""
+    def _decide(
+        self, key_id: str, body: bytes, record: dict[str, Any], *, generate: bool = False
+    ) -> tuple[bytes, bytes | None]:
+        """The release (or generation), step by step: ``(sealed data key, wrapped data key
+        if generated)``; raises the refusal. Fills ``record`` as it learns."""
         try:
             check_key_id(key_id)
         except KeyProviderError:
             raise NotFound(f"unknown key id {_short_id(key_id)!r}") from None
         if len(body) > self.max_body_bytes:
             raise PayloadTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes")
-        req = _parse_release(body)
+        req = _parse_key_request(body, generate=generate)
         record["kind"] = req.kind
         if not self.store.has_key(key_id):
             raise NotFound(f"unknown key id {key_id!r}: this service holds no master key by that name")
@@ -505,6 +537,13 @@ class KmsApp:
                 f"(bastion kms policy {key_id} --accept ...)"
             )
         record["policy"] = policy.digest()
+        if generate and self.store.key(key_id).source != "generated":
+            # An imported master key is also in a key file: whoever holds that file could unwrap
+            # the generated key, read what the worker encrypts under it, and forge it.
+            raise PermissionDenied(
+                f"key id {key_id!r} was imported from a key file: generate serves only master keys generated "
+                "in this service, which no one else holds (bastion kms add-key KEY_ID, then a policy)"
+            )
         if req.kind == "dev" and not policy.allow_dev:
             # said here rather than by verify_evidence, whose reason names another command's flag
             raise PermissionDenied(
@@ -520,14 +559,19 @@ class KmsApp:
         except AttestationError as exc:
             raise PermissionDenied(exc.message) from None
         self._note_attestation(record, att)
+        wrapped = None
         try:
-            data_key = self._keys.unwrap_key(key_id, req.wrapped)
+            if req.wrapped is None:
+                data_key = secrets.token_bytes(KEY_BYTES)
+                wrapped = self._keys.wrap_key(key_id, data_key)
+            else:
+                data_key = self._keys.unwrap_key(key_id, req.wrapped)
         except KeyUnwrapError as exc:
             raise FieldError("wrapped", exc.message) from None
         except KmsStoreError as exc:
             raise Unavailable(f"the service cannot open its master key {key_id!r}: {exc}") from None
         try:  # identity.seal_to: the worker's HPKE suite, and it refuses low-order (all-zero secret) keys
-            return seal_to(att.public_key, data_key, release_info(key_id, req.nonce))
+            return seal_to(att.public_key, data_key, release_info(key_id, req.nonce)), wrapped
         except ValueError as exc:
             raise PermissionDenied(f"the attested public key is unusable: {exc}") from None
 

@@ -10,6 +10,10 @@ A worker is configured with ``key_provider: module:bastion.confidential.kms_clie
 (``worker.yaml``) and the environment ``BASTION_KMS_URL`` (and, for an https service with
 a private CA, ``BASTION_KMS_CA``). ``from_env`` is called after the worker has set its
 identity (``identity.set_current_identity``).
+
+``generate_data_key`` is the same exchange against ``generate``: the service draws a
+fresh data key and answers it both wrapped (to keep on the host's disk) and sealed to
+this worker. The worker's fast-recovery mirror (``mirror.py``) keys itself this way.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from urllib.parse import quote
 import httpx
 
 from bastion.confidential.identity import WorkerIdentity, current_identity
-from bastion.confidential.kms import NONCE_BYTES, release_info
+from bastion.confidential.kms import MAX_WRAPPED_BYTES, NONCE_BYTES, release_info
 from bastion.core.errors import BastionError
 from bastion.guard.keyproviders import KEY_BYTES, KeyProviderError, KeyUnwrapError, check_key_id
 
@@ -81,30 +85,46 @@ class KmsKeyProvider:
         not open under it; ``KeyProviderError``: anything else (refused by policy,
         unreachable, a malformed answer), with the service's reason.
         """
+        _, data_key = self._attested("release", key_id, {"wrapped": base64.b64encode(wrapped).decode()})
+        return data_key
+
+    def generate_data_key(self, key_id: str) -> tuple[bytes, bytes]:
+        """``(wrapped, data_key)``: a fresh data key drawn by the service, wrapped under its
+        master key ``key_id`` and released to this attested worker. ``unwrap_key(key_id,
+        wrapped)`` gives the same key again later, to a worker the policy still accepts.
+        Errors as ``unwrap_key``'s."""
+        answer, data_key = self._attested("generate", key_id, {})
+        wrapped = _b64(answer.get("wrapped"), f"{self}: the generate answer's wrapped")
+        if not wrapped or len(wrapped) > MAX_WRAPPED_BYTES:
+            raise KeyProviderError(f"{self}: the generate answer's wrapped key is {len(wrapped)} bytes")
+        return wrapped, data_key
+
+    def _attested(self, route: str, key_id: str, fields: dict[str, str]) -> tuple[dict[str, Any], bytes]:
+        """A fresh nonce, evidence binding it, the request to ``route``, the sealed key opened."""
         check_key_id(key_id)
         nonce = self._nonce()
         try:
             kind, evidence = self.identity.evidence(nonce)
-        except Exception as exc:  # a producer's own errors (an NSM device, a bug): still this unwrap's failure
+        except Exception as exc:  # a producer's own errors (an NSM device, a bug): still this call's failure
             raise KeyProviderError(f"{self}: the worker cannot produce attestation evidence: {exc}") from None
         answer = self._post(
-            f"/v1/keys/{quote(key_id, safe='')}/release",
+            f"/v1/keys/{quote(key_id, safe='')}/{route}",
             {
                 "kind": kind,
                 "evidence": base64.b64encode(evidence).decode(),
                 "nonce": base64.b64encode(nonce).decode(),
-                "wrapped": base64.b64encode(wrapped).decode(),
+                **fields,
             },
             key_id=key_id,
         )
-        sealed = _b64(answer.get("sealed_key"), f"{self}: the release answer's sealed_key")
+        sealed = _b64(answer.get("sealed_key"), f"{self}: the {route} answer's sealed_key")
         try:
             data_key = self.identity.open(sealed, release_info(key_id, nonce))
         except BastionError as exc:
             raise KeyProviderError(f"{self}: the released key does not open with this worker's key: {exc}") from None
         if len(data_key) != KEY_BYTES:
             raise KeyProviderError(f"{self}: the released data key is {len(data_key)} bytes, expected {KEY_BYTES}")
-        return data_key
+        return answer, data_key
 
     def _nonce(self) -> bytes:
         answer = self._post("/v1/nonce", None, key_id=None)

@@ -8,7 +8,9 @@ same either way:
 * it opens a sealed bundle only if a trusted signer signed it, its digest is pinned (when
   ``models`` pins are configured), and the key provider releases its data key (through
   the key-release service, to this worker's attested key);
-* plaintext of weights and of end-to-end sealed inputs and outputs exists only here;
+* plaintext of weights and of end-to-end sealed inputs and outputs exists only here (the
+  fast-recovery mirror, ``mirror.py``, writes the weights to the host's disk only encrypted
+  under a key that the KMS releases to this worker alone);
 * everything it receives is bounded and checked before use, and a bad request is an
   error answer, never a crash: the front process is not trusted either.
 
@@ -16,7 +18,9 @@ Messages (CBOR maps over ``channel.SecureChannel``), each with an ``id`` echoed 
 answer, handled concurrently:
 
 * ``{"op":"attest","nonce"}`` -> ``{"kind","evidence"}`` (for a client's attestation GET)
-* ``{"op":"load","model","version","bundle"}`` -> ``{"inputs","outputs","max_batch_size","platform"}``
+* ``{"op":"load","model","version","bundle"}`` -> ``{"inputs","outputs","max_batch_size","platform",
+  "bundle_sha256","source"}`` (``source``: ``"bundle"``, or ``"mirror"`` when the weights came from
+  the fast-recovery mirror instead of a key release and the bundle's decryption)
 * ``{"op":"unload","model","version"}`` -> ``{}``
 * ``{"op":"infer","model","version","inputs"}`` -> ``{"outputs"}`` (plaintext mode: the
   weights stay here, the tensors crossed the host)
@@ -36,6 +40,7 @@ import hashlib
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +52,7 @@ import numpy as np
 
 from bastion.confidential.channel import ChannelClosed, ChannelError, SecureChannel, accept_channel
 from bastion.confidential.identity import WorkerIdentity, set_current_identity
+from bastion.confidential.mirror import Mirror, MirrorContent, can_generate
 from bastion.confidential.sealing import ReplayCache, SealingError, open_request, seal_error, seal_response
 from bastion.confidential.tensor_codec import decode_tensors, encode_tensors
 from bastion.confidential.worker_config import WorkerConfig
@@ -58,7 +64,7 @@ from bastion.guard.keyproviders import KeyProvider, load_key_provider
 
 log = logging.getLogger("bastion.confidential.worker")
 
-__all__ = ["TrustedWorker", "build_identity", "dev_measurement", "serve_worker"]
+__all__ = ["TrustedWorker", "build_identity", "build_mirror", "dev_measurement", "serve_worker"]
 
 _MAX_NAME = 256
 # A predict measured to take at most this long runs on the loop's thread: handing it to a
@@ -104,10 +110,18 @@ def build_identity(config: WorkerConfig) -> WorkerIdentity:
 
 
 class TrustedWorker:
-    def __init__(self, config: WorkerConfig, identity: WorkerIdentity, key_provider: KeyProvider | None) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        identity: WorkerIdentity,
+        key_provider: KeyProvider | None,
+        *,
+        mirror: Mirror | None = None,
+    ) -> None:
         self.config = config
         self.identity = identity
         self.key_provider = key_provider
+        self.mirror = mirror
         self.trusted = [load_public_key(p) for p in config.trusted_signers]
         self.models: dict[tuple[str, int], _Model] = {}
         self.replay = ReplayCache()
@@ -117,13 +131,17 @@ class TrustedWorker:
 
     # ---- the channel ------------------------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted = time.perf_counter()
         try:
-            channel = await accept_channel(reader, writer, identity=self.identity,
-                                           max_frame_bytes=self.config.max_frame_bytes)
+            channel = await accept_channel(
+                reader, writer, identity=self.identity, max_frame_bytes=self.config.max_frame_bytes
+            )
         except (BastionError, OSError, asyncio.TimeoutError, EOFError) as exc:
             log.warning("channel handshake failed: %s", exc)
             writer.close()
             return
+        # with "listening", says how long the front took to come back (benchmarks/worker_recovery.py)
+        log.info("channel up (handshake %.1f ms)", (time.perf_counter() - accepted) * 1e3)
         try:
             while True:
                 message = await channel.recv()
@@ -190,6 +208,7 @@ class TrustedWorker:
             outputs = loaded.runtime.predict(dict(arrays))
             spent = time.perf_counter() - t0
         else:
+
             def timed() -> tuple[dict[str, np.ndarray], float]:
                 t0 = time.perf_counter()
                 return loaded.runtime.predict(dict(arrays)), time.perf_counter() - t0
@@ -206,43 +225,87 @@ class TrustedWorker:
         return loaded
 
     def _load(self, model: str, version: int, bundle: bytes) -> dict[str, Any]:
-        """Verify, unwrap and load one version of a sealed bundle. Predict thread."""
+        """Verify, unwrap and load one version of a sealed bundle. Predict thread.
+
+        With a mirror of this very bundle (same SHA-256), the pins and the signature are
+        still checked, then the weights come from the mirror instead of a key release and
+        the bundle's decryption; a mirror that does not open is removed and the load goes on
+        from the bundle."""
         from bastion.repository.config import parse_model_config_yaml
         from bastion.runtimes import create_runtime
 
+        t0 = time.perf_counter()
         digest = hashlib.sha256(bundle).hexdigest()
         pins = self.config.models
         if pins and digest not in pins.get(model, ()):
-            raise _Refused(f"{model}: bundle sha256 {digest} is not pinned in this worker's configuration "
-                           f"(it accepts {', '.join(pins.get(model, ())) or 'no bundle for this model'})")
+            raise _Refused(
+                f"{model}: bundle sha256 {digest} is not pinned in this worker's configuration "
+                f"(it accepts {', '.join(pins.get(model, ())) or 'no bundle for this model'})"
+            )
         if not self.trusted:
             raise _Refused("the trusted worker has no trusted_signers: it opens no bundle")
         if self.key_provider is None:
             raise _Refused("the trusted worker has no key_provider: it cannot unwrap any bundle key")
-        opened = verify_bundle(bundle, self.trusted, source=f"{model}/{version}").unseal(self.key_provider)
-        if opened.header.model != model:
-            raise _Refused(f"bundle is sealed for model {opened.header.model!r}, not {model!r}")
-        if version not in opened.versions:
-            raise _Refused(f"bundle for {model!r} holds versions {list(opened.versions)}, not {version}")
-        config = parse_model_config_yaml(model, opened.read(CONFIG_PATH), source=f"{model}/{version}:config.yaml")
+        verified = verify_bundle(bundle, self.trusted, source=f"{model}/{version}")
+        header = verified.header  # signed: its model and versions are the signer's
+        if header.model != model:
+            raise _Refused(f"bundle is sealed for model {header.model!r}, not {model!r}")
+        if version not in header.versions:
+            raise _Refused(f"bundle for {model!r} holds versions {list(header.versions)}, not {version}")
+        t_verified = time.perf_counter()
+        content = self.mirror.read(model, version, digest) if self.mirror is not None else None
+        source = "bundle" if content is None else "mirror"
+        t_mirror = t_key = time.perf_counter()
+        if content is None:
+            opened = verified.unseal(self.key_provider)  # the key release: one KMS round trip
+            t_key = time.perf_counter()
+            content = MirrorContent(opened.read(CONFIG_PATH), opened.read_version(version))
+        t_plain = time.perf_counter()
+        config = parse_model_config_yaml(model, content.config, source=f"{model}/{version}:config.yaml")
         e2e = config.confidential.e2e if config.confidential is not None else "required"
         # The bundle's own config is run here as a plain model: it must not send itself on.
         config = dataclasses.replace(config, confidential=None)
-        runtime = create_runtime(config, Path(model) / str(version), files=opened.read_version(version))
+        runtime = create_runtime(config, Path(model) / str(version), files=content.files)
         inputs = config.inputs or runtime.inputs
         outputs = config.outputs or runtime.outputs
         old = self.models.get((model, version))
-        self.models[(model, version)] = _Model(config, runtime, {s.name: s for s in inputs}, tuple(outputs),
-                                              config.hardening, digest, e2e)
+        self.models[(model, version)] = _Model(
+            config, runtime, {s.name: s for s in inputs}, tuple(outputs), config.hardening, digest, e2e
+        )
         if old is not None:
             old.runtime.close()
-        log.info("loaded %s/%s (bundle sha256 %s)", model, version, digest)
+        t_session = time.perf_counter()
+        if source == "bundle" and self.mirror is not None:
+            self.mirror.write(model, version, digest, content)  # once it loaded: a mirror of what works
+        del content
+        t_end = time.perf_counter()
+
+        def ms(a: float, b: float) -> str:
+            return f"{(b - a) * 1e3:.1f}"
+
+        # one line per load, parsed by benchmarks/worker_recovery.py: keep its shape
+        log.info(
+            "loaded %s/%s (bundle sha256 %s) from %s in %s ms: verify %s, mirror read %s, key release %s, "
+            "decrypt %s, session %s, mirror write %s",
+            model,
+            version,
+            digest,
+            source,
+            ms(t0, t_end),
+            ms(t0, t_verified),
+            ms(t_verified, t_mirror),
+            ms(t_mirror, t_key),
+            ms(t_key, t_plain),
+            ms(t_plain, t_session),
+            ms(t_session, t_end),
+        )
         return {
             "inputs": [_spec(s) for s in inputs],
             "outputs": [_spec(s) for s in outputs],
             "max_batch_size": config.max_batch_size,
             "platform": config.platform or runtime.platform,
             "bundle_sha256": digest,
+            "source": source,
         }
 
     async def _sealed(self, loaded: _Model, model: str, message: Mapping[str, Any]) -> dict[str, Any]:
@@ -255,8 +318,9 @@ class TrustedWorker:
             # the host routes; it must not run a request sealed for one model on another
             raise _Refused(f"a request sealed for {sealed_for!r} is not run on {model!r}")
         try:
-            opened = open_request(self.identity, envelope, model=sealed_for, replay=self.replay,
-                                  max_bytes=self.config.max_sealed_bytes)
+            opened = open_request(
+                self.identity, envelope, model=sealed_for, replay=self.replay, max_bytes=self.config.max_sealed_bytes
+            )
         except SealingError as err:
             if err.opened is None:
                 raise  # nothing to seal to yet: size, magic, key, freshness, replay (no plaintext in it)
@@ -341,12 +405,48 @@ def _bytes(message: Mapping[str, Any], key: str, limit: int) -> bytes:
     return bytes(value)
 
 
+def build_mirror(config: WorkerConfig, provider: KeyProvider | None) -> Mirror | None:
+    """The fast-recovery mirror ``config.mirror`` asks for, if the key provider can key one."""
+    if config.mirror is None:
+        return None
+    if provider is None or not can_generate(provider):
+        log.warning(
+            "worker.yaml asks for a fast-recovery mirror, but the key provider %s cannot generate data keys "
+            "(the KMS provider can: module:bastion.confidential.kms_client:from_env); the mirror is off",
+            provider,
+        )
+        return None
+    return Mirror(config.mirror.dir, config.mirror.key_id, provider, max_bytes=config.max_frame_bytes)  # type: ignore[arg-type]
+
+
+def _import_runtimes() -> None:
+    try:
+        import bastion.repository.config
+        import bastion.runtimes
+        import bastion.runtimes.onnx_runtime  # noqa: F401
+    except Exception:  # the load that needs them will say what is wrong
+        log.debug("preloading the runtimes failed", exc_info=True)
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process started (Linux; 10 ms resolution): interpreter start and
+    imports, which no log line can time from inside."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks since boot
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 async def serve_worker(config: WorkerConfig, socket_path: Path, *, ready_file: Path | None = None) -> None:
     """Run the worker on a Unix socket until SIGTERM/SIGINT."""
     identity = build_identity(config)
     set_current_identity(identity)  # the key provider (module:...kms_client:from_env) finds it here
     provider = load_key_provider(config.key_provider) if config.key_provider else None
-    worker = TrustedWorker(config, identity, provider)
+    worker = TrustedWorker(config, identity, provider, mirror=build_mirror(config, provider))
+    if worker.mirror is not None:
+        worker.mirror.start()  # the mirror key's release runs while the front connects
     socket_path = Path(socket_path)
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
@@ -359,12 +459,21 @@ async def serve_worker(config: WorkerConfig, socket_path: Path, *, ready_file: P
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.warning("trusted worker listening on %s (attestation %s)%s", socket_path, config.attestation,
-                " - DEV attestation: self-signed, NOT a TEE" if config.attestation == "dev" else "")
+    age = _process_age_s()
+    log.warning(
+        "trusted worker listening on %s (attestation %s)%s%s",
+        socket_path,
+        config.attestation,
+        " - DEV attestation: self-signed, NOT a TEE" if config.attestation == "dev" else "",
+        f"; {age * 1e3:.0f} ms after its process started" if age is not None else "",
+    )
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
         tmp.write_text(f"{os.getpid()}\n")
         tmp.replace(ready_file)
+    # The first load would import the runtimes (ONNX Runtime: ~30 ms here); after a restart the
+    # front takes longer than that to reconnect, so import them now, beside it.
+    threading.Thread(target=_import_runtimes, name="worker-imports", daemon=True).start()
     async with server:
         await stop.wait()
     worker.pool.shutdown(wait=False, cancel_futures=True)

@@ -12,13 +12,16 @@ Example::
     trusted_signers: [signer.pub.pem]     # Ed25519 bundle signers (paths; measured by fingerprint)
     models:                               # optional pins: only these bundles (SHA-256) may load
       secret_cnn: [3f0c...]
+    mirror:                               # optional fast-recovery mirror (mirror.py)
+      dir: mirror                         # relative to this file; the host's disk, holds ciphertext only
+      key_id: worker-mirror               # a KMS key id of its own (bastion kms add-key), never imported
     max_frame_bytes: 268435456
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,12 @@ from typing import Any
 import yaml
 
 from bastion.core.errors import BastionError
+from bastion.guard.keyproviders import KeyProviderError, check_key_id
 
-__all__ = ["WorkerConfig", "WorkerConfigError", "load_worker_config"]
+__all__ = ["MirrorConfig", "WorkerConfig", "WorkerConfigError", "load_worker_config"]
 
-_KEYS = ("attestation", "key_provider", "trusted_signers", "models", "max_frame_bytes", "max_sealed_bytes")
+_KEYS = ("attestation", "key_provider", "trusted_signers", "models", "mirror", "max_frame_bytes", "max_sealed_bytes")
+_MIRROR_KEYS = ("dir", "key_id")
 _ATTESTATION = ("dev", "nitro")
 _MAX_CONFIG_BYTES = 1 << 20
 
@@ -37,6 +42,15 @@ _MAX_CONFIG_BYTES = 1 << 20
 class WorkerConfigError(BastionError):
     http_status = 400
     grpc_code = "INVALID_ARGUMENT"
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    """Where the fast-recovery mirror lives and which KMS key id keys it."""
+
+    dir: Path  # resolved against worker.yaml's directory
+    key_id: str
+    spec: str = ""  # ``dir`` as worker.yaml wrote it: what is measured (see ``canonical``)
 
 
 @dataclass(frozen=True)
@@ -48,11 +62,15 @@ class WorkerConfig:
     models: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     max_frame_bytes: int = 256 * 1024 * 1024
     max_sealed_bytes: int = 64 * 1024 * 1024
+    mirror: MirrorConfig | None = None
 
     def canonical(self) -> dict[str, Any]:
         """What is measured: signers by the SHA-256 of their key file, not by path (a path is
-        where the host put it, the key is what the worker trusts)."""
-        return {
+        where the host put it, the key is what the worker trusts). The mirror by its key id
+        and its ``dir`` as written (not resolved: the same file measures the same wherever
+        it is installed), and only when set, so a worker without one keeps the measurement
+        it had before the key existed."""
+        canonical: dict[str, Any] = {
             "attestation": self.attestation,
             "key_provider": self.key_provider,
             "trusted_signers": sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in self.trusted_signers),
@@ -60,6 +78,9 @@ class WorkerConfig:
             "max_frame_bytes": self.max_frame_bytes,
             "max_sealed_bytes": self.max_sealed_bytes,
         }
+        if self.mirror is not None:
+            canonical["mirror"] = {"dir": self.mirror.spec or str(self.mirror.dir), "key_id": self.mirror.key_id}
+        return canonical
 
 
 def load_worker_config(path: Path) -> WorkerConfig:
@@ -102,8 +123,12 @@ def parse_worker_config(data: Any, *, base: Path, source: str = "worker.yaml") -
     for name, digests in models.items():
         if isinstance(digests, str):
             digests = [digests]
-        if not isinstance(digests, list) or not digests or not all(
-            isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d.lower()) for d in digests
+        if (
+            not isinstance(digests, list)
+            or not digests
+            or not all(
+                isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d.lower()) for d in digests
+            )
         ):
             raise fail(f"models.{name}", "expected a list of SHA-256 hex digests of sealed bundles")
         pins[str(name)] = tuple(d.lower() for d in digests)
@@ -113,4 +138,29 @@ def parse_worker_config(data: Any, *, base: Path, source: str = "worker.yaml") -
         if not isinstance(value, int) or isinstance(value, bool) or not 4096 <= value <= 1 << 31:
             raise fail(key, f"expected an integer between 4096 and {1 << 31}, got {value!r}")
         sizes[key] = value
-    return WorkerConfig(attestation=attestation, key_provider=provider, trusted_signers=paths, models=pins, **sizes)
+    mirror = _parse_mirror(data.get("mirror"), base, fail)
+    return WorkerConfig(
+        attestation=attestation, key_provider=provider, trusted_signers=paths, models=pins, mirror=mirror, **sizes
+    )
+
+
+def _parse_mirror(value: Any, base: Path, fail: Callable[[str, str], WorkerConfigError]) -> MirrorConfig | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise fail("mirror", "expected a mapping {dir: PATH, key_id: KEY_ID}")
+    for key in value:
+        if key not in _MIRROR_KEYS:
+            raise fail(f"mirror.{key}", f"unknown key; expected one of {', '.join(_MIRROR_KEYS)}")
+    directory = value.get("dir")
+    if not isinstance(directory, str) or not directory.strip() or "\0" in directory:
+        raise fail("mirror.dir", f"expected a directory path (relative to worker.yaml), got {directory!r}")
+    key_id = value.get("key_id")
+    if not isinstance(key_id, str):
+        raise fail("mirror.key_id", f"expected a key id of the key-release service, got {key_id!r}")
+    try:
+        check_key_id(key_id)
+    except KeyProviderError as exc:
+        raise fail("mirror.key_id", exc.message) from None
+    path = Path(directory).expanduser()
+    return MirrorConfig(dir=path if path.is_absolute() else base / path, key_id=key_id, spec=directory)
