@@ -12,13 +12,15 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -42,6 +44,7 @@ pytestmark = pytest.mark.slow
 WIDTH = 64
 OFFSET = 7.25
 BASTION = [sys.executable, "-m", "bastion.cli.main"]
+ZOO_VARIANTS = ("digits_tree", "digits_logreg", "digits_mlp")
 OPEN_BODY = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 1, 1, 1]}]}
 
 
@@ -73,13 +76,27 @@ def _model_dir(root: Path, name: str) -> Path:
 
 def _worker_yaml(path: Path, **extra: object) -> Path:
     config = {"attestation": "dev", "key_provider": "module:bastion.confidential.kms_client:from_env",
-              "trusted_signers": ["signer.pub"], "max_sealed_bytes": 1 << 20, **extra}
+              "trusted_signers": ["signer.pub"], "max_sealed_bytes": 1 << 20,
+              "zoos": {"digits_zoo": list(ZOO_VARIANTS)}, **extra}
     path.write_text(yaml.safe_dump(config))
     return path
 
 
+def _confidential_zoo(make_digits_zoo: Callable[..., Path], root: Path, repo: Path, **seal: Any) -> None:
+    """The tests' digits zoo, profiled as plain models (profiling runs the models in the
+    profiler's process), then every variant packaged confidential beside the zoo files."""
+    plain = root / "plain-zoo"
+    plain.mkdir()
+    make_digits_zoo(plain)
+    subprocess.run([*BASTION, "profile", str(plain), "--zoo", "digits_zoo", "--iterations", "20", "--json"],
+                   capture_output=True, text=True, check=True, timeout=300)
+    for variant in ZOO_VARIANTS:
+        package_confidential(plain / variant, repo / variant, e2e="optional", **seal)
+    shutil.copytree(plain / "digits_zoo", repo / "digits_zoo")
+
+
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(tmp_path_factory: pytest.TempPathFactory, make_digits_zoo: Callable[..., Path]) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("conf")
     key_file = root / "master.key"
     write_master_key(key_file, generate_master_key())
@@ -90,6 +107,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     plain = _model_dir(root, "affine")
     for name, e2e in (("secret", "optional"), ("strict", "required")):
         package_confidential(plain, repo / name, key_id="k1", signing_key=signer, key_provider=provider, e2e=e2e)
+    _confidential_zoo(make_digits_zoo, root, repo, key_id="k1", signing_key=signer, key_provider=provider)
     # a plain model beside them: it keeps serving whatever happens to the worker
     (repo / "open" / "1").mkdir(parents=True)
     (repo / "open" / "1" / "model.onnx").write_bytes(affine_model(offset=1.0, width=4))
@@ -168,6 +186,23 @@ def _header(r: httpx.Response) -> dict[str, object]:
     """The JSON part of a V2 answer (the sealed output travels as binary data after it)."""
     length = int(r.headers.get("inference-header-content-length", len(r.content)))
     return json.loads(r.content[:length])
+
+
+def test_a_zoo_of_confidential_variants_takes_sealed_requests(deployment: Deployment) -> None:
+    """The client seals for the zoo; the host picks a variant; the worker runs it because its
+    measured config names the variant as the zoo's (and nothing else)."""
+    client = Client(deployment.server.url)
+    x = np.random.default_rng(2).random((4, 64), dtype=np.float32)
+    plain = client.infer("digits_zoo", {"input": x})
+    assert plain.model_name == "digits_zoo"
+    session = client.confidential("digits_zoo", expect=deployment.measurement, allow_dev=True)
+    sealed = client.infer_confidential(session, {"input": x})
+    assert set(sealed) >= {"label"}, sealed.keys()
+    assert sealed["label"].shape[0] == 4
+    # a request sealed for the zoo is still refused by a model outside it
+    envelope, _ = seal_request(session.attestation().public_key, "digits_zoo", {"x": np.ones((1, WIDTH), np.float32)})
+    r = _post_sealed(deployment.server.url, "secret", envelope)
+    assert r.status_code == 400 and "not sealed to this worker" in r.json()["error"]
 
 
 def test_client_refuses_a_worker_with_another_measurement_or_dev_evidence(deployment: Deployment) -> None:

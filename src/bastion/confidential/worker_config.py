@@ -33,7 +33,8 @@ from bastion.guard.keyproviders import KeyProviderError, check_key_id
 
 __all__ = ["MirrorConfig", "WorkerConfig", "WorkerConfigError", "load_worker_config"]
 
-_KEYS = ("attestation", "key_provider", "trusted_signers", "models", "mirror", "max_frame_bytes", "max_sealed_bytes")
+_KEYS = ("attestation", "key_provider", "trusted_signers", "models", "zoos", "mirror", "max_frame_bytes",
+         "max_sealed_bytes")
 _MIRROR_KEYS = ("dir", "key_id")
 _ATTESTATION = ("dev", "nitro")
 _MAX_CONFIG_BYTES = 1 << 20
@@ -63,6 +64,9 @@ class WorkerConfig:
     max_frame_bytes: int = 256 * 1024 * 1024
     max_sealed_bytes: int = 64 * 1024 * 1024
     mirror: MirrorConfig | None = None
+    # zoo name -> its variants: a request sealed for the zoo may run on any of them (the
+    # host picks the variant); a request sealed for one model runs on that model only
+    zoos: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def canonical(self) -> dict[str, Any]:
         """What is measured: signers by the SHA-256 of their key file, not by path (a path is
@@ -78,6 +82,8 @@ class WorkerConfig:
             "max_frame_bytes": self.max_frame_bytes,
             "max_sealed_bytes": self.max_sealed_bytes,
         }
+        if self.zoos:  # only when set, like the mirror: existing measurements stay as they were
+            canonical["zoos"] = {name: sorted(variants) for name, variants in sorted(self.zoos.items())}
         if self.mirror is not None:
             canonical["mirror"] = {"dir": self.mirror.spec or str(self.mirror.dir), "key_id": self.mirror.key_id}
         return canonical
@@ -139,8 +145,15 @@ def parse_worker_config(data: Any, *, base: Path, source: str = "worker.yaml") -
             raise fail(key, f"expected an integer between 4096 and {1 << 31}, got {value!r}")
         sizes[key] = value
     mirror = _parse_mirror(data.get("mirror"), base, fail)
+    zoos = data.get("zoos", {}) or {}
+    if not isinstance(zoos, Mapping):
+        raise fail("zoos", "expected a mapping of zoo name -> list of its variants")
+    for name, variants in zoos.items():
+        if not isinstance(variants, list) or not variants or not all(isinstance(v, str) and v for v in variants):
+            raise fail(f"zoos.{name}", "expected a non-empty list of variant model names")
     return WorkerConfig(
-        attestation=attestation, key_provider=provider, trusted_signers=paths, models=pins, mirror=mirror, **sizes
+        attestation=attestation, key_provider=provider, trusted_signers=paths, models=pins, mirror=mirror,
+        zoos={str(k): tuple(v) for k, v in zoos.items()}, **sizes
     )
 
 
