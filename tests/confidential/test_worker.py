@@ -98,3 +98,33 @@ def test_bundles_are_refused_without_signers_pins_or_by_digest(tmp_path: Path) -
         asyncio.run(worker.dispatch({"op": "load", "model": "m", "version": 1, "bundle": bundle.read_bytes()}))
     with pytest.raises(BastionError, match="unknown operation"):
         asyncio.run(worker.dispatch({"op": "nope", "model": "m", "version": 1}))
+
+
+def test_worker_package_cli_seals_each_version_and_writes_the_public_config(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from bastion.cli.main import cli
+    from bastion.guard.bundles import write_private_key
+
+    key = tmp_path / "master.key"
+    write_master_key(key, generate_master_key())
+    signer = tmp_path / "signer.pem"
+    write_private_key(generate_signing_key(), signer)
+    plain = tmp_path / "plain" / "m"
+    for version in (1, 2):
+        (plain / str(version)).mkdir(parents=True)
+        (plain / str(version) / "model.onnx").write_bytes(affine_model(offset=float(version), width=4))
+    (plain / "config.yaml").write_text(yaml.safe_dump({"runtime": "onnx", "max_batch_size": 8,
+                                                       "parameters": {"file": "model.onnx"}}))
+    out = tmp_path / "repo" / "m"
+    result = CliRunner().invoke(cli, ["worker", "package", str(plain), "--out", str(out), "--key-id", "k",
+                                      "--signing-key", str(signer), "--key-provider", f"file:{key}"])
+    assert result.exit_code == 0, result.output
+    public = yaml.safe_load((out / "config.yaml").read_text())
+    assert public["confidential"] == {"e2e": "required"} and "parameters" not in public
+    for version in (1, 2):
+        sealed = (out / str(version) / "model.bundle").read_bytes()
+        assert affine_model(offset=float(version), width=4) not in sealed  # ciphertext only
+    bad = CliRunner().invoke(cli, ["worker", "package", str(plain), "--out", str(tmp_path / "x"), "--key-id", "k",
+                                   "--signing-key", str(signer), "--key-provider", "file:/nonexistent.key"])
+    assert bad.exit_code != 0 and "nonexistent" in bad.output

@@ -79,7 +79,8 @@ class _LazyGroup(click.Group):
     listed by --help): `bastion serve` then does not import the key store's CLI, the bundles'
     crypto, the lab or the benchmarks (about 0.1 s of its start)."""
 
-    LAZY = {name: f"bastion.cli.{name}" for name in ("tls", "keys", "audit", "bundle", "lab", "bench", "kms", "worker")}
+    LAZY = {name: f"bastion.cli.{name}"
+            for name in ("tls", "keys", "audit", "bundle", "lab", "bench", "kms", "worker", "partition")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})

@@ -40,6 +40,7 @@ import hashlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -440,22 +441,36 @@ def _process_age_s() -> float | None:
         return None
 
 
-async def serve_worker(config: WorkerConfig, socket_path: Path, *, ready_file: Path | None = None) -> None:
-    """Run the worker on a Unix socket until SIGTERM/SIGINT."""
+async def serve_worker(config: WorkerConfig, socket_path: Path | None, *, ready_file: Path | None = None,
+                       vsock_port: int | None = None) -> None:
+    """Run the worker on a Unix socket (here) or a vsock port (inside a Nitro enclave, where
+    the parent instance dials CID:port; untested here: this kernel has no vsock transport)
+    until SIGTERM/SIGINT. The channel's framing is the same on both."""
+    if (socket_path is None) == (vsock_port is None):
+        raise ValueError("give exactly one of socket_path and vsock_port")
     identity = build_identity(config)
     set_current_identity(identity)  # the key provider (module:...kms_client:from_env) finds it here
     provider = load_key_provider(config.key_provider) if config.key_provider else None
     worker = TrustedWorker(config, identity, provider, mirror=build_mirror(config, provider))
     if worker.mirror is not None:
         worker.mirror.start()  # the mirror key's release runs while the front connects
-    socket_path = Path(socket_path)
-    with contextlib.suppress(FileNotFoundError):
-        socket_path.unlink()
-    old_umask = os.umask(0o077)  # only this user may connect to the socket
-    try:
-        server = await asyncio.start_unix_server(worker.handle, path=str(socket_path), limit=1 << 20)
-    finally:
-        os.umask(old_umask)
+    if vsock_port is not None:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)  # type: ignore[attr-defined]
+        sock.bind((socket.VMADDR_CID_ANY, vsock_port))  # type: ignore[attr-defined]
+        sock.listen(64)
+        server = await asyncio.start_server(worker.handle, sock=sock, limit=1 << 20)
+        where = f"vsock port {vsock_port}"
+    else:
+        assert socket_path is not None
+        socket_path = Path(socket_path)
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
+        old_umask = os.umask(0o077)  # only this user may connect to the socket
+        try:
+            server = await asyncio.start_unix_server(worker.handle, path=str(socket_path), limit=1 << 20)
+        finally:
+            os.umask(old_umask)
+        where = str(socket_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -463,7 +478,7 @@ async def serve_worker(config: WorkerConfig, socket_path: Path, *, ready_file: P
     age = _process_age_s()
     log.warning(
         "trusted worker listening on %s (attestation %s)%s%s",
-        socket_path,
+        where,
         config.attestation,
         " - DEV attestation: self-signed, NOT a TEE" if config.attestation == "dev" else "",
         f"; {age * 1e3:.0f} ms after its process started" if age is not None else "",
