@@ -95,6 +95,41 @@ def _confidential_zoo(make_digits_zoo: Callable[..., Path], root: Path, repo: Pa
     shutil.copytree(plain / "digits_zoo", repo / "digits_zoo")
 
 
+def _chain_model() -> bytes:
+    """x FP32 [batch, 16] -> relu(x W1) W2 -> y [batch, 4]: a two-layer net with one cut point."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["features"]),
+         helper.make_node("MatMul", ["features", "w2"], ["y"])],
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(rng.normal(size=(16, 32)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.normal(size=(32, 4)).astype(np.float32), "w2")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def _partitioned(root: Path, repo: Path, **seal: Any) -> None:
+    """``chain`` served whole and plain, and ``chain_split``: its head (x -> features) sealed
+    for the worker, its tail (features -> y) plain beside it."""
+    import onnx.utils
+
+    full = root / "chain.onnx"
+    full.write_bytes(_chain_model())
+    (repo / "chain" / "1").mkdir(parents=True)
+    shutil.copyfile(full, repo / "chain" / "1" / "model.onnx")
+    (repo / "chain" / "config.yaml").write_text(yaml.safe_dump({"runtime": "onnx", "max_batch_size": 64}))
+    head_dir = root / "plain" / "chain_split"
+    (head_dir / "1").mkdir(parents=True)
+    onnx.utils.extract_model(str(full), str(head_dir / "1" / "model.onnx"), ["x"], ["features"])
+    onnx.utils.extract_model(str(full), str(root / "tail.onnx"), ["features"], ["y"])
+    (head_dir / "config.yaml").write_text(yaml.safe_dump({"runtime": "onnx", "max_batch_size": 64}))
+    package_confidential(head_dir, repo / "chain_split", e2e="optional", tails={1: root / "tail.onnx"}, **seal)
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory, make_digits_zoo: Callable[..., Path]) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("conf")
@@ -108,6 +143,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, make_digits_zoo: Callab
     for name, e2e in (("secret", "optional"), ("strict", "required")):
         package_confidential(plain, repo / name, key_id="k1", signing_key=signer, key_provider=provider, e2e=e2e)
     _confidential_zoo(make_digits_zoo, root, repo, key_id="k1", signing_key=signer, key_provider=provider)
+    _partitioned(root, repo, key_id="k1", signing_key=signer, key_provider=provider)
     # a plain model beside them: it keeps serving whatever happens to the worker
     (repo / "open" / "1").mkdir(parents=True)
     (repo / "open" / "1" / "model.onnx").write_bytes(affine_model(offset=1.0, width=4))
@@ -203,6 +239,31 @@ def test_a_zoo_of_confidential_variants_takes_sealed_requests(deployment: Deploy
     envelope, _ = seal_request(session.attestation().public_key, "digits_zoo", {"x": np.ones((1, WIDTH), np.float32)})
     r = _post_sealed(deployment.server.url, "secret", envelope)
     assert r.status_code == 400 and "not sealed to this worker" in r.json()["error"]
+
+
+def test_a_partitioned_model_answers_as_the_whole_model(deployment: Deployment) -> None:
+    """The head runs in the worker (on a sealed input, or a plaintext one), the tail in the
+    front: REST, gRPC and the sealed path all give the whole model's answers."""
+    import tritonclient.grpc as grpcclient
+
+    client = Client(deployment.server.url)
+    x = np.random.default_rng(6).normal(size=(5, 16)).astype(np.float32)
+    whole = client.infer("chain", {"x": x}).outputs[0].data
+    meta = client.model_metadata("chain_split")
+    assert meta["platform"].startswith("partitioned/") and meta["outputs"][0]["name"] == "y"
+    np.testing.assert_allclose(client.infer("chain_split", {"x": x}).outputs[0].data, whole, rtol=1e-5, atol=1e-5)
+    grpc = grpcclient.InferenceServerClient(deployment.server.grpc_url)
+    tensor = grpcclient.InferInput("x", [5, 16], "FP32")
+    tensor.set_data_from_numpy(x)
+    np.testing.assert_allclose(grpc.infer("chain_split", [tensor]).as_numpy("y"), whole, rtol=1e-5, atol=1e-5)
+    grpc.close()
+    session = client.confidential("chain_split", expect=deployment.measurement, allow_dev=True)
+    sealed = client.infer_confidential(session, {"x": x})
+    np.testing.assert_allclose(sealed["y"], whole, rtol=1e-5, atol=1e-5)
+    metrics = httpx.get(f"{deployment.server.url}/metrics", timeout=10).text
+    for part in ("head", "tail"):
+        assert re.search(rf'bastion_partition_part_seconds_count{{model="chain_split",part="{part}",version="1"}} '
+                         r"[1-9]", metrics), part
 
 
 def test_client_refuses_a_worker_with_another_measurement_or_dev_evidence(deployment: Deployment) -> None:

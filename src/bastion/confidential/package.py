@@ -21,12 +21,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from bastion.guard.bundles import BundleHeader, seal_bundle
 from bastion.guard.keyproviders import KeyProvider
 
-__all__ = ["package_confidential"]
+__all__ = ["TAIL_FILE", "package_confidential"]
+
+TAIL_FILE = "tail.onnx"
 
 
 def package_confidential(model_dir: Path, out_dir: Path, *, key_id: str, signing_key: Ed25519PrivateKey,
-                         key_provider: KeyProvider, e2e: str = "required") -> dict[int, BundleHeader]:
-    """Seal each version of ``model_dir`` into ``out_dir/<v>/model.bundle``; write the public config."""
+                         key_provider: KeyProvider, e2e: str = "required",
+                         tails: dict[int, Path] | None = None) -> dict[int, BundleHeader]:
+    """Seal each version of ``model_dir`` into ``out_dir/<v>/model.bundle``; write the public config.
+
+    ``tails``: a partitioned model: ``model_dir`` holds the head, and each version's tail
+    ONNX file (plain: it runs in the front process) is copied to ``out_dir/<v>/tail.onnx``.
+    Both configs then name the tail, and the sealed one is what lets the worker release the
+    head's features."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     name = out_dir.name
     config: dict[str, Any] = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8")) or {}
@@ -35,7 +43,13 @@ def package_confidential(model_dir: Path, out_dir: Path, *, key_id: str, signing
         raise ValueError(f"{model_dir}: no version directories to seal")
     headers: dict[int, BundleHeader] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
-    sealed_config = {**config, "confidential": {"e2e": e2e}}  # the worker enforces its own copy
+    block: dict[str, Any] = {"e2e": e2e}
+    if tails is not None:
+        missing = sorted(set(versions) - set(tails))
+        if missing:
+            raise ValueError(f"{model_dir}: no tail given for version(s) {missing}")
+        block["tail"] = TAIL_FILE
+    sealed_config = {**config, "confidential": block}  # the worker enforces its own copy
     for version in versions:
         with tempfile.TemporaryDirectory() as tmp:
             # one version per bundle: a version's bundle changes (and reloads) alone
@@ -46,7 +60,9 @@ def package_confidential(model_dir: Path, out_dir: Path, *, key_id: str, signing
             (out_dir / str(version)).mkdir(exist_ok=True)
             headers[version] = seal_bundle(staged, out_dir / str(version) / "model.bundle", key_id=key_id,
                                            signing_key=signing_key, key_provider=key_provider, model_name=name)
+            if tails is not None:
+                shutil.copyfile(tails[version], out_dir / str(version) / TAIL_FILE)
     public = {k: v for k, v in config.items() if k not in ("parameters", "name")}
-    public["confidential"] = {"e2e": e2e}
+    public["confidential"] = block
     (out_dir / "config.yaml").write_text(yaml.safe_dump(public, sort_keys=False), encoding="utf-8")
     return headers

@@ -85,6 +85,9 @@ class _Model:
     hardening: Any
     bundle_sha256: str
     e2e: str  # from the bundle's own config: the host's config.yaml cannot relax it
+    # a partition head (its sealed config names a tail): its outputs are the features the
+    # host's tail runs on, so a sealed request's features leave in the clear by design
+    head: bool = False
     cost_s: float = 1e-3  # predict time, exponentially weighted: where the next one runs
     measured: int = 0
 
@@ -264,6 +267,7 @@ class TrustedWorker:
         t_plain = time.perf_counter()
         config = parse_model_config_yaml(model, content.config, source=f"{model}/{version}:config.yaml")
         e2e = config.confidential.e2e if config.confidential is not None else "required"
+        head = config.confidential is not None and config.confidential.tail is not None
         # The bundle's own config is run here as a plain model: it must not send itself on.
         config = dataclasses.replace(config, confidential=None)
         runtime = create_runtime(config, Path(model) / str(version), files=content.files)
@@ -271,7 +275,7 @@ class TrustedWorker:
         outputs = config.outputs or runtime.outputs
         old = self.models.get((model, version))
         self.models[(model, version)] = _Model(
-            config, runtime, {s.name: s for s in inputs}, tuple(outputs), config.hardening, digest, e2e
+            config, runtime, {s.name: s for s in inputs}, tuple(outputs), config.hardening, digest, e2e, head=head
         )
         if old is not None:
             old.runtime.close()
@@ -301,6 +305,7 @@ class TrustedWorker:
             ms(t_session, t_end),
         )
         return {
+            "head": head,
             "inputs": [_spec(s) for s in inputs],
             "outputs": [_spec(s) for s in outputs],
             "max_batch_size": config.max_batch_size,
@@ -336,6 +341,10 @@ class TrustedWorker:
                 # the declared rows are all the host can count (metrics, row quotas): they must be true
                 raise InvalidInput(f"parameter bastion_rows: declared {rows}, the sealed inputs hold {got} rows")
             outputs = await self._predict(loaded, arrays)
+            if loaded.head:
+                # the features are what the host's tail runs on: they leave in the clear, by the
+                # design the model's sealed config chose (docs/CONFIDENTIAL.md, partitioned models)
+                return {"status": 200, "features": encode_tensors(outputs), "rows": got}
             if loaded.hardening is not None:
                 from bastion.guard.hardening import harden
 

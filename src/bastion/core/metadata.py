@@ -70,10 +70,14 @@ class ConfidentialSpec:
     """``confidential:`` of config.yaml. ``e2e``: ``required`` (only inputs sealed to the
     worker's attested key are accepted), ``optional`` (plaintext inputs too: the weights
     stay in the worker, the inputs pass through this host) or ``off``. ``bundle``: the
-    sealed bundle in each version directory that the worker opens."""
+    sealed bundle in each version directory that the worker opens. ``tail``: for a
+    partitioned model, the tail's ONNX file beside the bundle."""
 
     e2e: str = "required"
     bundle: str = "model.bundle"
+    # a partitioned model: the bundle holds the head (run by the worker), this plain ONNX file
+    # in the version directory the tail (run here, on the head's features)
+    tail: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,8 @@ class Registry:
         cfg = loaded.config
         version = str(loaded.version)
         vm = self._metrics.for_version(loaded.model, version)
+        if hasattr(loaded.runtime, "part_observer"):  # a partitioned model times its head and tail
+            loaded.runtime.part_observer = vm.observe_part
         inputs = cfg.inputs or loaded.runtime.inputs
         hardening: HardeningSpec | None = cfg.hardening  # type: ignore[assignment]
         outputs = served_outputs(cfg.outputs or loaded.runtime.outputs, hardening)

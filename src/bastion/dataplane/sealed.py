@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from bastion.core.datatypes import datatype_of
 from bastion.core.errors import BastionError, InvalidInput, NotFound
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor
 
@@ -37,6 +38,7 @@ SEALED_TENSOR = "bastion_sealed"
 SUITE_NAME = "hpke-x25519-hkdfsha256-aes256gcm-v1"
 ROWS_PARAMETER = "bastion_rows"
 STATUS_PARAMETER = "bastion_status"
+PARTITIONED_PARAMETER = "bastion_partitioned"
 
 
 class SealedError(BastionError):
@@ -79,10 +81,16 @@ async def run_sealed(runtime: Any, version: str, request: InferenceRequest) -> t
     envelope, rows = _envelope(request)
     # sealed for the name the client asked for (a zoo's name when the host picks a variant)
     status, answer = await runtime.infer_sealed(envelope, rows, request.model_name)
+    params: dict[str, Any] = {PARAMETER: SUITE_NAME, STATUS_PARAMETER: status}
+    if isinstance(answer, dict):
+        # a partitioned model: the head ran on the sealed input in the worker, the tail here;
+        # its outputs are in the clear (the host ran the tail on the features it saw)
+        params[PARTITIONED_PARAMETER] = True
+        outputs = [InferTensor(name, datatype_of(arr), tuple(arr.shape), arr) for name, arr in answer.items()]
+        return InferenceResponse(request.model_name, version, outputs, id=request.id, parameters=params), status
     data = np.empty(1, dtype=object)
     data[0] = answer
     out = InferTensor(SEALED_TENSOR, "BYTES", (1,), data)
-    params = {PARAMETER: SUITE_NAME, STATUS_PARAMETER: status}
     return InferenceResponse(request.model_name, version, [out], id=request.id, parameters=params), status
 
 

@@ -60,6 +60,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.partition_latency = Histogram(
+            "bastion_partition_part_seconds",
+            "Time of each part of a partitioned model per batch: the head in the trusted worker (with the "
+            "channel round trip), the tail in this process",
+            ["model", "version", "part"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.compute_latency = Histogram(
             "bastion_inference_compute_duration_seconds",
             "Time of one runtime.predict call on a batch",
@@ -275,6 +283,8 @@ class VersionMetrics(BatchObserver):
         self.request_latency = _Tally(metrics.request_latency.labels(model, version), LATENCY_BUCKETS)
         self._queue = _Tally(metrics.queue_latency.labels(model, version), LATENCY_BUCKETS)
         self._compute = _Tally(metrics.compute_latency.labels(model, version), LATENCY_BUCKETS)
+        self._metrics = metrics
+        self._parts: dict[str, _Tally] = {}
         self._batch = _Tally(metrics.batch_size.labels(model, version), tuple(float(b) for b in BATCH_BUCKETS))
         self._depth = metrics.queue_depth.labels(model, version)
         self._ready = metrics.model_ready.labels(model, version)
@@ -284,6 +294,14 @@ class VersionMetrics(BatchObserver):
 
     def count(self, outcome: str) -> None:
         self.outcomes[outcome] += 1
+
+    def observe_part(self, part: str, seconds: float) -> None:
+        """A partitioned model's part (``head`` / ``tail``): event-loop thread only."""
+        tally = self._parts.get(part)
+        if tally is None:
+            child = self._metrics.partition_latency.labels(*self._labels, part)
+            tally = self._parts[part] = _Tally(child, LATENCY_BUCKETS)
+        tally.observe(seconds)
 
     def set_ready(self, ready: bool) -> None:
         self._ready.set(1 if ready else 0)
@@ -303,7 +321,7 @@ class VersionMetrics(BatchObserver):
             if n:
                 self._outcome_children[outcome].inc(n)
                 self.outcomes[outcome] = 0
-        for tally in (self.request_latency, self._queue, self._compute, self._batch):
+        for tally in (self.request_latency, self._queue, self._compute, self._batch, *self._parts.values()):
             tally.flush()
         if self._depth_now != self._depth_flushed:
             self._depth.set(self._depth_now)

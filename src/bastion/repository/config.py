@@ -44,7 +44,7 @@ _TOP_KEYS = (
     "hardening",
     "confidential",
 )
-_CONFIDENTIAL_KEYS = ("e2e", "bundle")
+_CONFIDENTIAL_KEYS = ("e2e", "bundle", "tail")
 _E2E_MODES = ("required", "optional", "off")
 _TENSOR_KEYS = ("name", "datatype", "shape")
 _BATCHING_KEYS = ("max_queue_delay_us", "preferred_batch_sizes", "max_queue_size", "inline_max_us")
@@ -149,7 +149,10 @@ class _Parser:
         bundle = c.get("bundle", "model.bundle")
         if not isinstance(bundle, str) or not bundle or "/" in bundle or bundle.startswith("."):
             self.fail("confidential.bundle", f"expected a file name inside the version directory, got {_show(bundle)}")
-        return ConfidentialSpec(e2e=e2e, bundle=bundle)
+        tail = c.get("tail")
+        if tail is not None and (not isinstance(tail, str) or not tail or "/" in tail or tail.startswith(".")):
+            self.fail("confidential.tail", f"expected an ONNX file name in the version directory, got {_show(tail)}")
+        return ConfidentialSpec(e2e=e2e, bundle=bundle, tail=tail)
 
     def fail(self, path: str, message: str) -> NoReturn:
         raise ConfigError(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")

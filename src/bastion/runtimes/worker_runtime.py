@@ -9,6 +9,8 @@ and loads it, and answers with the signature. Plaintext inference (``e2e: option
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +62,38 @@ class WorkerRuntime:
         self._outputs = tuple(_spec(s) for s in reply["outputs"])
         self.platform = f"confidential/{reply.get('platform', '')}"
         self.bundle_sha256 = str(reply.get("bundle_sha256", ""))
+        self.tail: Any = None
+        self.part_observer: Any = None  # set by the registry: observe(part, seconds) on the loop
+        if spec.tail is not None:
+            try:
+                self._load_tail(config, Path(version_dir), spec.tail, bool(reply.get("head")))
+            except BaseException:
+                client.unload(name, self.version, self)
+                raise
         check_signature(config, "inputs", config.inputs, {s.name: s for s in self._inputs})
         check_signature(config, "outputs", config.outputs, {s.name: s for s in self._outputs})
+
+    def _load_tail(self, config: ModelConfig, version_dir: Path, tail_file: str, head: bool) -> None:
+        """A partitioned model: the worker holds the head, this process runs the tail on the
+        head's features (on the GPU provider where the runtime has one)."""
+        from bastion.runtimes.onnx_runtime import OnnxRuntime
+
+        if not head:
+            raise ModelLoadError(f"{config.name}: config.yaml names a tail, but the sealed bundle's own config does "
+                                 "not mark it as a partition head (confidential.tail): the worker would not release "
+                                 "its features")
+        tail_config = ModelConfig(name=f"{config.name}.tail", runtime="onnx", max_batch_size=config.max_batch_size,
+                                  parameters={"file": tail_file})
+        self.tail = OnnxRuntime(tail_config, version_dir)
+        features = {s.name for s in self._outputs}
+        wanted = {s.name for s in self.tail.inputs}
+        if not wanted <= features:
+            self.tail.close()
+            raise ModelLoadError(f"{config.name}: the tail takes {', '.join(sorted(wanted))}, the head gives "
+                                 f"{', '.join(sorted(features))}")
+        self.head_outputs = self._outputs
+        self._outputs = tuple(self.tail.outputs)
+        self.platform = f"partitioned/{self.platform.split('/', 1)[1]}+{self.tail.platform}"
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -77,28 +109,56 @@ class WorkerRuntime:
 
         reply = self._client.call({"op": "infer", "model": self._name, "version": self.version,
                                    "inputs": encode_tensors(inputs)})
-        return decode_tensors(reply.get("outputs"), max_bytes=self._client.max_frame_bytes)
+        outputs = decode_tensors(reply.get("outputs"), max_bytes=self._client.max_frame_bytes)
+        if self.tail is None:
+            return outputs
+        wanted = {s.name for s in self.tail.inputs}
+        return self.tail.predict({n: a for n, a in outputs.items() if n in wanted})
 
     async def apredict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The batch on the server's loop: no predict thread waits on the worker."""
         from bastion.confidential.tensor_codec import decode_tensors, encode_tensors
 
+        t0 = time.perf_counter()
         reply = await self._client.acall({"op": "infer", "model": self._name, "version": self.version,
                                           "inputs": encode_tensors(inputs)})
-        return decode_tensors(reply.get("outputs"), max_bytes=self._client.max_frame_bytes)
+        outputs = decode_tensors(reply.get("outputs"), max_bytes=self._client.max_frame_bytes)
+        if self.tail is None:
+            return outputs
+        return await self._run_tail(outputs, t0)
 
-    async def infer_sealed(self, envelope: bytes, rows: int | None, sealed_for: str) -> tuple[int, bytes]:
-        """(status, sealed answer): the worker's verdict, whose content only the client reads.
+    async def _run_tail(self, features: dict[str, np.ndarray], t0: float) -> dict[str, np.ndarray]:
+        t1 = time.perf_counter()
+        wanted = {s.name for s in self.tail.inputs}
+        outputs = await asyncio.to_thread(self.tail.predict, {n: a for n, a in features.items() if n in wanted})
+        if self.part_observer is not None:
+            self.part_observer("head", t1 - t0)
+            self.part_observer("tail", time.perf_counter() - t1)
+        return outputs
+
+    async def infer_sealed(self, envelope: bytes, rows: int | None,
+                           sealed_for: str) -> tuple[int, bytes | dict[str, np.ndarray]]:
+        """(status, answer): the sealed answer, whose content only the client reads; for a
+        partitioned model, the tail's outputs on the features the head released.
         ``sealed_for``: the name the client sealed to (a zoo's, when this is its variant)."""
+        t0 = time.perf_counter()
         reply = await self._client.acall({"op": "sealed", "model": self._name, "version": self.version,
                                           "envelope": envelope, "rows": rows, "sealed_for": sealed_for})
-        return int(reply.get("status", 502)), bytes(reply.get("envelope", b""))
+        status = int(reply.get("status", 502))
+        if self.tail is not None and status == 200:
+            from bastion.confidential.tensor_codec import decode_tensors
+
+            features = decode_tensors(reply.get("features"), max_bytes=self._client.max_frame_bytes)
+            return status, await self._run_tail(features, t0)
+        return status, bytes(reply.get("envelope", b""))
 
     async def attest(self, nonce: bytes) -> tuple[str, bytes]:
         return await self._client.attest(nonce)
 
     def close(self) -> None:
         self._client.unload(self._name, self.version, self)
+        if self.tail is not None:
+            self.tail.close()
 
 
 def _spec(item: Any) -> TensorSpec:
