@@ -191,7 +191,12 @@ def test_package_seals_the_head_and_keeps_the_tail_plain(chain_file: Path, tmp_p
     plain = tmp_path / "plain" / "chain"
     (plain / "1").mkdir(parents=True)
     (plain / "1" / "model.onnx").write_bytes(chain_file.read_bytes())
-    (plain / "config.yaml").write_text(yaml.safe_dump({"runtime": "onnx", "max_batch_size": 16}))
+    # a config that declares the whole model's signature: the head's sealed copy must not
+    # claim the whole model's outputs (its outputs are the features), the public one keeps them
+    (plain / "config.yaml").write_text(yaml.safe_dump({
+        "runtime": "onnx", "max_batch_size": 16,
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 1, 4, 4]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}]}))
     key, signer = tmp_path / "master.key", tmp_path / "signer.pem"
     write_master_key(key, generate_master_key())
     signing = generate_signing_key()
@@ -204,6 +209,7 @@ def test_package_seals_the_head_and_keeps_the_tail_plain(chain_file: Path, tmp_p
     assert "K=2" in result.output and "(sealed)" in result.output
     public = yaml.safe_load((out / "config.yaml").read_text())
     assert public["confidential"] == {"e2e": "optional", "tail": "tail.onnx"}
+    assert public["outputs"][0]["name"] == "y"
     head_in_clear = graph.split_model(onnx.load(str(chain_file)), 2)[0].SerializeToString()
     assert head_in_clear not in (out / "1" / "model.bundle").read_bytes()
     tail = onnx.load(str(out / "1" / "tail.onnx"))

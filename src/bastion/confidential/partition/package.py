@@ -8,10 +8,10 @@ them, and both configs name the tail.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
+import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bastion.confidential.package import package_confidential
@@ -32,10 +32,14 @@ def package_partitioned(model_dir: Path, out_dir: Path, cut: str | int | Cut, *,
     if not versions:
         raise PartitionError(f"{model_dir}: no version directories to split")
     splits: dict[int, Split] = {}
+    config = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8")) or {}
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / out_dir.name
         staged.mkdir()
-        shutil.copyfile(model_dir / "config.yaml", staged / "config.yaml")
+        # the head's config: the model's inputs, but its outputs are the features, and the
+        # hardening of the answer belongs to the tail (applied by the front, where it runs)
+        head_config = {k: v for k, v in config.items() if k not in ("outputs", "hardening")}
+        (staged / "config.yaml").write_text(yaml.safe_dump(head_config, sort_keys=False), encoding="utf-8")
         tails: dict[int, Path] = {}
         for version in versions:
             source = model_dir / str(version) / model_file
@@ -50,4 +54,9 @@ def package_partitioned(model_dir: Path, out_dir: Path, cut: str | int | Cut, *,
             splits[version] = split
         package_confidential(staged, out_dir, key_id=key_id, signing_key=signing_key, key_provider=key_provider,
                              e2e=e2e, tails=tails)
+    # the public config keeps the whole model's outputs and hardening: they are the tail's
+    written = yaml.safe_load((out_dir / "config.yaml").read_text(encoding="utf-8"))
+    public = {k: v for k, v in config.items() if k not in ("parameters", "name")}
+    public["confidential"] = written["confidential"]
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(public, sort_keys=False), encoding="utf-8")
     return splits
