@@ -237,3 +237,32 @@ def test_package_seals_the_head_and_keeps_the_tail_plain(chain_file: Path, tmp_p
 def chain_shape(path: Path) -> tuple[int, ...]:
     dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[1:]
     return tuple(d.dim_value for d in dims)
+
+
+def test_advise_writes_a_report_with_a_recommendation(image_scenario: BuiltScenario, tmp_path: Path) -> None:
+    """`bastion partition advise --quick` on the image CNN, two cuts: the report, the JSON and the
+    plots are written, every cut is measured, and the recommendation follows the thresholds."""
+    repo = image_scenario.repo
+    model = repo / "image_cnn" / "1" / "model.onnx"
+    data = repo / "image" / "eval.npz"
+    out = tmp_path / "advice"
+    base = ["advise", str(model), "--data", str(data), "--kind", "image", "--cuts", "2,12", "--quick",
+            "--attacks", "pgd", "--rows", "240"]
+    result = _run(*base, "--out", str(out), "--max-recon", "1", "--max-attack", "1")
+    assert result.exit_code == 0, result.output
+    advice = json.loads((out / "advice.json").read_text())
+    assert [c["cut"]["index"] for c in advice["cuts"]] == [2, 12]
+    assert advice["recommended"] == 2  # everything passes thresholds of 1: the shallowest cut
+    early, late = advice["cuts"]
+    assert early["flop_share"] < 0.05 < 0.95 < late["flop_share"]
+    # the features of the first conv give the input back much better than the logits do
+    assert early["reconstruction"]["decoder"]["ssim"] > late["reconstruction"]["decoder"]["ssim"]
+    for name in ("report.md", "risk.png", "reconstruction-K2.png"):
+        assert (out / name).stat().st_size > 0
+    # the same measurements under stricter thresholds (recommend is what advise applies)
+    from bastion.confidential.partition.advise import CutRisk, recommend
+
+    risks = [CutRisk(**c) for c in advice["cuts"]]
+    assert recommend(risks, 0.0, 0.0) is None
+    assert recommend(risks, 1.0, min(r.attack_max for r in risks)) == min(
+        (r for r in risks), key=lambda r: r.attack_max).cut["index"]

@@ -224,3 +224,64 @@ def package(model_dir: Path, at: str | None, layer: int | None, out: Path, key_i
         click.echo(f"{out}/{version}: cut K={split.cut.index} at {split.cut.tensor!r}, head "
                    f"{100 * split.cut.flop_share:.2f} % of the FLOPs (sealed), composition max |diff| "
                    f"{split.report.max_abs_diff:.3g}")
+
+
+@partition.command("advise")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="npz with the inputs and the labels (half becomes the attacker's data, half the held-out set).")
+@click.option("--input", "input_name", default=None, help="Array of the inputs in --data (default: the model's input).")
+@click.option("--labels", default="y", show_default=True, help="Array of the class labels in --data.")
+@click.option("--kind", type=click.Choice(["image", "tabular"]), required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--cuts", default=None, help="Only these cut points K (comma-separated; default: every one).")
+@click.option("--budget", type=click.Choice(["quick", "standard"]), default="standard", show_default=True)
+@click.option("--quick", is_flag=True, help="Same as --budget quick (tests, a first look).")
+@click.option("--attacks", default=None, help="Comma-separated subset of pgd,mim,apgd,cw.")
+@click.option("--max-recon", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Highest reconstruction score accepted, relative to the no-information baseline (0..1).")
+@click.option("--max-attack", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Highest head-hidden attack success rate accepted.")
+@click.option("--rows", type=click.IntRange(min=64), default=None, help="Use at most this many rows of --data.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def advise_cmd(model: str, data: str, input_name: str | None, labels: str, kind: str, out: Path, cuts: str | None,
+               budget: str, quick: bool, attacks: str | None, max_recon: float, max_attack: float, rows: int | None,
+               seed: int) -> None:
+    """Measure every candidate split of MODEL (TEE share, input reconstruction, gradient shielding)
+    and recommend one: OUT/report.md, OUT/advice.json, OUT/*.png."""
+    import sys
+
+    import numpy as np
+    from rich.progress import Progress
+
+    from bastion.confidential.partition.advise import advise, write_report
+    from bastion.confidential.partition.graph import PartitionError
+
+    onnx_model = _load(model)
+    name = input_name or onnx_model.graph.input[0].name
+    with np.load(data) as arrays:
+        if name not in arrays or labels not in arrays:
+            raise click.BadParameter(f"{data} holds {', '.join(arrays.files)}; need {name!r} and {labels!r}",
+                                     param_hint="--data")
+        x, y = arrays[name], arrays[labels]
+    if rows is not None:
+        x, y = x[:rows], y[:rows]
+    chosen = [int(k) for k in cuts.split(",")] if cuts else None
+    with Progress(transient=True) as bar:
+        task = bar.add_task("advising", total=None)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        try:
+            advice, examples, x_eval = advise(
+                onnx_model, x, y, kind=kind, cuts=chosen, budget="quick" if quick else budget, seed=seed,
+                attacks=attacks.split(",") if attacks else None, max_recon=max_recon, max_attack=max_attack,
+                progress=progress, name=Path(model).name)
+        except (PartitionError, ValueError) as err:
+            raise click.ClickException(str(err)) from None
+    report = write_report(advice, examples, x_eval, out, command="bastion " + " ".join(sys.argv[1:]))
+    rec = "none under the thresholds" if advice.recommended is None else f"K={advice.recommended}"
+    click.echo(f"recommended cut: {rec}; report {report} ({advice.seconds:.0f} s)")
+
+
