@@ -73,8 +73,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bastion.bench.launcher import child_env, free_port, http_request
-from bastion.bench.procstats import parse_proc_stat
+from bastion.bench.launcher import child_env, free_port, http_request, stop_process_group
+from bastion.bench.procstats import find_child, parse_proc_stat
 from bastion.bench.results import machine_info
 from bastion.client import Client, ClientError
 
@@ -258,10 +258,10 @@ def serve(scratch: Path, repo: Path, worker_yaml: Path, served: list[str]) -> It
     server = Server(proc, f"http://127.0.0.1:{port}", log_path)
     try:
         wait_ready(server, served)
-        server.worker_pid = find_worker(proc.pid)
+        server.worker_pid = find_child(proc.pid, b"worker", b"serve", timeout_s=10)
         yield server
     finally:
-        stop_group(proc)
+        stop_process_group(proc)
 
 
 def wait_ready(server: Server, names: list[str], timeout_s: float = 180.0) -> None:
@@ -281,32 +281,8 @@ def wait_ready(server: Server, names: list[str], timeout_s: float = 180.0) -> No
             time.sleep(0.25)
 
 
-def find_worker(front: int) -> int:
-    """The supervised worker: the front's child running ``worker serve``."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = parse_proc_stat(Path(f"/proc/{entry}/stat").read_text())
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                if stat.ppid == front and b"worker" in cmdline and b"serve" in cmdline:
-                    return stat.pid
-        time.sleep(0.1)
-    raise RuntimeError(f"no trusted worker process under the front (pid {front})")
 
 
-def stop_group(proc: subprocess.Popen[bytes]) -> None:
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        if proc.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(wait)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # a worker that outlived the front is in its group
 
 
 # ---- CPU accounting -----------------------------------------------------------------------------------

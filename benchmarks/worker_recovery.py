@@ -58,8 +58,8 @@ from typing import Any
 
 import yaml
 
-from bastion.bench.launcher import child_env, free_port, http_request
-from bastion.bench.procstats import parse_proc_stat
+from bastion.bench.launcher import child_env, free_port, http_request, stop_process_group
+from bastion.bench.procstats import find_child
 from bastion.bench.results import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -312,7 +312,7 @@ def kms_service(scratch: Path, db: Path, latency_ms: float, env: dict[str, str])
     finally:
         if proxy is not None:
             proxy.close()
-        stop_group(proc)
+        stop_process_group(proc)
         log.close()
 
 
@@ -375,7 +375,7 @@ def fronts(scratch: Path, built: Built, kms_url: str, env: dict[str, str]) -> It
         yield started
     finally:
         for front in started.values():
-            stop_group(front.proc)
+            stop_process_group(front.proc)
 
 
 def wait_ready(front: Front, built: Built, timeout_s: float = 180.0) -> None:
@@ -393,20 +393,6 @@ def wait_ready(front: Front, built: Built, timeout_s: float = 180.0) -> None:
             time.sleep(0.2)
 
 
-def find_worker(front: int) -> int:
-    """The supervised worker: the front's child running ``worker serve``."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                stat = parse_proc_stat(Path(f"/proc/{entry}/stat").read_text())
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                if stat.ppid == front and b"worker" in cmdline and b"serve" in cmdline:
-                    return stat.pid
-        time.sleep(0.05)
-    raise RuntimeError(f"no trusted worker process under the front (pid {front})")
 
 
 def process_age_s(pid: int) -> float:
@@ -414,16 +400,6 @@ def process_age_s(pid: int) -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / CLK_TCK
 
 
-def stop_group(proc: subprocess.Popen[bytes]) -> None:
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        if proc.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(wait)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # a worker that outlived its front is in its group
 
 
 # ---- one kill ------------------------------------------------------------------------------------------
@@ -448,7 +424,7 @@ def _wall(stamp: str) -> float:
 
 
 def kill_once(front: Front, built: Built, timeout_s: float = 120.0) -> dict[str, Any]:
-    pid = find_worker(front.proc.pid)
+    pid = find_child(front.proc.pid, b"worker", b"serve", timeout_s=30)
     while (age := process_age_s(pid)) < MIN_WORKER_AGE_S:
         time.sleep(MIN_WORKER_AGE_S - age + 0.05)
     url = f"{front.url}/v2/models/{built.probe_model}/infer"

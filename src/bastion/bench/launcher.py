@@ -123,14 +123,19 @@ def _stop(proc: subprocess.Popen[bytes], launch: Launch) -> None:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+    stop_process_group(proc, term_wait_s=15.0)
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], *, term_wait_s: float = 10.0) -> None:
+    """SIGTERM the process group ``proc`` leads, SIGKILL it if it outlives ``term_wait_s``."""
+    for sig, wait in ((signal.SIGTERM, term_wait_s), (signal.SIGKILL, 5.0)):
         if proc.poll() is not None:
             break
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(wait)
-    # children that outlived the leader (worker pools) are still in its process group
+    # children that outlived the leader (worker pools, a trusted worker) are still in its group
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
 

@@ -103,6 +103,21 @@ def process_tree(root: int, proc: str = PROC) -> dict[int, ProcStat]:
     return tree
 
 
+def find_child(parent: int, *words: bytes, timeout_s: float = 30.0, proc: str = PROC) -> int:
+    """The pid of a child of ``parent`` whose command line holds every one of ``words`` (e.g. the
+    trusted worker a front supervises: ``b"worker", b"serve"``), waiting up to ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for pid, stat in process_tree(parent, proc).items():
+            if stat.ppid != parent:
+                continue
+            cmdline = (_read(f"{proc}/{pid}/cmdline") or "").encode().split(b"\0")
+            if all(w in cmdline for w in words):
+                return pid
+        time.sleep(0.05)
+    raise RuntimeError(f"no child of pid {parent} running {b' '.join(words).decode()}")
+
+
 def tree_cpu_seconds(tree: dict[int, ProcStat], clock_ticks: int | None = None) -> float:
     return sum(s.ticks for s in tree.values()) / (clock_ticks or os.sysconf("SC_CLK_TCK"))
 
