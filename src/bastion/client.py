@@ -152,7 +152,8 @@ class Client:
         ``SealedRemoteError`` (status and message only this client can read). A worker that
         restarted has a new key: the request is then refused unopened, and sent once more
         after a fresh attestation."""
-        from bastion.confidential.client import SEALED_TENSOR, sealed_tensor
+        from bastion.confidential.client import sealed_tensor
+        from bastion.confidential.wire_names import PARTITIONED_PARAMETER, SEALED_TENSOR
 
         for attempt in (1, 2):
             envelope, secret, params = session.seal(inputs, outputs)
@@ -166,7 +167,7 @@ class Client:
                 session.forget()
         sealed = next((t for t in response.outputs if t.name == SEALED_TENSOR), None)
         if sealed is None:
-            if response.parameters.get("bastion_partitioned") is True:
+            if response.parameters.get(PARTITIONED_PARAMETER) is True:
                 # a partitioned model: the input stayed sealed up to the worker's head; the
                 # tail ran on the host, so its outputs come in the clear (docs/CONFIDENTIAL.md)
                 return {t.name: t.data for t in response.outputs}

@@ -30,19 +30,16 @@ from bastion.confidential.attestation import (
     verify_evidence,
 )
 from bastion.confidential.sealing import (
-    PARAMETER,
-    SEALED_TENSOR,
-    SUITE_NAME,
     RequestSecret,
     open_response,
     seal_request,
 )
+from bastion.confidential.wire_names import PARAMETER, ROWS_PARAMETER, SEALED_TENSOR, SUITE_NAME
 
 log = logging.getLogger("bastion.client")
 
-__all__ = ["ROWS_PARAMETER", "ConfidentialSession", "policy_from"]
+__all__ = ["ROWS_PARAMETER", "SEALED_TENSOR", "ConfidentialSession", "policy_from", "sealed_tensor"]
 
-ROWS_PARAMETER = "bastion_rows"
 DEV_WARNING = ("WARNING: accepting DEV attestation: the worker's evidence is self-signed and proves nothing about "
                "the machine it runs on; never use --allow-dev-attestation with real data")
 
@@ -114,4 +111,3 @@ def sealed_tensor(envelope: bytes) -> np.ndarray:
     return data
 
 
-__all__ += ["SEALED_TENSOR", "sealed_tensor"]

@@ -44,6 +44,7 @@ from bastion.confidential.tensor_codec import (
     encode_tensors,
     loads_cbor,
 )
+from bastion.confidential.wire_names import PARAMETER, SEALED_TENSOR, SUITE_NAME
 from bastion.core.errors import BastionError, InvalidInput, Overloaded
 
 __all__ = [
@@ -64,9 +65,6 @@ __all__ = [
     "seal_response",
 ]
 
-SUITE_NAME = "hpke-x25519-hkdfsha256-aes256gcm-v1"
-SEALED_TENSOR = "bastion_sealed"  # the one BYTES tensor (shape [1]) that carries an envelope on the V2 wire
-PARAMETER = "bastion_confidential"  # request parameter whose value is SUITE_NAME
 
 REQUEST_MAGIC = b"BSE1"
 RESPONSE_MAGIC = b"BSR1"

@@ -18,11 +18,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import secrets
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,10 +299,3 @@ def set_current_worker(client: WorkerClient | None) -> None:
 def current_worker() -> WorkerClient | None:
     return _current
 
-
-def new_nonce() -> bytes:
-    return secrets.token_bytes(32)
-
-
-def measurement_of(att: Attestation | None) -> Mapping[str, str]:
-    return dict(att.measurement) if att is not None else {}

@@ -12,11 +12,18 @@ status in the ``bastion_status`` response parameter.
 from __future__ import annotations
 
 import base64
-import binascii
 from typing import Any
 
 import numpy as np
 
+from bastion.confidential.wire_names import (  # names only: plain models never import the crypto
+    PARAMETER,
+    PARTITIONED_PARAMETER,
+    ROWS_PARAMETER,
+    SEALED_TENSOR,
+    STATUS_PARAMETER,
+    SUITE_NAME,
+)
 from bastion.core.datatypes import datatype_of
 from bastion.core.errors import BastionError, InvalidInput, NotFound
 from bastion.core.tensors import InferenceRequest, InferenceResponse, InferTensor
@@ -31,14 +38,6 @@ __all__ = [
     "is_sealed",
     "run_sealed",
 ]
-
-# the same names as confidential.sealing (not imported: the hot path must not load HPKE for plain models)
-PARAMETER = "bastion_confidential"
-SEALED_TENSOR = "bastion_sealed"
-SUITE_NAME = "hpke-x25519-hkdfsha256-aes256gcm-v1"
-ROWS_PARAMETER = "bastion_rows"
-STATUS_PARAMETER = "bastion_status"
-PARTITIONED_PARAMETER = "bastion_partitioned"
 
 
 class SealedError(BastionError):
@@ -118,9 +117,3 @@ async def attestation_document(registry: Any, zoos: Any, name: str, version: str
         "parameter": PARAMETER,
     }
 
-
-def decode_b64(text: str, field: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidInput(f"{field}: expected base64") from None
