@@ -52,13 +52,18 @@ whoever sits between worker and service could seal a data key of its own choosin
 worker. That gains nothing: a bundle is signed (Ed25519) and every chunk is AES-GCM
 authenticated under the real data key, so a substituted key only makes the bundle fail
 to open. Serve over TLS (``--tls-cert``) anyway where the network is not trusted.
+
+The decision's inputs live beside it, each in its own module: ``kms_policy.py`` holds the
+nonce book and turns a key id's release policy into the measurement check the evidence
+must pass (and the HPKE ``info`` the answer is bound with); ``kms_requests.py`` parses
+and bounds the request body. This module routes, decides ``release`` and ``generate``
+step by step, audits every decision, and runs the service.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import hashlib
 import logging
@@ -67,27 +72,29 @@ import secrets
 import signal
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from bastion.confidential.attestation import (
-    MAX_EVIDENCE_BYTES,
-    Attestation,
-    AttestationError,
-    MeasurementPolicy,
-    verify_evidence,
-)
+from bastion.confidential.attestation import Attestation, AttestationError, verify_evidence
 from bastion.confidential.identity import seal_to
-from bastion.confidential.kms_store import KmsStore, KmsStoreError, ReleasePolicy
+from bastion.confidential.kms_policy import (
+    MAX_NONCES,
+    NONCE_BYTES,
+    NONCE_TTL_S,
+    RELEASE_INFO_PREFIX,
+    NonceBook,
+    PolicyMismatch,
+    _measurement_policy,
+    release_info,
+)
+from bastion.confidential.kms_requests import MAX_BODY_BYTES, MAX_WRAPPED_BYTES, FieldError, _parse_key_request
+from bastion.confidential.kms_store import KmsStore, KmsStoreError
 from bastion.core.errors import (
     BastionError,
-    InvalidInput,
     MethodNotAllowed,
     NotFound,
     Overloaded,
@@ -103,12 +110,16 @@ __all__ = [
     "AUDIT_WRITER",
     "MAX_BODY_BYTES",
     "MAX_NONCES",
+    "MAX_WRAPPED_BYTES",
     "NONCE_BYTES",
     "NONCE_TTL_S",
     "RELEASE_INFO_PREFIX",
+    "FieldError",
     "KmsApp",
     "NonceBook",
+    "PolicyMismatch",
     "audit_log_for",
+    "bind_socket",
     "release_info",
     "run_kms",
     "serve_kms",
@@ -116,33 +127,12 @@ __all__ = [
 
 log = logging.getLogger("bastion.kms")
 
-RELEASE_INFO_PREFIX = b"bastion-kms-release-v1\x00"
-NONCE_BYTES = 32
-NONCE_TTL_S = 120.0
-MAX_NONCES = 4096  # outstanding at once: ~34 releases a second sustained at a 120 s lifetime
-# evidence (at most 64 KiB, 87 KiB as base64) and three short fields; checked before parsing
-MAX_BODY_BYTES = 256 * 1024
-MAX_WRAPPED_BYTES = 4096  # bundles refuse larger wrapped keys (bundles._MAX_WRAPPED_KEY)
 AUDIT_WRITER = "kms"
 AUDIT_ADMIN_WRITER = "kms_admin"
 AUDIT_CHAIN_PURPOSE = "audit-chain"  # the purpose `bastion audit verify` derives the chain key with
 _MAX_REASON = 500
-_KIND_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 
 Response = tuple[int, list[tuple[bytes, bytes]], bytes]
-
-
-def release_info(key_id: str, nonce: bytes) -> bytes:
-    """The HPKE ``info`` a released key is sealed with: binds the answer to its key id and nonce."""
-    return RELEASE_INFO_PREFIX + key_id.encode() + b"\x00" + nonce
-
-
-class FieldError(InvalidInput):
-    """A 400 that names the request field at fault."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(f"{name}: {message}")
-        self.field = name
 
 
 class Unavailable(BastionError):
@@ -150,106 +140,6 @@ class Unavailable(BastionError):
 
     http_status = 503
     grpc_code = "UNAVAILABLE"
-
-
-# ---------------------------------------------------------------------- nonces
-
-
-class NonceBook:
-    """Nonces this service issued and not yet seen back: single use, ``ttl_s`` lifetime,
-    at most ``capacity`` outstanding. Insertion order is expiry order (one lifetime for
-    all, a monotonic clock), so expired ones are dropped from the front."""
-
-    def __init__(
-        self, *, capacity: int = MAX_NONCES, ttl_s: float = NONCE_TTL_S, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if capacity < 1 or ttl_s <= 0:
-            raise ValueError("NonceBook: capacity >= 1 and ttl_s > 0")
-        self.capacity = capacity
-        self.ttl_s = ttl_s
-        self._clock = clock
-        self._live: dict[bytes, float] = {}  # nonce -> expiry (monotonic)
-        self._lock = threading.Lock()  # the loop thread only under HttpServer; cheap insurance elsewhere
-
-    def __len__(self) -> int:
-        return len(self._live)
-
-    def _purge(self, now: float) -> None:
-        while self._live:
-            nonce, expiry = next(iter(self._live.items()))
-            if expiry > now:
-                return
-            del self._live[nonce]
-
-    def issue(self) -> bytes:
-        """A fresh nonce; :class:`Overloaded` (503, with the wait) when the table is full."""
-        with self._lock:
-            now = self._clock()
-            self._purge(now)
-            if len(self._live) >= self.capacity:
-                wait = next(iter(self._live.values())) - now
-                raise Overloaded(
-                    f"{self.capacity} nonces are outstanding, the most this service holds; retry in {wait:.0f} s",
-                    retry_after=max(wait, 1.0),
-                )
-            nonce = secrets.token_bytes(NONCE_BYTES)
-            self._live[nonce] = now + self.ttl_s
-            return nonce
-
-    def consume(self, nonce: bytes) -> None:
-        """Use ``nonce`` up, or raise :class:`PermissionDenied` saying why it is not acceptable."""
-        with self._lock:
-            expiry = self._live.pop(nonce, None)
-        if expiry is None:
-            raise PermissionDenied("unknown nonce or already used: ask POST /v1/nonce for a fresh one, use it once")
-        if expiry <= self._clock():
-            raise PermissionDenied(f"nonce expired (nonces live {self.ttl_s:.0f} s): ask POST /v1/nonce again")
-
-
-# ---------------------------------------------------------------------- policy
-
-
-class PolicyMismatch(AttestationError):
-    """Evidence that verified (signature, nonce, freshness) but whose measurement the
-    policy does not accept; carries the attestation so the refusal can be audited with
-    what the worker attests."""
-
-    def __init__(self, message: str, attestation: Attestation) -> None:
-        super().__init__(message)
-        self.attestation = attestation
-
-
-@dataclass(frozen=True)
-class _AnyOf(MeasurementPolicy):
-    """A ``MeasurementPolicy`` accepting any one of several measurements.
-
-    ``verify_evidence`` calls ``check`` last, after signature, chain, nonce, freshness and
-    public key have passed: one verification, however many measurements are accepted.
-    ``expected`` holds the first of them (the base class reads it as "something is expected").
-    """
-
-    accepted: tuple[Mapping[str, str], ...] = ()
-
-    def check(self, att: Attestation) -> None:
-        reasons = []
-        for want in self.accepted:
-            try:
-                MeasurementPolicy(expected=want).check(att)
-                return
-            except AttestationError as exc:
-                reasons.append(str(exc))
-        if not reasons:
-            raise PolicyMismatch("the policy accepts no measurement", att)
-        if len(reasons) == 1:
-            raise PolicyMismatch(reasons[0], att)
-        listed = "; ".join(f"[{i}] {r}" for i, r in enumerate(reasons, 1))
-        raise PolicyMismatch(f"the worker matches none of the {len(reasons)} accepted measurements: {listed}", att)
-
-
-def _measurement_policy(policy: ReleasePolicy) -> _AnyOf:
-    return _AnyOf(
-        expected=policy.accept[0], allow_dev=policy.allow_dev, max_age_s=policy.max_age_s, accepted=policy.accept
-    )
 
 
 class _StoreKeys(LocalKeyProvider):
@@ -264,66 +154,6 @@ class _StoreKeys(LocalKeyProvider):
 
     def __str__(self) -> str:
         return f"the KMS store {self._store.path}"
-
-
-# ---------------------------------------------------------------------- requests
-
-
-@dataclass(frozen=True)
-class _KeyRequest:
-    kind: str
-    evidence: bytes
-    nonce: bytes
-    wrapped: bytes | None  # None for generate
-
-
-_RELEASE_FIELDS = ("kind", "evidence", "nonce", "wrapped")
-_GENERATE_FIELDS = ("kind", "evidence", "nonce")
-
-
-def _b64_field(body: Mapping[str, Any], name: str, limit: int) -> bytes:
-    value = body.get(name)
-    if value is None:
-        raise FieldError(name, "missing (expected base64 text)")
-    if not isinstance(value, str):
-        raise FieldError(name, f"expected base64 text, got {type(value).__name__}")
-    if len(value) > (limit + 2) // 3 * 4 + 4:  # longer than any base64 of ``limit`` bytes: not decoded
-        raise FieldError(name, f"more than {limit} bytes")
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise FieldError(name, "not base64 (standard alphabet, padded)") from None
-    if len(raw) > limit:
-        raise FieldError(name, f"{len(raw)} bytes, more than {limit}")
-    return raw
-
-
-def _parse_key_request(body: bytes, *, generate: bool = False) -> _KeyRequest:
-    fields = _GENERATE_FIELDS if generate else _RELEASE_FIELDS
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise FieldError("body", "not JSON; expected {" + ", ".join(f'"{f}"' for f in fields) + "}") from None
-    if not isinstance(data, dict):
-        raise FieldError("body", f"expected a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise FieldError(unknown[0][:40], f"unknown field (expected {', '.join(fields)})")
-    kind = data.get("kind")
-    if not isinstance(kind, str) or not kind or len(kind) > 32 or not set(kind) <= _KIND_CHARS:
-        raise FieldError("kind", 'expected the evidence kind, e.g. "nitro" or "dev"')
-    nonce = _b64_field(data, "nonce", NONCE_BYTES)
-    if len(nonce) != NONCE_BYTES:
-        raise FieldError("nonce", f"{len(nonce)} bytes, expected {NONCE_BYTES} (the nonce POST /v1/nonce gave)")
-    evidence = _b64_field(data, "evidence", MAX_EVIDENCE_BYTES)
-    if not evidence:
-        raise FieldError("evidence", "empty")
-    if generate:
-        return _KeyRequest(kind, evidence, nonce, None)
-    wrapped = _b64_field(data, "wrapped", MAX_WRAPPED_BYTES)
-    if not wrapped:
-        raise FieldError("wrapped", "empty")
-    return _KeyRequest(kind, evidence, nonce, wrapped)
 
 
 def _json(status: int, data: Mapping[str, Any], extra: list[tuple[bytes, bytes]] | None = None) -> Response:

@@ -28,7 +28,8 @@ from urllib.parse import quote
 import httpx
 
 from bastion.confidential.identity import WorkerIdentity, current_identity
-from bastion.confidential.kms import MAX_WRAPPED_BYTES, NONCE_BYTES, release_info
+from bastion.confidential.kms_policy import NONCE_BYTES, release_info
+from bastion.confidential.kms_requests import MAX_WRAPPED_BYTES
 from bastion.core.errors import BastionError
 from bastion.guard.keyproviders import KEY_BYTES, KeyProviderError, KeyUnwrapError, check_key_id
 
