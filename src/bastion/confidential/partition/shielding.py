@@ -24,43 +24,23 @@ does, by running the same attacks twice:
     whole model: they work only as far as they transfer. The drop from white-box to
     head-hidden success is the protection the split buys.
 
-    The surrogate has the head's architecture (the attacker is assumed to know it, as in
-    Pelta: the architecture is public, the weights are secret): it is the head's own
-    onnx2torch module with every weight re-initialised (``reset_parameters`` of each
-    torch layer; floating-point ONNX initializers the converter keeps as buffers, such
-    as a scikit-learn MLP's ``MatMul`` coefficients, become parameters, matrices drawn
-    from U(+-1/sqrt(fan_in)) and bias-like vectors zero). A head with no weights at all
-    (a ``Cast``) is no secret: its surrogate is the head itself, and the result equals
-    the white-box one. It is trained with Adam (linear warm-up over the first 10 % of
-    the steps, then cosine-annealed) on the MSE between its output and the real
-    features, in units of the features' variance, on 85 % of the auxiliary rows; each
-    of the budget's learning rates gets a run and the one with the lowest MSE on the
-    other 15 % is kept (the attacker's own validation). ``details`` reports how well it
-    fits: feature R² and label agreement of ``surrogate -> tail`` with the real model,
-    on the evaluation inputs (never trained on: the attacker sees their features, not
-    the inputs).
+    The surrogate (``surrogate.py``) has the head's architecture with its weights
+    re-initialised and trained on the attacker's pairs; a head with no weights at all (a
+    ``Cast``) is no secret: its surrogate is the head itself, and the result equals the
+    white-box one. ``details`` reports how well it fits: the surrogate's training (learning
+    rate chosen, hold-out loss, seconds), feature R² and label agreement of
+    ``surrogate -> tail`` with the real model, on the evaluation inputs (never trained on:
+    the attacker sees their features, not the inputs).
 
     Not modelled: an attacker who can also *query* the real head (a client of the
     service as well as the host) could run true BPDA, the real head forward and the
     surrogate backward; here the surrogate replaces the head in both passes.
 
-Logits. The scenario models end with ``Softmax -> probabilities`` and ``ArgMax ->
-label`` (the image CNNs), or with ``Sigmoid -> [1 - p, p]`` and an ``ai.onnx.ml``
-label lookup (the scikit-learn MLP). The attacks run on *logits*, taken from the graph:
-the input of the ``Softmax`` that produces the probabilities output, or, for a sigmoid
-binary classifier, its input ``z`` as the logits ``[0, z]`` (whose softmax is exactly
-``[1 - sigmoid(z), sigmoid(z)]``). Not ``log(probabilities)``: that is the same
-classifier mathematically, but in float32 a confident softmax saturates (p rounds to
-1.0, the others underflow to 0), and the log then has zero or infinite gradients,
-which would weaken every gradient attack and C&W's margin loss for reasons that are
-numerical, not a property of the split. ``log(probabilities)`` (clamped at 1e-30) is
-only the fallback for a model whose probabilities come from anything else, and for a
-cut *after* the logits (a sigmoid classifier cut at the sigmoid's output), where the
-tail sees no logits. The conversion is checked once per call: the softmax of the
-torch logits must match ONNX Runtime's probabilities within 1e-4 on evaluation rows.
-Scope: classifiers with one input tensor (every scenario model); onnx2torch must know
-every operator of the head and of the tail up to the logits (the ``ai.onnx.ml`` label
-lookup after them is never converted).
+Logits. The attacks run on the model's *logits*, read from the graph (the input of the
+final ``Softmax``, or ``[0, z]`` for a sigmoid binary classifier; ``log(probabilities)``
+only as a fallback); ``torch_convert.py`` converts the model and the cut's head and tail
+with onnx2torch and checks the conversion against ONNX Runtime (within 1e-4 on the
+probabilities). Scope: classifiers with one input tensor (every scenario model).
 
 Attacks (``attacks``; all untargeted, labels = the true labels; the L-inf ones share
 ``eps``):
@@ -109,11 +89,8 @@ afterwards; the same seed gives the same numbers on the same machine.
 
 from __future__ import annotations
 
-import copy
 import math
-import sys
 import time
-import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -123,7 +100,16 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from bastion.confidential.partition.graph import Cut, PartitionError, resolve_cut, split_model
+from bastion.confidential.partition.graph import Cut, resolve_cut
+from bastion.confidential.partition.surrogate import _fit_surrogate
+from bastion.confidential.partition.torch_convert import CONVERSION_ATOL as CONVERSION_ATOL
+from bastion.confidential.partition.torch_convert import (
+    _check_conversion,
+    _predict,
+    _split_modules,
+    convert,
+    logits_model,
+)
 
 __all__ = [
     "ATTACKS",
@@ -144,9 +130,7 @@ Setting = Literal["white-box", "head-hidden"]
 Progress = Callable[[int, int], None]
 
 ATTACKS: tuple[str, ...] = ("pgd", "mim", "apgd", "cw")
-CONVERSION_ATOL = 1e-4
-_CHECK_ROWS = 32
-_LOG_FLOOR = 1e-30  # log(probabilities) fallback: the floor keeps log(0) finite
+_CHECK_ROWS = 32  # evaluation rows the torch conversion is checked on against ONNX Runtime
 
 
 @dataclass(frozen=True)
@@ -221,174 +205,6 @@ def default_attacks(kind: Kind) -> tuple[str, ...]:
     return ATTACKS if kind == "image" else ("pgd", "mim", "apgd")
 
 
-# --------------------------------------------------------------------------- conversion
-
-
-def _onnx2torch() -> Any:
-    """``onnx2torch.convert``. onnx2torch imports torchvision at import time, only for the NMS
-    and RoIAlign converters (detection models, none of ours); installing torchvision would let
-    pip replace the CPU build of torch, so where torchvision is missing a placeholder stands in
-    for it during the import (those two converters then fail if ever used) and is removed after."""
-    try:
-        import onnx2torch
-    except ModuleNotFoundError as err:
-        if err.name != "torchvision":
-            raise
-        stub, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
-
-        def _missing(*_args: Any, **_kwargs: Any) -> Any:
-            raise NotImplementedError("torchvision is not installed: NMS and RoIAlign cannot be converted")
-
-        ops.roi_align = ops.nms = ops.box_convert = _missing  # type: ignore[attr-defined]
-        stub.ops = ops  # type: ignore[attr-defined]
-        for name in [n for n in sys.modules if n == "onnx2torch" or n.startswith("onnx2torch.")]:
-            del sys.modules[name]  # a half-imported package from the failed attempt
-        sys.modules["torchvision"], sys.modules["torchvision.ops"] = stub, ops
-        try:
-            import onnx2torch
-        finally:
-            del sys.modules["torchvision"], sys.modules["torchvision.ops"]
-    return onnx2torch.convert
-
-
-def convert(model: onnx.ModelProto) -> Any:
-    """The ONNX model as a torch module (onnx2torch), in eval mode, with gradients off for its
-    weights (attacks differentiate with respect to the input only)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # onnx2torch warns about ops it converts approximately; the check catches them
-        module = _onnx2torch()(model)
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
-
-
-def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
-    return onnx.shape_inference.infer_shapes(model)
-
-
-def _probabilities_output(model: onnx.ModelProto) -> str:
-    """The graph output that holds class probabilities: the one named ``probabilities``, else the
-    first floating-point output of rank 2."""
-    names = [o.name for o in model.graph.output]
-    if "probabilities" in names:
-        return "probabilities"
-    for o in model.graph.output:
-        t = o.type.tensor_type
-        if t.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE) and len(t.shape.dim) == 2:
-            return o.name
-    raise PartitionError(f"no probabilities output among {names}: the attacks need class scores")
-
-
-@dataclass(frozen=True)
-class _Logits:
-    """Where the logits are and how to read them: ``tensor`` with ``mode`` "softmax" (the tensor
-    is the logits), "sigmoid" (a [N, 1] logit z -> [0, z]) or "log" (``tensor`` holds
-    probabilities)."""
-
-    tensor: str
-    mode: str
-    probabilities: str
-
-
-def _find_logits(model: onnx.ModelProto) -> _Logits:
-    probs = _probabilities_output(model)
-    producer = {out: n for n in model.graph.node for out in n.output}
-    node = producer.get(probs)
-    if node is not None and node.op_type == "Softmax":
-        return _Logits(node.input[0], "softmax", probs)
-    if node is not None and node.op_type == "Concat" and len(node.input) == 2:
-        # scikit-learn / skl2onnx binary classifiers: Concat(1 - sigmoid(z), sigmoid(z))
-        second = producer.get(node.input[1])
-        first = producer.get(node.input[0])
-        if (second is not None and second.op_type == "Sigmoid" and first is not None and first.op_type == "Sub"
-                and second.output[0] in first.input):
-            return _Logits(second.input[0], "sigmoid", probs)
-    return _Logits(probs, "log", probs)
-
-
-def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
-    return onnx.utils.Extractor(_infer(model)).extract_model(inputs, outputs)
-
-
-def _graph_inputs(model: onnx.ModelProto) -> list[str]:
-    weights = {t.name for t in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in weights]
-
-
-def _wrap(torch: Any, inner: Any, mode: str) -> Any:
-    """``inner`` (a module) followed by the read-out that makes logits of its output."""
-    nn = torch.nn
-
-    class ToLogits(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x: Any) -> Any:
-            out = self.inner(x)
-            if mode == "sigmoid":
-                z = out.reshape(len(out), -1)
-                return torch.cat([torch.zeros_like(z), z], dim=1)
-            if mode == "log":
-                return torch.log(out.clamp_min(_LOG_FLOOR))
-            return out
-
-    return ToLogits().eval()
-
-
-def logits_model(model: onnx.ModelProto) -> Any:
-    """The whole model as a torch module from its inputs to logits (see the module docstring)."""
-    import torch
-
-    inputs = _graph_inputs(model)
-    if len(inputs) != 1:
-        raise PartitionError(f"the attacks perturb one input tensor; the model has {len(inputs)}: {inputs}")
-    spot = _find_logits(model)
-    sub = _extract(model, inputs, [spot.tensor])
-    return _wrap(torch, convert(sub), spot.mode)
-
-
-def _ort_probabilities(model: onnx.ModelProto, x: np.ndarray, name: str) -> np.ndarray:
-    from bastion.runtimes.onnx_runtime import ort  # telemetry off, as in the server
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    (inp,) = _graph_inputs(model)
-    return np.asarray(sess.run([name], {inp: x})[0], dtype=np.float64)
-
-
-def _check_conversion(torch: Any, model: onnx.ModelProto, full: Any, x: np.ndarray) -> float:
-    """Max |softmax(torch logits) - ONNX Runtime probabilities| on ``x``; PartitionError beyond 1e-4."""
-    spot = _find_logits(model)
-    want = _ort_probabilities(model, x, spot.probabilities)
-    with torch.no_grad():
-        got = torch.softmax(full(torch.from_numpy(x)), dim=1).double().numpy()
-    if got.shape != want.shape:
-        raise PartitionError(f"converted model gives {got.shape} probabilities, ONNX Runtime {want.shape}")
-    diff = float(np.max(np.abs(got - want))) if got.size else 0.0
-    if not diff <= CONVERSION_ATOL:
-        raise PartitionError(f"the torch conversion differs from ONNX Runtime by {diff:.3g} > {CONVERSION_ATOL:g} "
-                             f"on the probabilities ({spot.mode} read-out of {spot.tensor!r})")
-    return diff
-
-
-def _split_modules(torch: Any, model: onnx.ModelProto, cut: Cut) -> tuple[Any, Any]:
-    """(head, tail_to_logits) as torch modules for ``cut``."""
-    spot = _find_logits(model)
-    head, tail = split_model(model, cut)
-    tail_nodes = {out for n in tail.graph.node for out in n.output}
-    if cut.tensor == spot.tensor:  # the head computes the logits itself: the tail is a read-out
-        tail_mod: Any = torch.nn.Identity()
-        mode = spot.mode
-    elif spot.tensor in tail_nodes:
-        tail_mod, mode = convert(_extract(tail, [cut.tensor], [spot.tensor])), spot.mode
-    else:  # a cut after the logits (at a sigmoid's output): the tail only has probabilities
-        tail_mod, mode = convert(_extract(tail, [cut.tensor], [spot.probabilities])), "log"
-    return convert(head), _wrap(torch, tail_mod, mode)
-
-
 # --------------------------------------------------------------------------- sessions and data
 
 
@@ -445,11 +261,6 @@ def _clip_values(kind: str, x_aux: np.ndarray | None, x_eval: np.ndarray) -> tup
         return 0.0, 1.0
     ref = x_aux if x_aux is not None else x_eval
     return float(ref.min()), float(ref.max())
-
-
-def _predict(torch: Any, module: Any, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    with torch.no_grad():
-        return np.concatenate([module(torch.from_numpy(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
 
 
 @dataclass
@@ -634,101 +445,6 @@ def run_white_box(model: onnx.ModelProto, x_eval: Any, y_eval: Any, *, kind: Kin
         return _results(torch, attacks, t.full, t, setting="white-box", cut=None, eps=eps,
                         l2_eps=_l2_eps(l2_eps, eps, xe), spec=spec, budget_name=budget_name, seed=seed,
                         extra={"conversion_max_abs_diff": t.conversion_diff}, tick=tick)
-
-
-# --------------------------------------------------------------------------- the surrogate head
-
-
-def _trainable_surrogate(torch: Any, head: Any) -> tuple[Any, int]:
-    """A copy of the head module with every weight re-initialised and trainable; and how many
-    weights it has (0: the head is weight-free, the copy is exact)."""
-    nn = torch.nn
-    sur = copy.deepcopy(head)
-    for module in sur.modules():
-        # onnx2torch keeps initializers that feed generic ops (MatMul, Add) as buffers of an
-        # `initializers` module; they are the head's weights as much as a Conv's are
-        for name, buf in list(module._buffers.items()):
-            if module is not sur and type(module) is nn.Module and buf is not None and buf.is_floating_point() \
-                    and buf.ndim >= 1:
-                del module._buffers[name]
-                module.register_parameter(name, nn.Parameter(buf.detach().clone()))
-    n_weights = 0
-    for module in sur.modules():
-        if hasattr(module, "reset_parameters") and callable(module.reset_parameters) and module is not sur:
-            module.reset_parameters()
-        if type(module) is nn.Module and module is not sur:
-            for p in module._parameters.values():
-                if p is None:
-                    continue
-                with torch.no_grad():
-                    if sum(d > 1 for d in p.shape) >= 2:  # a matrix: x @ W, fan-in is the second-to-last dim
-                        bound = 1.0 / math.sqrt(max(1, p.shape[-2]))
-                        p.uniform_(-bound, bound)
-                    else:  # a bias-like vector
-                        p.zero_()
-    for p in sur.parameters():
-        p.requires_grad_(True)
-        n_weights += p.numel()
-    return sur, n_weights
-
-
-def _train_surrogate(torch: Any, sur: Any, x_t: Any, f_t: Any, lr: float, spec: ShieldBudget, scale: float,
-                     seed: int) -> Any:
-    opt = torch.optim.Adam(sur.parameters(), lr=lr)
-    warm = max(1, spec.surrogate_steps // 10)
-
-    def factor(step: int) -> float:
-        # linear warm-up, then cosine down to 2 %: without the warm-up, Adam's first large steps
-        # killed the ReLUs of deeper heads at the learning rates a linear head needs
-        if step < warm:
-            return (step + 1) / warm
-        frac = (step - warm) / max(1, spec.surrogate_steps - warm)
-        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    gen = torch.Generator().manual_seed(seed)
-    sur.train()
-    for _ in range(spec.surrogate_steps):
-        idx = torch.randint(0, len(x_t), (min(spec.batch, len(x_t)),), generator=gen)
-        loss = torch.mean((sur(x_t[idx]) - f_t[idx]) ** 2) / scale
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return sur.eval()
-
-
-def _fit_surrogate(torch: Any, head: Any, x_aux: np.ndarray, spec: ShieldBudget,
-                   seed: int) -> tuple[Any, dict[str, Any]]:
-    """Fit a surrogate of ``head`` on the attacker's inputs and the real features for them: one
-    run per learning rate of the budget, keeping the run with the lowest MSE on a 15 % hold-out
-    of the auxiliary rows (the attacker's own validation; the evaluation rows are never used)."""
-    f_aux = _predict(torch, head, x_aux)  # what the host saw for the attacker's own inputs
-    fresh, n_weights = _trainable_surrogate(torch, head)
-    info: dict[str, Any] = {"surrogate": "head architecture, re-initialised", "surrogate_weights": n_weights,
-                            "surrogate_steps": spec.surrogate_steps}
-    if n_weights == 0:
-        info.update(surrogate="exact (the head has no weights)", surrogate_steps=0)
-        return fresh.eval(), info
-    order = np.random.default_rng(seed).permutation(len(x_aux))
-    n_val = min(len(x_aux) // 2, max(1, round(0.15 * len(x_aux))))
-    va, tr = order[:n_val], order[n_val:]
-    scale = float(np.var(f_aux[tr])) or 1.0  # MSE in units of the features' variance, so one lr fits every cut
-    x_t, f_t = torch.from_numpy(x_aux[tr]), torch.from_numpy(f_aux[tr])
-    x_v, f_v = torch.from_numpy(x_aux[va]), torch.from_numpy(f_aux[va])
-    best: tuple[float, float, Any] | None = None
-    for lr in spec.surrogate_lrs:
-        sur = _train_surrogate(torch, copy.deepcopy(fresh), x_t, f_t, lr, spec, scale, seed)
-        with torch.no_grad():
-            val = float(torch.mean((sur(x_v) - f_v) ** 2)) / scale
-        if best is None or val < best[0]:  # NaN (a diverged run) never wins
-            best = (val, lr, sur)
-    assert best is not None
-    val, lr, sur = best
-    for p in sur.parameters():
-        p.requires_grad_(False)
-    info.update(surrogate_lr=lr, surrogate_val_loss=val)
-    return sur, info
 
 
 def run_shielding(model: onnx.ModelProto, cut: str | int | Cut, x_aux: Any, x_eval: Any, y_eval: Any, *,
