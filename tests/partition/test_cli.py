@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 from datetime import datetime
 from pathlib import Path
@@ -257,8 +258,16 @@ def test_advise_writes_a_report_with_a_recommendation(image_scenario: BuiltScena
     assert early["flop_share"] < 0.05 < 0.95 < late["flop_share"]
     # the features of the first conv give the input back much better than the logits do
     assert early["reconstruction"]["decoder"]["ssim"] > late["reconstruction"]["decoder"]["ssim"]
-    for name in ("report.md", "risk.png", "reconstruction-K2.png"):
+    for name in ("report.md", "report.html", "risk.png", "reconstruction-K2.png"):
         assert (out / name).stat().st_size > 0
+    page = (out / "report.html").read_text()
+    assert '<tr class="rec"><td>2</td>' in page and 'src="reconstruction-K2.png"' in page
+    # the HTML re-rendered from advice.json alone is the page the run wrote
+    from bastion.confidential.partition.advice_report import load_advice, render_html
+
+    pictures = [out / "reconstruction-K2.png", out / "reconstruction-K12.png"]
+    command = page.split("Command: ", 1)[1].split("</p>", 1)[0]
+    assert render_html(load_advice(out / "advice.json"), command=html.unescape(command), pictures=pictures) == page
     # the same measurements under stricter thresholds (recommend is what advise applies)
     from bastion.confidential.partition.advise import CutRisk, recommend
 
@@ -266,3 +275,20 @@ def test_advise_writes_a_report_with_a_recommendation(image_scenario: BuiltScena
     assert recommend(risks, 0.0, 0.0) is None
     assert recommend(risks, 1.0, min(r.attack_max for r in risks)) == min(
         (r for r in risks), key=lambda r: r.attack_max).cut["index"]
+
+
+def test_the_html_report_escapes_what_the_model_file_names() -> None:
+    """Tensor names come from an untrusted model file: the page shows them, never runs them."""
+    from bastion.confidential.partition.advice_report import render_html
+    from bastion.confidential.partition.advise import Advice, CutRisk
+
+    cut = CutRisk(cut={"index": 3, "tensor": "<script>alert(1)</script>"}, flop_share=0.1, latency_share=0.2,
+                  reconstruction={"decoder": {"ssim": 0.4}, "cgan": {"ssim": 0.5}}, recon_relative=0.1,
+                  attacks={"pgd": 0.3}, attack_max=0.3)
+    advice = Advice(model="m<&>.onnx", kind="image", budget="standard", seed=1,
+                    thresholds={"max_recon_relative": 0.5, "max_attack_success": 0.5}, white_box={"pgd": 0.9},
+                    baseline={"ssim": 0.3}, cuts=[cut], recommended=3, seconds=2.0)
+    page = render_html(advice)
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "m&lt;&amp;&gt;.onnx" in page and '<tr class="rec"><td>3</td>' in page
+    assert "Recommended: K=3" in page and "quick budget" not in page

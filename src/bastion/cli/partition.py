@@ -235,7 +235,8 @@ def package(model_dir: Path, at: str | None, layer: int | None, out: Path, key_i
 @click.option("--kind", type=click.Choice(["image", "tabular"]), required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--cuts", default=None, help="Only these cut points K (comma-separated; default: every one).")
-@click.option("--budget", type=click.Choice(["quick", "standard"]), default="standard", show_default=True)
+@click.option("--budget", type=click.Choice(["quick", "standard", "large"]), default="standard", show_default=True,
+              help="Attacker training budget (recon_models.BUDGETS); large is ~4x standard.")
 @click.option("--quick", is_flag=True, help="Same as --budget quick (tests, a first look).")
 @click.option("--attacks", default=None, help="Comma-separated subset of pgd,mim,apgd,cw.")
 @click.option("--max-recon", type=click.FloatRange(0, 1), default=0.5, show_default=True,
@@ -248,13 +249,14 @@ def advise_cmd(model: str, data: str, input_name: str | None, labels: str, kind:
                budget: str, quick: bool, attacks: str | None, max_recon: float, max_attack: float, rows: int | None,
                seed: int) -> None:
     """Measure every candidate split of MODEL (TEE share, input reconstruction, gradient shielding)
-    and recommend one: OUT/report.md, OUT/advice.json, OUT/*.png."""
+    and recommend one: OUT/report.md, OUT/report.html, OUT/advice.json, OUT/*.png."""
     import sys
 
     import numpy as np
     from rich.progress import Progress
 
-    from bastion.confidential.partition.advise import advise, write_report
+    from bastion.confidential.partition.advice_report import write_report
+    from bastion.confidential.partition.advise import advise
     from bastion.confidential.partition.graph import PartitionError
 
     onnx_model = _load(model)

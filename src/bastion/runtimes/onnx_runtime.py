@@ -126,6 +126,8 @@ class OnnxRuntime:
 
         self.name = config.name
         self._session: ort.InferenceSession | None = session
+        # what ONNX Runtime actually uses (a requested provider can fail to initialise)
+        self.providers: list[str] = list(session.get_providers())
         self._output_names = [s.name for s in self._outputs]
         self._bytes_inputs = tuple(s.name for s in self._inputs if s.datatype == "BYTES")
         self._bytes_outputs = tuple(s.name for s in self._outputs if s.datatype == "BYTES")

@@ -10,6 +10,7 @@ and loads it, and answers with the signature. Plaintext inference (``e2e: option
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import numpy as np
 from bastion.core.errors import BastionError
 from bastion.core.metadata import ModelConfig, TensorSpec
 from bastion.runtimes import ModelFiles, ModelLoadError, check_signature
+
+log = logging.getLogger("bastion.runtimes.worker")
 
 __all__ = ["WorkerRuntime"]
 
@@ -83,8 +86,9 @@ class WorkerRuntime:
                                  "not mark it as a partition head (confidential.tail): the worker would not release "
                                  "its features")
         tail_config = ModelConfig(name=f"{config.name}.tail", runtime="onnx", max_batch_size=config.max_batch_size,
-                                  parameters={"file": tail_file})
+                                  parameters={"file": tail_file, "providers": tail_providers(config)})
         self.tail = OnnxRuntime(tail_config, version_dir)
+        self.tail_providers = self.tail.providers
         features = {s.name for s in self._outputs}
         wanted = {s.name for s in self.tail.inputs}
         if not wanted <= features:
@@ -94,6 +98,7 @@ class WorkerRuntime:
         self.head_outputs = self._outputs
         self._outputs = tuple(self.tail.outputs)
         self.platform = f"partitioned/{self.platform.split('/', 1)[1]}+{self.tail.platform}"
+        log.info("partition tail loaded", extra={"model": config.name, "providers": self.tail_providers})
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -163,3 +168,17 @@ class WorkerRuntime:
 
 def _spec(item: Any) -> TensorSpec:
     return TensorSpec(str(item["name"]), str(item["datatype"]), tuple(int(d) for d in item["shape"]))
+
+
+def tail_providers(config: ModelConfig) -> list[str]:
+    """Execution providers for a partition's tail: the model's ``parameters.providers`` when
+    the config names them (the head runs in the worker, so the front's parameters concern the
+    tail only), else CUDA where this ONNX Runtime build has it, then the CPU. The tail is the
+    untrusted part of the model, so it is the part that may use the host's accelerator."""
+    import onnxruntime as ort
+
+    named = config.parameters.get("providers")
+    if isinstance(named, list) and named:
+        return [str(p) for p in named]
+    available = set(ort.get_available_providers())
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] or ["CPUExecutionProvider"]

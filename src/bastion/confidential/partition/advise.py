@@ -19,12 +19,10 @@ accuracy.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,7 +30,7 @@ import onnx
 
 from bastion.confidential.partition.graph import Cut, candidate_cuts, resolve_cut, split_model
 
-__all__ = ["Advice", "CutRisk", "advise", "recommend", "write_report"]
+__all__ = ["Advice", "CutRisk", "advise", "recommend"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -159,68 +157,3 @@ def recommend(risks: Sequence[CutRisk], max_recon: float, max_attack: float) -> 
         if r.recon_relative <= max_recon and r.attack_max <= max_attack:
             return int(r.cut["index"])
     return None
-
-
-def write_report(advice: Advice, examples: dict[int, dict[str, np.ndarray]], x_eval: np.ndarray | None,
-                 out: Path, *, command: str = "") -> Path:
-    """report.md, advice.json and PNG plots in ``out``; returns the Markdown file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "advice.json").write_text(json.dumps(asdict(advice), indent=2) + "\n")
-    ks = [int(r.cut["index"]) for r in advice.cuts]
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    ax.plot(ks, [r.recon_relative for r in advice.cuts], "o-", label="reconstruction (relative to baseline)")
-    ax.plot(ks, [r.attack_max for r in advice.cuts], "s-", label="head-hidden attack success (max)")
-    ax.plot(ks, [r.flop_share for r in advice.cuts], "^--", label="head FLOP share (TEE)")
-    ax.plot(ks, [r.latency_share for r in advice.cuts], "v--", label="head latency share (TEE)")
-    ax.axhline(advice.thresholds["max_recon_relative"], color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("cut K")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7)
-    ax.set_title(f"{advice.model}: risk and TEE share per cut")
-    fig.savefig(out / "risk.png", dpi=110, bbox_inches="tight")
-    if advice.kind == "image" and x_eval is not None:
-        from bastion.confidential.partition.reconstruct import plot_examples
-
-        for k, recons in examples.items():
-            plot_examples(x_eval, recons, out / f"reconstruction-K{k}.png", title=f"cut K={k}")
-    lines = [
-        f"# Partition advice: {advice.model}",
-        "",
-        f"Budget `{advice.budget}`, seed {advice.seed}, {advice.seconds:.0f} s."
-        + (f" Command: `{command}`." if command else ""),
-        "",
-        "![risk per cut](risk.png)",
-        "",
-        "White-box attack success (whole model known): "
-        + ", ".join(f"{a} {s:.2f}" for a, s in advice.white_box.items()),
-        "",
-        "| K | tensor | TEE FLOPs | TEE latency | reconstruction (decoder / c-GAN) | relative | head-hidden attacks |",
-        "|---:|---|---:|---:|---|---:|---|",
-    ]
-    key = "ssim" if advice.kind == "image" else "balanced_accuracy"
-    for r in advice.cuts:
-        rec = " / ".join(f"{r.reconstruction[a].get(key, float('nan')):.3f}" for a in ("decoder", "cgan"))
-        att = ", ".join(f"{a} {s:.2f}" for a, s in r.attacks.items())
-        lines.append(f"| {r.cut['index']} | `{r.cut['tensor']}` | {100 * r.flop_share:.1f} % | "
-                     f"{100 * r.latency_share:.1f} % | {key} {rec} | {r.recon_relative:.2f} | {att} |")
-    lines += ["", f"No-information baseline: {key} {advice.baseline.get(key, float('nan')):.3f}.", ""]
-    if advice.recommended is None:
-        lines.append(f"**No cut meets the thresholds** (relative reconstruction ≤ "
-                     f"{advice.thresholds['max_recon_relative']}, attack success ≤ "
-                     f"{advice.thresholds['max_attack_success']}): keep the whole model in the worker.")
-    else:
-        r = next(c for c in advice.cuts if c.cut["index"] == advice.recommended)
-        lines.append(f"**Recommended: K={advice.recommended}** (`{r.cut['tensor']}`): the shallowest cut under the "
-                     f"thresholds, keeping {100 * r.flop_share:.1f} % of the FLOPs in the TEE.")
-    if advice.budget == "quick":
-        lines += ["", "`quick` budget: the attackers are under-trained, so risks are understated; decide on "
-                      "`standard`."]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
