@@ -21,17 +21,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps 'onnx2torch==1.5.15'
 	touch $@
 
-# Debian tools the tests (curl, wrk, hey) and benchmarks (wrk, hey) drive; installed when running
-# as root. Without root a missing TOOLS stops the build; a missing WANTED only warns (the
-# tests that drive it skip, saying why).
+# Debian packages the tests and benchmarks drive, installed when running as root: curl (the
+# tests), wrk and hey (load generators), redis-server and postgresql (the shared-state tests
+# start their own servers on free loopback ports, in temporary directories, and stop them).
+# Without root a missing TOOLS package stops the build; a missing WANTED one only warns (the
+# tests that need it skip, saying why).
 TOOLS ?= curl
-WANTED ?= wrk hey
+WANTED ?= wrk hey redis-server postgresql
 system-deps:
-	@missing=""; for t in $(TOOLS) $(WANTED); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for p in $(TOOLS) $(WANTED); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "please install:$$missing (apt-get install$$missing)"; \
-	    for t in $(TOOLS); do command -v $$t >/dev/null || exit 1; done; fi; fi
+	    for p in $(TOOLS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || exit 1; done; fi; fi
 
 demo: $(STAMP)
 	$(BIN)/bastion demo --out demo-repository

@@ -349,7 +349,7 @@ def test_one_process_per_writer(tmp_path: Path, key: bytes) -> None:
     AuditLog(tmp_path, key, writer_id="w1").close()
 
 
-@pytest.mark.parametrize("bad", ["", "a-b", "../x", "a/b", ".hidden", "x" * 65])
+@pytest.mark.parametrize("bad", ["", "-a", "../x", "a/b", ".hidden", "x" * 81, "a b", "a\\b"])
 def test_writer_id_must_be_a_plain_name(tmp_path: Path, key: bytes, bad: str) -> None:
     with pytest.raises(ValueError, match="writer_id"):
         AuditLog(tmp_path, key, writer_id=bad)

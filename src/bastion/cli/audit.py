@@ -1,4 +1,6 @@
-"""``bastion audit``: verify, read and export the tamper-evident audit log (guard/audit.py)."""
+"""``bastion audit``: verify, read, export and ship the tamper-evident audit log
+(guard/audit.py). Every reading command takes one audit directory or a tree of many
+replicas' directories (guard/audit_ship.py describes the layout)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any, TextIO
 
 import click
 import orjson
+from click.core import ParameterSource
 
 CHAIN_KEY_PURPOSE = "audit-chain"
 
@@ -23,8 +26,10 @@ _NOT_EXTRA = frozenset(CSV_COLUMNS) | {"prev", "mac"}
 
 
 def _location(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.argument("dir_arg", required=False, type=click.Path(file_okay=False), metavar="[DIR]")(f)
     f = click.option("--dir", "directory", type=click.Path(file_okay=False), envvar="BASTION_AUDIT_DIR",
-                     help="Audit log directory [default: 'audit' beside the key store].")(f)
+                     help="Audit log directory, or a root holding many replicas' directories (also the DIR "
+                          "argument) [default: 'audit' beside the key store].")(f)
     f = click.option("--secret-file", type=click.Path(dir_okay=False),
                      help="Master secret file [default: KEYS + '.secret', or DIR + '.secret' without a key store].")(f)
     f = click.option("--keys", "keys_db", type=click.Path(dir_okay=False), envvar="BASTION_KEYS",
@@ -32,7 +37,14 @@ def _location(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _directory(keys_db: str | None, directory: str | None) -> Path:
+def _directory(keys_db: str | None, directory: str | None, dir_arg: str | None = None) -> Path:
+    if dir_arg:
+        # an explicit DIR wins over BASTION_AUDIT_DIR; over an explicit --dir it is a mistake
+        ctx = click.get_current_context(silent=True)
+        from_env = ctx is not None and ctx.get_parameter_source("directory") is ParameterSource.ENVIRONMENT
+        if directory and not from_env and Path(directory) != Path(dir_arg):
+            raise click.UsageError("give the directory either as DIR or as --dir, not both")
+        directory = dir_arg
     if directory:
         path = Path(directory)
     elif keys_db:
@@ -99,12 +111,14 @@ def audit() -> None:
                    "there (catches deleted newest records).")
 @click.option("--allow-pruned", is_flag=True, help="Accept chains whose oldest segments were removed on purpose.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
-def verify_cmd(keys_db: str | None, secret_file: str | None, directory: str | None, anchors: str | None,
-               allow_pruned: bool, as_json: bool) -> None:
-    """Check the HMAC chain of every writer. Exit 0 when intact, 1 listing each problem."""
-    from bastion.guard.audit import verify
+def verify_cmd(keys_db: str | None, secret_file: str | None, directory: str | None, dir_arg: str | None,
+               anchors: str | None, allow_pruned: bool, as_json: bool) -> None:
+    """Check the HMAC chain of every writer: in DIR, or in every replica's directory below it
+    (a tree `bastion audit ship` wrote). Exit 0 when intact, 1 listing each problem and the
+    writers it was found in."""
+    from bastion.guard.audit import AuditError, verify
 
-    path = _directory(keys_db, directory)
+    path = _directory(keys_db, directory, dir_arg)
     key = _chain_key(keys_db, secret_file, path)
     anchor_map = None
     if anchors:
@@ -116,6 +130,8 @@ def verify_cmd(keys_db: str | None, secret_file: str | None, directory: str | No
             raise click.BadParameter(str(err), param_hint="--anchors") from None
     try:
         report = verify(path, key, anchors=anchor_map, allow_pruned=allow_pruned)
+    except AuditError as err:
+        raise click.ClickException(str(err)) from None
     except (KeyError, TypeError, ValueError) as err:
         raise click.BadParameter(f"anchors: {err}", param_hint="--anchors") from None
     if as_json:
@@ -130,33 +146,51 @@ def verify_cmd(keys_db: str | None, secret_file: str | None, directory: str | No
     else:
         for w in report.warnings:
             click.echo(f"warning: {w}", err=True)
+        replicas = {s["replica"] for s in report.writers.values() if s["replica"] is not None}
+        of_replicas = f" of {len(replicas)} replica(s)" if replicas else ""
         if report.ok:
-            click.echo(f"{path}: intact, {report.records} records from {len(report.writers)} writer(s)")
-            for writer, s in report.writers.items():
-                if s["last_seq"] is None:
-                    click.echo(f"  writer {writer}: no records")
-                    continue
-                click.echo(f"  writer {writer}: seq {s['first_seq']}..{s['last_seq']} in {s['segments']} segment(s), "
-                           f"{_iso(s['first_ts'])} .. {_iso(s['last_ts'])}, head mac {s['last_mac'][:16]}…")
+            click.echo(f"{path}: intact, {report.records} records from {len(report.writers)} writer(s){of_replicas}")
+            for label, s in report.writers.items():
+                click.echo(f"  {_writer_line(label, s)}")
         else:
             for p in report.problems:
                 click.echo(str(p))
             if report.problems_omitted:
                 click.echo(f"... and {report.problems_omitted} more problems")
+            # which replicas to look at: each writer's own count (problems of the tree as a
+            # whole, such as a deleted anchored chain, belong to none)
+            for label, s in report.writers.items():
+                status = f"{s['problems']} problem(s)" if s["problems"] else "intact"
+                click.echo(f"  writer {label}{_where(s)}: {status}")
             click.echo(f"{path}: NOT intact: {len(report.problems) + report.problems_omitted} problem(s) in "
-                       f"{report.records} records", err=True)
+                       f"{report.records} records from {len(report.writers)} writer(s){of_replicas}", err=True)
     sys.exit(0 if report.ok else 1)
+
+
+def _where(s: dict[str, Any]) -> str:
+    return f" (in {s['directory']})" if s.get("directory") else ""
+
+
+def _writer_line(label: str, s: dict[str, Any]) -> str:
+    if s["last_seq"] is None:
+        return f"writer {label}{_where(s)}: no records"
+    return (f"writer {label}{_where(s)}: seq {s['first_seq']}..{s['last_seq']} in {s['segments']} segment(s), "
+            f"{_iso(s['first_ts'])} .. {_iso(s['last_ts'])}, head mac {s['last_mac'][:16]}…")
 
 
 @audit.command("head")
 @_location
 @click.option("--json", "as_json", is_flag=True, help="The anchors as JSON (input for `verify --anchors`).")
-def head_cmd(keys_db: str | None, secret_file: str | None, directory: str | None, as_json: bool) -> None:
+def head_cmd(keys_db: str | None, secret_file: str | None, directory: str | None, dir_arg: str | None,
+             as_json: bool) -> None:
     """Each writer's newest record (seq and mac): store these outside the server."""
-    from bastion.guard.audit import head
+    from bastion.guard.audit import AuditError, head
 
-    path = _directory(keys_db, directory)
-    anchors = head(path, _chain_key(keys_db, secret_file, path))
+    path = _directory(keys_db, directory, dir_arg)
+    try:
+        anchors = head(path, _chain_key(keys_db, secret_file, path))
+    except AuditError as err:
+        raise click.ClickException(str(err)) from None
     if as_json:
         click.echo(orjson.dumps({w: a.as_dict() for w, a in anchors.items()}, option=orjson.OPT_INDENT_2).decode())
         return
@@ -202,15 +236,19 @@ def _header() -> str:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing records as they are appended.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
 @click.option("--poll-interval", type=float, default=0.5, show_default=True, hidden=True)
-def tail_cmd(keys_db: str | None, secret_file: str | None, directory: str | None, count: int, follow: bool,
-             as_json: bool, poll_interval: float) -> None:
+def tail_cmd(keys_db: str | None, secret_file: str | None, directory: str | None, dir_arg: str | None, count: int,
+             follow: bool, as_json: bool, poll_interval: float) -> None:
     """The newest records over all writers (reading needs no key; `verify` checks them)."""
-    from bastion.guard.audit import follow_records, tail_records
+    from bastion.guard.audit import AuditError, follow_records, tail_records
 
     del secret_file  # accepted for symmetry with the other commands
-    path = _directory(keys_db, directory)
-    # take the file ends before reading the tail, so nothing appended in between is lost
-    stream = follow_records(path, poll_interval_s=poll_interval) if follow else None
+    path = _directory(keys_db, directory, dir_arg)
+    try:
+        # take the file ends before reading the tail, so nothing appended in between is lost
+        stream = follow_records(path, poll_interval_s=poll_interval) if follow else None
+        newest = tail_records(path, count)
+    except AuditError as err:  # a tree too large to walk
+        raise click.ClickException(str(err)) from None
     shown: dict[str, int] = {}
 
     def emit(rec: dict[str, Any]) -> None:
@@ -223,7 +261,7 @@ def tail_cmd(keys_db: str | None, secret_file: str | None, directory: str | None
 
     if not as_json:
         click.echo(_header())
-    for rec in tail_records(path, count):
+    for rec in newest:
         emit(rec)
     if stream is not None:
         try:
@@ -253,25 +291,68 @@ def _write_csv(records: Iterable[dict[str, Any]], out: TextIO) -> int:
 @click.option("--until", help="Before this time (same forms as --since).")
 @click.option("--tenant", help="Only this tenant's records.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write here instead of standard output.")
-def export_cmd(keys_db: str | None, secret_file: str | None, directory: str | None, fmt: str, since: str | None,
-               until: str | None, tenant: str | None, out: str | None) -> None:
+def export_cmd(keys_db: str | None, secret_file: str | None, directory: str | None, dir_arg: str | None, fmt: str,
+               since: str | None, until: str | None, tenant: str | None, out: str | None) -> None:
     """Records of every writer in time order, as JSON lines (chain fields kept, so the export
     can be matched against the log) or CSV. Run `verify` to know they are genuine."""
-    from bastion.guard.audit import iter_records
+    from bastion.guard.audit import AuditError, iter_records
 
     del secret_file
-    path = _directory(keys_db, directory)
+    path = _directory(keys_db, directory, dir_arg)
     records = iter_records(path, since=parse_time(since, "--since"), until=parse_time(until, "--until"),
                            tenant=tenant)
-    with open(out, "w", encoding="utf-8", newline="") if out else contextlib.nullcontext(sys.stdout) as f:
-        if fmt == "csv":
-            n = _write_csv(records, f)
-        else:
-            n = 0
-            for rec in records:
-                f.write(orjson.dumps(rec).decode())
-                f.write("\n")
-                n += 1
+    try:
+        with open(out, "w", encoding="utf-8", newline="") if out else contextlib.nullcontext(sys.stdout) as f:
+            if fmt == "csv":
+                n = _write_csv(records, f)
+            else:
+                n = 0
+                for rec in records:
+                    f.write(orjson.dumps(rec).decode())
+                    f.write("\n")
+                    n += 1
+    except AuditError as err:  # a tree too large to walk
+        raise click.ClickException(str(err)) from None
     if out:
         click.echo(f"wrote {n} records to {out}", err=True)
+
+
+@audit.command("ship")
+@click.option("--from", "source", required=True, type=click.Path(file_okay=False), envvar="BASTION_AUDIT_DIR",
+              help="This server's audit directory (what `bastion serve` writes).")
+@click.option("--to", "dest", required=True, type=click.Path(file_okay=False),
+              help="Destination root, shared by every replica; sync it to object storage with your own tools.")
+@click.option("--replica", help="Replica directory for plain writer ids (a server run without --replica-id); "
+                                "must match the replica part of <replica>.<worker> ids.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+def ship_cmd(source: str, dest: str, replica: str | None, as_json: bool) -> None:
+    """Copy the audit segments to DEST/<replica>/<writer>/ as immutable objects: each
+    complete (rotated) segment once, with a .sha256 sidecar; the active one as
+    <segment>.partial, cut at its last complete line and only ever extended. Idempotent.
+    An object already there with other content is never overwritten: it is listed and the
+    exit status is 1 (tampering, or two replicas with one writer id). Then run
+    `bastion audit verify DEST` to check every replica's chains."""
+    from bastion.guard.audit import AuditError
+    from bastion.guard.audit_ship import ship
+
+    try:
+        report = ship(Path(source), Path(dest), replica=replica)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--replica") from None
+    except (AuditError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    if as_json:
+        click.echo(orjson.dumps({"ok": report.ok, "copied": report.copied, "unchanged": report.unchanged,
+                                 "partial": report.partial, "removed_partial": report.removed_partial,
+                                 "conflicts": report.conflicts}, option=orjson.OPT_INDENT_2).decode())
+    else:
+        for name in report.copied:
+            click.echo(f"copied {name}")
+        for name in report.partial:
+            click.echo(f"partial {name}")
+        for conflict in report.conflicts:
+            click.echo(f"CONFLICT {conflict}", err=True)
+        click.echo(f"{dest}: {len(report.copied)} object(s) copied, {len(report.partial)} partial, "
+                   f"{len(report.unchanged)} already there, {len(report.conflicts)} conflict(s)", err=True)
+    sys.exit(0 if report.ok else 1)
 

@@ -89,19 +89,26 @@ def _console() -> Any:
 
 def _store_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--secret-file", type=click.Path(dir_okay=False),
-                     help="Master secret file (default: KEYS + '.secret').")(f)
+                     help="Master secret file (default for SQLite: KEYS + '.secret'; required for PostgreSQL).")(f)
     return click.option("--keys", "keys_path", type=click.Path(dir_okay=False), envvar="BASTION_KEYS",
-                        default=DEFAULT_KEYS, show_default=True, help="Key store (SQLite).")(f)
+                        default=DEFAULT_KEYS, show_default=True,
+                        help="Key store: a SQLite file, or a postgresql:// URL shared by every replica "
+                             "(the password may come from PGPASSWORD).")(f)
 
 
 @contextmanager
 def _store(keys_path: str, secret_file: str | None, *, create: bool = False) -> Iterator[Any]:
     """Open the store; every error a user can cause becomes a ClickException."""
     from bastion.core.errors import BastionError
-    from bastion.guard.keystore import KeyStore, KeyStoreError
+    from bastion.guard.keystore import KeyStoreError
+    from bastion.guard.keystores import is_pg_url, open_keystore
 
+    if is_pg_url(keys_path) and not secret_file:
+        raise click.UsageError("a PostgreSQL key store needs --secret-file: the master secret stays a file on "
+                               "each replica (copy the same file to every one), never in the database")
     try:
-        store = KeyStore(Path(keys_path), secret_file=Path(secret_file) if secret_file else None, create=create)
+        # watch=False: a one-shot command needs no listener thread for other replicas' changes
+        store = open_keystore(keys_path, secret_file=secret_file or None, create=create, watch=False)
     except (OSError, KeyStoreError) as err:
         raise click.ClickException(str(err)) from None
     try:

@@ -34,27 +34,38 @@ log = logging.getLogger("bastion.serve")
 def build_gate(opts: ServeOptions, metrics: Any) -> Any:
     """The guard for this process: key store, limiter and audit log, as the options say."""
     from bastion.guard.gate import Gate
-    from bastion.guard.limits import Limiter, SqliteLedger
+    from bastion.guard.limits import Limiter
 
     authenticator = None
     limiter = None
     master: bytes | None = None
     if opts.keys_db is not None:
-        from bastion.guard.keystore import KeyStore
+        from bastion.guard.keystores import open_keystore, open_ledger
 
-        store = KeyStore(
-            Path(opts.keys_db),
-            secret_file=Path(opts.secret_file) if opts.secret_file else None,
-            create=False,
-        )
+        # opened here, in the worker process (after any fork): a PostgreSQL store holds
+        # connections and a listener thread of its own
+        store = open_keystore(opts.keys_db, secret_file=opts.secret_file, create=False)
         authenticator = store
         master = store.master_secret
-        limiter = Limiter(SqliteLedger(store.connect), workers=opts.workers)
+        if opts.redis_url is not None:
+            from bastion.guard.redis_state import shared_limits_from_url
+
+            # rates and budgets shared by every replica; the ledger beside the key store is unused
+            ledger, rates = shared_limits_from_url(opts.redis_url, fail=opts.shared_state_fail,
+                                                   replicas=opts.replicas, workers=opts.workers)
+            limiter = Limiter(ledger, workers=opts.workers, rates=rates)
+            if metrics is not None:
+                metrics.watch_shared_state(rates.state)
+        else:
+            limiter = Limiter(open_ledger(store), workers=opts.workers)
     audit = None
     if opts.audit and (opts.keys_db is not None or opts.audit_dir is not None):
         from bastion.guard.audit import AuditLog
+        from bastion.guard.keystores import is_pg_url
         from bastion.guard.secrets import derive_key, load_or_create_secret
 
+        if opts.audit_dir is None and opts.keys_db is not None and is_pg_url(opts.keys_db):
+            raise ValueError("--keys is a database URL: pass --audit-dir (each replica writes its own chains)")
         audit_dir = Path(opts.audit_dir) if opts.audit_dir else Path(opts.keys_db).parent / "audit"  # type: ignore[arg-type]
         if master is None:  # no key store: the secret lives beside the audit directory
             default_secret = audit_dir.with_name(audit_dir.name + ".secret")
@@ -63,7 +74,7 @@ def build_gate(opts: ServeOptions, metrics: Any) -> Any:
         audit = AuditLog(
             audit_dir,
             derive_key(master, "audit-chain"),
-            writer_id=str(opts.worker_index),
+            writer_id=f"{opts.replica_id}.{opts.worker_index}" if opts.replica_id else str(opts.worker_index),
             fsync_interval_s=opts.audit_fsync_interval_s,
         )
     monitor = None

@@ -27,6 +27,7 @@ HttpImpl = Literal["bastion", "uvicorn"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["json", "text"]
 TlsClientAuth = Literal["none", "optional", "required"]
+SharedStateFail = Literal["closed", "open"]
 
 # the request-limit defaults live once, in core/limits.py (an instance: the dataclass has
 # slots, so its class attributes are descriptors, not the defaults)
@@ -100,7 +101,23 @@ class ServeOptions:
     # SQLite key store (tenants, API keys); required unless insecure_no_auth
     keys_db: str | None = field(default=None, metadata=flag(
         "--keys", type=click.Path(dir_okay=False), envvar="BASTION_KEYS",
-        help="Key store (SQLite) with tenants and API keys; see `bastion keys`."))
+        help="Key store with tenants and API keys: a SQLite file, or a postgresql:// URL shared by replicas "
+             "(password from PGPASSWORD); see `bastion keys`."))
+    # ---- beyond one machine (docs/SCALING.md) ----
+    # rate limits and query budgets shared by every replica; None: per machine (the key store's SQLite)
+    redis_url: str | None = field(default=None, metadata=flag(
+        "--redis", envvar="BASTION_REDIS_URL",
+        help="Redis URL (redis:// or rediss://) holding the rate limits and query budgets shared by replicas."))
+    shared_state_fail: SharedStateFail = field(default="closed", metadata=flag(
+        "--shared-state-fail",
+        help="When Redis is unreachable: closed refuses with 503 + Retry-After, open falls back to local limits."))
+    # this replica's name: its audit chains are written as <replica>.<worker>; None: <worker> (one machine)
+    replica_id: str | None = field(default=None, metadata=flag(
+        "--replica-id", envvar="BASTION_REPLICA_ID",
+        help="This replica's name, unique among replicas: audit writer ids become NAME.WORKER (default: WORKER)."))
+    # how many front replicas share the limits: the open fail mode splits rates by it
+    replicas: int = field(default=1, metadata=flag(
+        "--replicas", help="Front replicas sharing --redis (the open fail mode gives each 1/N of a rate)."))
     # serve without authentication; refused unless host is loopback
     insecure_no_auth: bool = field(default=False, metadata=flag(
         "--insecure-no-auth", help="Serve without authentication (loopback addresses only)."))
@@ -187,6 +204,21 @@ class ServeOptions:
                 "refusing to serve without authentication: pass --keys PATH (a key store made with "
                 "`bastion keys create --keys PATH --tenant NAME`), or --insecure-no-auth on a loopback address"
             )
+        if self.replica_id is not None:
+            from bastion.guard.audit_format import REPLICA_RE
+
+            # the writer id NAME.WORKER must fit the audit's 64 characters
+            if len(self.replica_id) > 63 or not REPLICA_RE.fullmatch(self.replica_id):
+                raise ValueError(f"--replica-id {self.replica_id!r}: letters, digits, '_', '.' and '-', at most 63 "
+                                 "characters, starting with a letter, digit or '_'")
+        if self.replicas < 1:
+            raise ValueError(f"--replicas must be at least 1, got {self.replicas}")
+        if self.redis_url is not None:
+            if self.keys_db is None:
+                raise ValueError("--redis shares the limits of the key store's tenants: it needs --keys")
+            from bastion.guard.redis_state import parse_redis_url
+
+            parse_redis_url(self.redis_url)
         if self.keys_db is not None and self.insecure_no_auth:
             raise ValueError("--keys and --insecure-no-auth contradict each other; pass one")
         if self.insecure_no_auth and not _is_loopback(self.host):

@@ -103,6 +103,14 @@ class Overloaded(BastionError):
     grpc_code = "UNAVAILABLE"
 
 
+class ServiceUnavailable(BastionError):
+    """A store the request's admission depends on (the limits shared by the replicas) is
+    unreachable, and the operator chose to refuse rather than serve unlimited."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+
 class RequestTimeout(BastionError):
     http_status = 504
     grpc_code = "DEADLINE_EXCEEDED"

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from bastion.core.errors import InvalidInput, NotFound
-from bastion.guard.keystore import KeyStore, check_limits
+from bastion.guard.keystore_base import KeyStoreBase
+from bastion.guard.keystore_model import check_limits
 from bastion.guard.principal import Limits
 
 _CREATE_FIELDS = frozenset({"tenant", "role", "models", "limits", "description", "cert_fingerprint"})
@@ -45,7 +46,7 @@ def parse_limits(doc: Any, where: str = "limits") -> Limits:
 class KeyAdmin:
     """The operations, over a key store the server already has open."""
 
-    def __init__(self, store: KeyStore) -> None:
+    def __init__(self, store: KeyStoreBase) -> None:
         self.store = store
 
     def create(self, doc: Any) -> dict[str, Any]:
@@ -87,6 +88,6 @@ class KeyAdmin:
 
 def key_admin(authenticator: object) -> KeyAdmin:
     """The admin API of the server's key store; 404 when the server runs without one."""
-    if not isinstance(authenticator, KeyStore):
+    if not isinstance(authenticator, KeyStoreBase):
         raise NotFound("this server has no key store (it runs with --insecure-no-auth); nothing to manage")
     return KeyAdmin(authenticator)

@@ -7,6 +7,13 @@ digits, from 0) inside one directory. Each server process is one *writer* with i
 the previous segment. ``audit-<writer>.lock`` (an ``flock``) stops two processes from
 writing the same chain.
 
+Many replicas. A writer id is a plain file-name component (letters, digits, ``_``, ``.``,
+``-``; at most 64; not starting with ``.`` or ``-``). A server of a replicated front runs
+its workers as ``<replica>.<worker>`` (``front-a.0``), so that ids stay unique when the
+chains of several machines meet in one place. ``verify``, ``head`` and the readers take
+one directory or a tree of replicas' directories, and ``bastion audit ship`` copies a
+server's segments into such a tree as immutable objects (``guard/audit_ship.py``).
+
 Chain. The writer adds four fields to whatever the caller gives: ``seq`` (0, 1, 2, … per
 writer, so a deleted line leaves a gap), ``writer``, ``prev`` (hex of the previous record's
 ``mac``; 64 zeros for the first) and ``mac``::
@@ -146,7 +153,8 @@ class AuditLog:
         max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES,
     ) -> None:
         if not WRITER_RE.match(writer_id):
-            raise ValueError(f"writer_id {writer_id!r}: use letters, digits, '_' and '.' (at most 64)")
+            raise ValueError(f"writer_id {writer_id!r}: use letters, digits, '_', '.' and '-' (at most 64, "
+                             "not starting with '.' or '-')")
         if len(chain_key) < 16:
             raise ValueError("chain_key: expected at least 16 bytes (derive_key(secret, 'audit-chain'))")
         if max_segment_bytes < 1024:

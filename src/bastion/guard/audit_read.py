@@ -1,6 +1,7 @@
 """Reading the audit log: every writer's records merged in time order (``iter_records``,
 ``export``), the newest ones (``tail_records``), and new ones as they are written
-(``follow_records``)."""
+(``follow_records``). Each takes one directory or a tree of them (many replicas' chains,
+as ``audit_format.chains`` walks it; shipped ``.partial`` copies included)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from bastion.guard.audit_format import (
+    chains,
     parse_line,
+    read_lines,
     record_ts,
-    segments,
     tail_lines,
 )
 
@@ -26,8 +28,9 @@ _REORDER_WINDOW = 4096
 def _writer_records(segs: Iterable[tuple[int, Path]]) -> Iterator[dict[str, Any]]:
     for _n, path in segs:
         with open(path, "rb") as f:
-            for raw in f:
-                if raw.endswith(b"\n"):  # a line still being written, or a fragment, is not a record
+            for _lineno, raw in read_lines(f):
+                # a line still being written, a fragment, or an overlong line is not a record
+                if raw is not None and raw.endswith(b"\n"):
                     rec = parse_line(raw)
                     if rec is not None:
                         yield rec
@@ -59,8 +62,8 @@ def iter_records(
     """Records of every writer in ``ts`` order (``since <= ts < until``, optionally one
     tenant), chain fields included. Does not verify: run ``verify`` for that. Complete lines
     only, so it can read while writers append."""
-    streams = [_tagged(w, _time_ordered(_writer_records(segs), _REORDER_WINDOW))
-               for w, segs in enumerate(segments(Path(directory)).values())]
+    streams = [_tagged(w, _time_ordered(_writer_records(chain.segments), _REORDER_WINDOW))
+               for w, chain in enumerate(chains(Path(directory)))]
     for ts, _w, _i, rec in heapq.merge(*streams, key=lambda item: item[:3]):
         if since is not None and ts < since:
             continue
@@ -76,7 +79,8 @@ def tail_records(directory: Path, n: int = 20) -> list[dict[str, Any]]:
     if n <= 0:
         return []
     found: list[dict[str, Any]] = []
-    for segs in segments(Path(directory)).values():
+    for chain in chains(Path(directory)):
+        segs = chain.segments
         need = n
         mine: list[dict[str, Any]] = []
         for _k, path in reversed(segs):
@@ -96,16 +100,16 @@ def follow_records(directory: Path, *, poll_interval_s: float = 0.5) -> Iterator
     end of every existing segment is taken when this is called, not at the first ``next``."""
     directory = Path(directory)
     offsets: dict[Path, int] = {}
-    for segs in segments(directory).values():
-        for _n, path in segs:
+    for chain in chains(directory):
+        for _n, path in chain.segments:
             with contextlib.suppress(FileNotFoundError):
                 offsets[path] = path.stat().st_size
 
     def poll() -> Iterator[dict[str, Any]]:
         while True:
             batch: list[dict[str, Any]] = []
-            for segs in segments(directory).values():
-                for _n, path in segs:
+            for chain in chains(directory):
+                for _n, path in chain.segments:
                     start = offsets.get(path, 0)
                     try:
                         with open(path, "rb") as f:

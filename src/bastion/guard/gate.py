@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bastion.core.errors import BastionError, PermissionDenied, Unauthenticated
+from bastion.core.errors import BastionError, PermissionDenied, ServiceUnavailable, Unauthenticated
 from bastion.guard.audit_record import AuditRecord
 from bastion.guard.limits import Limiter, QuotaExhausted
 from bastion.guard.principal import ANONYMOUS, Authenticator, Limits, Principal
@@ -124,7 +124,9 @@ class Gate:
             try:
                 limiter.admit(principal)
             except BastionError as err:
-                if self.metrics is not None:
+                # a 503 from an unreachable shared store is not a limit hit: the shared-state
+                # metrics count it (bastion_shared_state_errors_total)
+                if self.metrics is not None and not isinstance(err, ServiceUnavailable):
                     self.metrics.rate_limited(principal.tenant, "quota" if isinstance(err, QuotaExhausted) else "rate")
                 self.record_rejection(principal, transport, action, model, err)
                 raise

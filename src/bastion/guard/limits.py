@@ -3,8 +3,9 @@
 Rates are enforced in process: a token bucket per tenant on the event-loop thread,
 so concurrent requests are counted exactly (the loop serialises them). With
 ``--workers N`` each worker holds ``rate/N`` and ``burst/N`` (the kernel spreads
-connections evenly over the workers); a shared bucket for several replicas belongs in a
-``UsageLedger``-like store such as Redis.
+connections evenly over the workers). Several replicas share one bucket per tenant
+through a ``RateStore`` (``guard.redis_state``: Redis); ``admit`` then takes a separate
+path, so the embedded one below costs exactly what it did.
 
 Budgets must hold across workers and restarts, because model extraction is paid in
 queries: they are counted in a ``UsageLedger`` (SQLite by default, beside the key
@@ -46,6 +47,20 @@ class UsageLedger(Protocol):
         ...
 
     def used(self, tenant: str, period: str) -> int: ...
+
+
+class RateStore(Protocol):
+    """Token buckets shared by several processes (``guard.redis_state.RedisRates``)."""
+
+    # when the store is unreachable and fails open, each process keeps rate / (replicas *
+    # workers) locally
+    replicas: int
+
+    def take(self, tenant: str, limits: Limits) -> float | None:
+        """Spend one token of ``tenant``'s shared bucket: 0.0 when spent, the seconds until
+        one may be when refused, None when the store is unreachable and the caller must
+        decide locally (fail open); raises ``ServiceUnavailable`` (503) when it fails closed."""
+        ...
 
 
 class MemoryLedger:
@@ -168,6 +183,7 @@ class Limiter:
         lease_block: int = 256,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        rates: RateStore | None = None,
     ) -> None:
         self._ledger: UsageLedger = ledger if ledger is not None else MemoryLedger()
         self._share = 1.0 / max(1, workers)
@@ -180,6 +196,13 @@ class Limiter:
         # the current UTC day and when it ends: formatting a date per request costs ~1.5 µs
         self._day = ""
         self._day_ends = 0.0
+        self._rates = rates
+        if rates is not None:
+            # a method of its own, bound per instance, so that the embedded ``admit`` (no
+            # shared store) keeps its hand-inlined path without even a branch more
+            self.admit = self._admit_shared  # type: ignore[method-assign]
+            self._fallback_buckets: dict[str, _Bucket] = {}
+            self._fallback_share = self._share / max(1, rates.replicas)
 
     def override(self, tenant: str, limits: Limits) -> None:
         """Replace ``tenant``'s rate (e.g. throttled by the extraction monitor) in this process."""
@@ -225,15 +248,67 @@ class Limiter:
                 lease = self._lease(tenant, limits, period)
             lease.left -= 1
 
-    def _bucket(self, tenant: str, limits: Limits) -> _Bucket:
+    def _admit_shared(self, principal: Principal) -> None:
+        """``admit`` with a shared ``RateStore``: the tenant's bucket is the store's; an
+        override (the monitor's throttle) stays in this process, as without a store; when
+        the store fails open the rate is ``rate / (replicas * workers)`` here."""
+        limits = principal.limits
+        tenant = principal.tenant
+        over = self._overrides.get(tenant) if self._overrides else None
+        if over is not None:
+            limits = Limits(over.rate_per_s, over.burst, limits.quota, limits.quota_period)
+            if limits.rate_per_s is not None:
+                self._take_local(tenant, limits, self._buckets, self._share)
+        elif limits.rate_per_s is not None:
+            wait = self._rates.take(tenant, limits)  # type: ignore[union-attr]
+            if wait is None:
+                self._take_local(tenant, limits, self._fallback_buckets, self._fallback_share)
+            elif wait > 0.0:
+                raise RateLimited(
+                    f"rate limit exceeded for tenant '{tenant}' ({_fmt_rate(limits)}); retry after {wait:.3g} s",
+                    retry_after=wait,
+                )
+        if limits.quota is not None:  # as in ``admit``, written out for the same reason
+            if limits.quota_period == "total":
+                period = "total"
+            else:
+                now = self._wall()
+                if now >= self._day_ends:
+                    self._new_day(limits, now)
+                period = self._day
+            lease = self._leases.get(tenant)
+            if lease is None or lease.period != period or lease.left <= 0:
+                lease = self._lease(tenant, limits, period)
+            lease.left -= 1
+
+    def _take_local(self, tenant: str, limits: Limits, buckets: dict[str, _Bucket], share: float) -> None:
+        """One token of a bucket of this process (what ``admit`` does inline)."""
+        bucket = buckets.get(tenant)
+        if bucket is None or bucket.limits is not limits:
+            bucket = self._bucket(tenant, limits, buckets, share)
+        now = self._clock()
+        tokens = min(bucket.capacity, bucket.tokens + (now - bucket.stamp) * bucket.rate)
+        bucket.stamp = now
+        if tokens < 1.0:
+            bucket.tokens = tokens
+            self._refuse_rate(tenant, limits, bucket, tokens)
+        bucket.tokens = tokens - 1.0
+
+    def _bucket(
+        self, tenant: str, limits: Limits, buckets: dict[str, _Bucket] | None = None, share: float | None = None
+    ) -> _Bucket:
         """The tenant's bucket for ``limits``: created full, or resized when the operator
         changed the limits (the tokens clamped to the new capacity)."""
-        rate = limits.rate_per_s * self._share  # type: ignore[operator]
+        if buckets is None:
+            buckets = self._buckets
+        if share is None:
+            share = self._share
+        rate = limits.rate_per_s * share  # type: ignore[operator]
         burst = limits.burst if limits.burst is not None else max(1, math.ceil(limits.rate_per_s))  # type: ignore[arg-type]
-        capacity = max(1.0, burst * self._share)
-        bucket = self._buckets.get(tenant)
+        capacity = max(1.0, burst * share)
+        bucket = buckets.get(tenant)
         if bucket is None:
-            bucket = self._buckets[tenant] = _Bucket(rate, capacity, capacity, self._clock())
+            bucket = buckets[tenant] = _Bucket(rate, capacity, capacity, self._clock())
         elif bucket.rate != rate or bucket.capacity != capacity:
             bucket.rate, bucket.capacity = rate, capacity
             bucket.tokens = min(bucket.tokens, capacity)
@@ -281,6 +356,8 @@ class Limiter:
             if lease.left > 0:
                 self._ledger.release(tenant, lease.period, lease.left)
                 lease.left = 0
+        if self._rates is not None:
+            self._rates.close()
 
 
 def _fmt_rate(limits: Limits) -> str:

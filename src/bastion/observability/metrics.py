@@ -159,6 +159,22 @@ class Metrics:
         )
         self._worker: Any = None
         self._worker_seen = 0
+        # the store of the limits shared by the replicas (guard.redis_state.SharedState)
+        self.shared_state_errors = Counter(
+            "bastion_shared_state_errors_total",
+            "Failed calls to the store of the rate limits and budgets shared by the replicas",
+            ["backend", "op"],
+            registry=r,
+        )
+        self.limiter_fallbacks = Counter(
+            "bastion_limiter_fallback_total",
+            "Limits decided by this process alone because the shared store was unreachable (fail open); "
+            "limit=rate (requests) or quota (leases of queries)",
+            ["limit"],
+            registry=r,
+        )
+        self._shared: Any = None
+        self._shared_seen: tuple[dict[str, int], dict[str, int]] = ({}, {})
         self.model_ready = Gauge(
             "bastion_model_ready",
             "1 when the model version is loaded and serving",
@@ -201,6 +217,10 @@ class Metrics:
         """Report a ``confidential.worker_client.WorkerClient``'s state."""
         self._worker = client
 
+    def watch_shared_state(self, state: Any) -> None:
+        """Report a ``guard.redis_state.SharedState``'s ``errors`` and ``fallbacks``."""
+        self._shared = state
+
     def flush(self) -> None:
         """Move tallied observations into the Prometheus metrics (event-loop thread only)."""
         for vm in list(self._versions):
@@ -222,6 +242,17 @@ class Metrics:
             if stats.discarded_bytes > seen_discarded:
                 self.http_discarded.inc(stats.discarded_bytes - seen_discarded)
             self._http_seen = (dict(stats.early_responses), stats.lingering_closes, stats.discarded_bytes)
+        shared = self._shared
+        if shared is not None:
+            seen_errors, seen_fallbacks = self._shared_seen
+            errors, fallbacks = dict(shared.errors), dict(shared.fallbacks)
+            for op, n in errors.items():
+                if n > seen_errors.get(op, 0):
+                    self.shared_state_errors.labels(shared.backend, op).inc(n - seen_errors.get(op, 0))
+            for limit, n in fallbacks.items():
+                if n > seen_fallbacks.get(limit, 0):
+                    self.limiter_fallbacks.labels(limit).inc(n - seen_fallbacks.get(limit, 0))
+            self._shared_seen = (errors, fallbacks)
 
     async def flush_periodically(self, interval_s: float = 1.0) -> None:
         while True:
