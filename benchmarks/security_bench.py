@@ -25,11 +25,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bastion.bench.frameworks.bastion import BastionFramework, bastion_python
-from bastion.bench.launcher import check_v2, free_port, serve
+from bastion.bench.frameworks.bastion import BastionFramework
 from bastion.bench.models import DEMO_MODEL, build_demo, demo_spec
 from bastion.bench.results import machine_info, write_marked_section
-from bastion.bench.serving import Body, Load, fresh_dir, make_bodies, saturate
+from bastion.bench.serving import Body, fresh_dir, make_bodies, measure_bastion
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
@@ -60,24 +59,7 @@ def server(mode: str, keys_db: Path) -> BastionFramework:
 
 
 def measure(mode: str, keys_db: Path, body: Body, duration: float, workdir: Path) -> dict[str, Any]:
-    model = demo_spec(build_demo(CACHE))
-    launch = server(mode, keys_db).prepare(model, fresh_dir(workdir), bastion_python(), free_port(), 1)
-    # server readiness: open and strict (every model loaded), while a model's readiness
-    # follows the caller's key scope
-    launch.ready_url = launch.infer_url.split("/v2/")[0] + "/v2/health/ready"
-    with serve(launch, workdir / "server.log") as running:
-        check_v2(mode, model, launch.infer_url, body.payload, body.request_headers, body.rows)
-        result, _ = saturate(
-            running, launch.infer_url, body, Load(16, duration, 3.0), scenario=DEMO_MODEL, framework=f"bastion-{mode}"
-        )
-    stats = result.stats
-    if stats.errors:
-        raise RuntimeError(f"{mode}: {stats.errors} errors ({stats.status_counts}); see {workdir / 'server.log'}")
-    # the server's CPU per answered request (every thread): on a shared machine it moves less
-    # with the neighbours' load than throughput does, and the guard's cost shows in it directly
-    cpu = result.cpu_us_per_request
-    return {"rps": stats.throughput, "p50_ms": stats.latency_ms.p50, "p99_ms": stats.latency_ms.p99,
-            "cpu_us": cpu if cpu is not None else float("nan")}
+    return measure_bastion(server(mode, keys_db), demo_spec(build_demo(CACHE)), body, duration, workdir, mode)
 
 
 def main(argv: list[str] | None = None) -> int:

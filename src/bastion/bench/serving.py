@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from bastion.bench.frameworks.base import Framework, ModelSpec
-from bastion.bench.frameworks.bastion import BastionFramework, served_from
+from bastion.bench.frameworks.bastion import BastionFramework, bastion_python, served_from
 from bastion.bench.frameworks.minimal import MinimalApp
 from bastion.bench.frameworks.mlserver import MLServerFramework
 from bastion.bench.frameworks.v2json import encode_v2, encode_v2_binary
@@ -287,6 +287,28 @@ def saturate(
         )
     assert host.usage is not None
     return result, host.usage
+
+
+def measure_bastion(framework: BastionFramework, model: ModelSpec, body: Body, duration_s: float, workdir: Path,
+                    label: str, warmup_s: float = 3.0) -> dict[str, float]:
+    """One Bastion server (``framework``'s flags) saturated by wrk with 16 connections: its
+    req/s, p50/p99 and the server's CPU per answered request. Readiness is the server's
+    (open, strict: every model loaded), since a keyed model's readiness follows the key's
+    scope; any error fails the measurement, pointing at the server's log."""
+    launch = framework.prepare(model, fresh_dir(workdir), bastion_python(), free_port(), 1)
+    launch.ready_url = launch.infer_url.split("/v2/")[0] + "/v2/health/ready"
+    with serve(launch, workdir / "server.log") as running:
+        check_v2(label, model, launch.infer_url, body.payload, body.request_headers, body.rows)
+        result, _ = saturate(running, launch.infer_url, body, Load(16, duration_s, warmup_s), scenario=model.name,
+                             framework=f"bastion-{label}")
+    stats = result.stats
+    if stats.errors:
+        raise RuntimeError(f"{label}: {stats.errors} errors ({stats.status_counts}); see {workdir / 'server.log'}")
+    # the server's CPU per answered request (every thread): on a shared machine it moves less
+    # with the neighbours' load than throughput does
+    cpu = result.cpu_us_per_request
+    return {"rps": stats.throughput, "p50_ms": stats.latency_ms.p50, "p99_ms": stats.latency_ms.p99,
+            "cpu_us": cpu if cpu is not None else float("nan")}
 
 
 def fresh_dir(path: Path) -> Path:
