@@ -12,7 +12,9 @@ limiter and the key store alone:
 
 * ``embedded``: SQLite key store and budget ledger, in-process token bucket;
 * ``redis``: the same key store, rates and budgets in Redis (``--redis``);
-* ``pg+redis``: keys and tenants in PostgreSQL (``--keys postgresql://``) and ``--redis``.
+* ``pg+redis``: keys and tenants in PostgreSQL (``--keys postgresql://``) and ``--redis``;
+* ``ray``: ``embedded``, with the model's batches sent to 2 replica actors on a local Ray
+  cluster of 2 node processes (``placement: {engine: ray, replicas: 2}``): the Ray hop.
 
 Then, in this process: the Lua scripts' capacity on one Redis (``redis-benchmark``
 EVALSHA, 50 clients), one round trip's latency, ``Limiter.admit`` per request at the
@@ -49,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 CACHE = ROOT / ".bench"
 SCENARIOS = CACHE / "scenarios"
-MODES = ("embedded", "redis", "pg+redis")
+MODES = ("embedded", "redis", "pg+redis", "ray")
 UNREACHED = Limits(rate_per_s=1e6, burst=1_000_000, quota=10**9, quota_period="day")
 
 
@@ -101,14 +103,32 @@ def make_stores(scratch: Path, pg: PostgresServer, models: list[str]) -> Stores:
     return Stores(db, token, pg.url, secret, pg_token)
 
 
+def placed_copy(model: ModelSpec, repo: Path, address: str) -> ModelSpec:
+    """The model's directory copied into ``repo`` with a Ray placement in its config."""
+    import shutil
+
+    import yaml
+
+    target = repo / model.name
+    if not target.exists():
+        shutil.copytree(model.onnx_path.parent.parent, target)
+        config = yaml.safe_load((target / "config.yaml").read_text())
+        config.pop("instance_count", None)  # the placement's default: 4 batches in flight per replica
+        config["placement"] = {"engine": "ray", "replicas": 2, "num_cpus": 0.5, "address": address}
+        (target / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return dataclasses.replace(model, onnx_path=(target / "1" / "model.onnx").resolve())
+
+
 def measure(mode: str, model: ModelSpec, stores: Stores, redis: RedisServer, duration: float,
-            workdir: Path) -> dict[str, Any]:
+            workdir: Path, ray_address: str) -> dict[str, Any]:
     if mode == "pg+redis":
         auth: tuple[str, ...] = ("--keys", stores.pg_url, "--secret-file", str(stores.pg_secret))
         token = stores.pg_token
     else:
         auth, token = ("--keys", str(stores.sqlite_db)), stores.sqlite_token
-    extra = ("--poll-interval", "0", "--no-audit") + (("--redis", redis.url) if mode != "embedded" else ())
+    extra = ("--poll-interval", "0", "--no-audit") + (("--redis", redis.url) if mode in ("redis", "pg+redis") else ())
+    if mode == "ray":
+        model = placed_copy(model, workdir.parent / f"ray-repo-{model.name}", ray_address)
     body = one_row_body(model)
     body = dataclasses.replace(body, headers={**body.headers, "Authorization": f"Bearer {token}"})
     return measure_bastion(BastionFramework(extra_args=extra, auth=auth), model, body, duration, workdir, mode,
@@ -201,13 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     specs = {n: model_for(n) for n in names}
     scratch = Path(tempfile.mkdtemp(prefix="bastion-scale-bench-"))
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {n: {m: [] for m in MODES} for n in names}
-    with RedisServer.running() as redis, PostgresServer.running() as pg:
+    from bastion.bench.ray_cluster import ray_cluster
+
+    with RedisServer.running() as redis, PostgresServer.running() as pg, ray_cluster(2) as ray:
         stores = make_stores(scratch, pg, [s.name for s in specs.values()])
         for r in range(args.rounds):
             order = MODES[r % len(MODES):] + MODES[: r % len(MODES)]
             for name, spec in specs.items():
                 for mode in order:
-                    m = measure(mode, spec, stores, redis, args.duration, scratch / f"{name}-{mode}-{r}")
+                    m = measure(mode, spec, stores, redis, args.duration, scratch / f"{name}-{mode}-{r}",
+                                ray.address)
                     rows[name][mode].append(m)
                     print(f"round {r + 1} {name:9s} {mode:9s} {m['rps']:8.0f} req/s  p99 {m['p99_ms']:.2f} ms  "
                           f"CPU {m['cpu_us']:.0f} µs/request", file=sys.stderr)
@@ -248,6 +271,9 @@ def write_markdown(report: dict[str, Any], tables: dict[str, list[Any]]) -> None
         "connections, a keyed tenant whose rate limit and daily budget are counted on every request and never",
         "reached, `--no-audit`; Redis and PostgreSQL are real servers on loopback, on the same 2 cores as the",
         "server and wrk. Medians over rounds; ratios against `embedded` (SQLite keys and ledger, in-process bucket).",
+        "`ray` is `embedded` with the model's batches sent to 2 replica actors on a local 2-node Ray cluster",
+        "(`placement: {engine: ray, replicas: 2}`): the actors and Ray's own processes share the same 2 cores, so",
+        "it shows the Ray hop's cost, not what replicas on other machines would add.",
         "",
         "| model | mode | req/s | x embedded | p50 | p99 | server CPU per request |",
         "|---|---|---:|---:|---:|---:|---:|",

@@ -63,6 +63,9 @@ class ModelConfig:
     hardening: object | None = None
     # served by the trusted worker, never loaded by this process (docs/CONFIDENTIAL.md)
     confidential: ConfidentialSpec | None = None
+    # batches run on model replicas in a Ray cluster: a runtimes.ray_runtime.PlacementSpec
+    # (core does not import the runtimes); None: in this process
+    placement: object | None = None
 
 
 @dataclass(frozen=True, slots=True)

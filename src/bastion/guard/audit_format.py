@@ -24,7 +24,8 @@ GENESIS_MAC = bytes(32)
 DEFAULT_MAX_SEGMENT_BYTES = 64 << 20
 
 # A writer id is a plain file-name component: no separator, no leading '.' or '-' (so never
-# '.', '..' or an option), at most 80 characters (a Kubernetes pod name of 63, a dot and the worker index). '-' is allowed for replica names
+# '.', '..' or an option), at most 80 characters (a Kubernetes pod name of 63, a dot and
+# the worker index). '-' is allowed for replica names
 # (``front-a.0``); a segment name still parses one way, because the segment number after
 # the last '-' is all digits. The same set names a replica (a directory of a shipped tree).
 WRITER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import weakref
 from bisect import bisect_left
 from typing import Any
@@ -159,6 +160,20 @@ class Metrics:
         )
         self._worker: Any = None
         self._worker_seen = 0
+        # models placed on a Ray cluster (runtimes/ray_runtime.py), read at each flush
+        self.ray_replicas = Gauge(
+            "bastion_ray_replicas",
+            "Live Ray replicas of a placed model (all its loaded versions)",
+            ["model"],
+            registry=r, multiprocess_mode="livesum",
+        )
+        self.ray_retries = Counter(
+            "bastion_ray_retries_total",
+            "Batches of a placed model retried on another replica after a replica was lost",
+            ["model"],
+            registry=r,
+        )
+        self._ray_seen: dict[str, int] = {}
         # the store of the limits shared by the replicas (guard.redis_state.SharedState)
         self.shared_state_errors = Counter(
             "bastion_shared_state_errors_total",
@@ -231,6 +246,7 @@ class Metrics:
             if worker.connects > self._worker_seen:
                 self.worker_connects.inc(worker.connects - self._worker_seen)
                 self._worker_seen = worker.connects
+        self._flush_ray()
         stats = self._http_stats
         if stats is not None:
             seen_early, seen_linger, seen_discarded = self._http_seen
@@ -253,6 +269,23 @@ class Metrics:
                 if n > seen_fallbacks.get(limit, 0):
                     self.limiter_fallbacks.labels(limit).inc(n - seen_fallbacks.get(limit, 0))
             self._shared_seen = (errors, fallbacks)
+
+    def _flush_ray(self) -> None:
+        # only once a placed model loaded its runtime module: never imports it (nor ray)
+        module = sys.modules.get("bastion.runtimes.ray_runtime")
+        if module is None:
+            return
+        stats = module.replica_stats()
+        for gone in set(self._ray_seen) - {model for model, _, _ in stats}:  # unloaded
+            self.ray_replicas.labels(gone).set(0)
+            self._ray_seen[gone] = 0
+        for model, alive, retries in stats:
+            self.ray_replicas.labels(model).set(alive)
+            seen = self._ray_seen.get(model, 0)
+            counter = self.ray_retries.labels(model)  # shown from 0 on, not from the first retry
+            if retries > seen:
+                counter.inc(retries - seen)
+            self._ray_seen[model] = retries
 
     async def flush_periodically(self, interval_s: float = 1.0) -> None:
         while True:

@@ -15,6 +15,7 @@ policy defaults to ``{latest: 1}``.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,6 +26,7 @@ from bastion.core.datatypes import DATATYPES
 from bastion.core.errors import InvalidInput
 from bastion.core.metadata import BatchingConfig, ConfidentialSpec, ModelConfig, TensorSpec, VersionPolicy
 from bastion.runtimes import RUNTIME_NAMES, ModelLoadError
+from bastion.runtimes.ray_runtime import MAX_REPLICAS, AutoscaleSpec, PlacementSpec
 
 __all__ = ["CONFIG_FILE", "ConfigError", "load_model_config", "parse_model_config", "parse_model_config_yaml"]
 
@@ -43,7 +45,18 @@ _TOP_KEYS = (
     "instance_count",
     "hardening",
     "confidential",
+    "placement",
 )
+_PLACEMENT_KEYS = ("engine", "replicas", "num_cpus", "num_gpus", "address", "timeout_s", "start_timeout_s", "autoscale")
+_AUTOSCALE_KEYS = (
+    "min_replicas", "max_replicas", "target_queue_per_replica", "upscale_delay_s", "downscale_delay_s",
+    "request_resources",
+)
+_PLACEMENT_ENGINES = ("ray",)
+# batches in flight per replica when instance_count is left out: one computing, the next
+# ones already on their way (the Ray hop overlaps the model), and room for the queue the
+# autoscaler reads
+_BATCHES_PER_REPLICA = 4
 _CONFIDENTIAL_KEYS = ("e2e", "bundle", "tail")
 _E2E_MODES = ("required", "optional", "off")
 _TENSOR_KEYS = ("name", "datatype", "shape")
@@ -104,6 +117,16 @@ def parse_model_config(name: str, data: Any, *, source: str | None = None) -> Mo
     outputs = p.tensors("outputs", top.get("outputs", []), max_batch_size)
     parameters = top.get("parameters", {})
     p.mapping("parameters", parameters, None)
+    parameters = dict(parameters)
+    confidential = p.confidential(top.get("confidential"))
+    placement = p.placement(top.get("placement"), runtime, confidential is not None)
+    instance_count = p.integer("instance_count", top.get("instance_count", 1), minimum=1)
+    if placement is not None:
+        if "instance_count" not in top:
+            instance_count = _BATCHES_PER_REPLICA * placement.max_replicas
+        elif instance_count < placement.max_replicas:
+            p.fail("instance_count", f"{instance_count} batches in flight cannot keep {placement.max_replicas} "
+                   "replicas busy; leave it out (4 per replica) or raise it")
     return ModelConfig(
         name=name,
         runtime=runtime,
@@ -112,11 +135,12 @@ def parse_model_config(name: str, data: Any, *, source: str | None = None) -> Mo
         max_batch_size=max_batch_size,
         batching=p.batching(top.get("dynamic_batching"), max_batch_size),
         version_policy=p.version_policy(top.get("version_policy", {"latest": 1})),
-        parameters=dict(parameters),
+        parameters=parameters,
         allow_non_finite=p.boolean("allow_non_finite", top.get("allow_non_finite", False)),
-        instance_count=p.integer("instance_count", top.get("instance_count", 1), minimum=1),
+        instance_count=instance_count,
         hardening=p.hardening(top.get("hardening")),
-        confidential=p.confidential(top.get("confidential")),
+        confidential=confidential,
+        placement=placement,
     )
 
 
@@ -153,6 +177,85 @@ class _Parser:
         if tail is not None and (not isinstance(tail, str) or not tail or "/" in tail or tail.startswith(".")):
             self.fail("confidential.tail", f"expected an ONNX file name in the version directory, got {_show(tail)}")
         return ConfidentialSpec(e2e=e2e, bundle=bundle, tail=tail)
+
+    def placement(self, value: Any, runtime: str, confidential: bool) -> PlacementSpec | None:
+        """``placement:``: where the model's replicas run (runtimes/ray_runtime.py)."""
+        if value is None:
+            return None
+        path = "placement"
+        c = self.mapping(path, value, _PLACEMENT_KEYS)
+        if "engine" not in c:
+            self.fail(f"{path}.engine", f"required; one of {', '.join(_PLACEMENT_ENGINES)}")
+        if c["engine"] not in _PLACEMENT_ENGINES:
+            self.fail(f"{path}.engine", f"expected one of {', '.join(_PLACEMENT_ENGINES)}, got {_show(c['engine'])}")
+        if confidential:
+            self.fail(path, "a confidential model is served by the trusted worker only; its weights must not be "
+                      "placed on a Ray cluster")
+        if runtime not in ("onnx", "onnxruntime"):
+            self.fail(path, f"only ONNX models (runtime: onnx) can be placed on Ray, got runtime {runtime!r}")
+        defaults = PlacementSpec()
+        autoscale = self.autoscale(c.get("autoscale"))
+        if autoscale is None:
+            replicas = self.bounded(f"{path}.replicas", c.get("replicas", 1), 1, MAX_REPLICAS)
+        else:
+            replicas = self.bounded(f"{path}.replicas", c.get("replicas", autoscale.min_replicas),
+                                    autoscale.min_replicas, autoscale.max_replicas, within="placement.autoscale's "
+                                    "min_replicas..max_replicas")
+        address = c.get("address")
+        if address is not None and (not isinstance(address, str) or not address.strip()):
+            self.fail(f"{path}.address", f"expected a Ray address such as \"10.0.0.5:6379\", \"ray://host:10001\" "
+                      f"or \"auto\" (or leave it out: RAY_ADDRESS, else auto), got {_show(address)}")
+        return PlacementSpec(
+            engine=c["engine"],
+            replicas=replicas,
+            num_cpus=self.number(f"{path}.num_cpus", c.get("num_cpus", defaults.num_cpus), minimum=0.0),
+            num_gpus=self.number(f"{path}.num_gpus", c.get("num_gpus", defaults.num_gpus), minimum=0.0),
+            address=address,
+            timeout_s=self.number(f"{path}.timeout_s", c.get("timeout_s", defaults.timeout_s), minimum=0.0,
+                                  exclusive=True),
+            start_timeout_s=self.number(f"{path}.start_timeout_s", c.get("start_timeout_s", defaults.start_timeout_s),
+                                        minimum=0.0, exclusive=True),
+            autoscale=autoscale,
+        )
+
+    def autoscale(self, value: Any) -> AutoscaleSpec | None:
+        if value is None or value is False:
+            return None
+        path = "placement.autoscale"
+        a = self.mapping(path, value, _AUTOSCALE_KEYS)
+        for key in ("min_replicas", "max_replicas"):
+            if key not in a:
+                self.fail(f"{path}.{key}", "required")
+        low = self.bounded(f"{path}.min_replicas", a["min_replicas"], 1, MAX_REPLICAS)
+        high = self.bounded(f"{path}.max_replicas", a["max_replicas"], low, MAX_REPLICAS,
+                            within=f"min_replicas ({low})..{MAX_REPLICAS}")
+        d = AutoscaleSpec()
+        return AutoscaleSpec(
+            min_replicas=low,
+            max_replicas=high,
+            target_queue_per_replica=self.number(
+                f"{path}.target_queue_per_replica", a.get("target_queue_per_replica", d.target_queue_per_replica),
+                minimum=0.0, exclusive=True),
+            upscale_delay_s=self.number(f"{path}.upscale_delay_s", a.get("upscale_delay_s", d.upscale_delay_s),
+                                        minimum=0.0),
+            downscale_delay_s=self.number(f"{path}.downscale_delay_s",
+                                          a.get("downscale_delay_s", d.downscale_delay_s), minimum=0.0),
+            request_resources=self.boolean(f"{path}.request_resources",
+                                           a.get("request_resources", d.request_resources)),
+        )
+
+    def bounded(self, path: str, value: Any, low: int, high: int, *, within: str = "") -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            self.fail(path, f"expected an integer from {low} to {high}{f' ({within})' if within else ''}, "
+                      f"got {_show(value)}")
+        return value
+
+    def number(self, path: str, value: Any, *, minimum: float, exclusive: bool = False) -> float:
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            self.fail(path, f"expected a number, got {_show(value)}")
+        if value < minimum or (exclusive and value == minimum):
+            self.fail(path, f"expected a number {'>' if exclusive else '>='} {minimum:g}, got {value}")
+        return float(value)
 
     def fail(self, path: str, message: str) -> NoReturn:
         raise ConfigError(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")

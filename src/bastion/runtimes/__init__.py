@@ -68,6 +68,7 @@ _ALIASES: dict[str, str] = {
 }
 RUNTIME_NAMES: frozenset[str] = frozenset(_RUNTIMES) | frozenset(_ALIASES)
 
+
 # Extensions of formats that unpickle on load. Unpickling executes code chosen by
 # whoever wrote the file, so a model repository (often writable by CI, or mounted
 # from a bucket) must never be a path to code execution.
@@ -86,6 +87,10 @@ def create_runtime(config: ModelConfig, version_dir: Path, files: ModelFiles | N
         from bastion.runtimes.worker_runtime import WorkerRuntime
 
         return WorkerRuntime(config, Path(version_dir), files)
+    if config.placement is not None:  # batches run on replicas in a Ray cluster
+        from bastion.runtimes.ray_runtime import RayRuntime
+
+        return RayRuntime(config, Path(version_dir), files)
     canonical = _ALIASES.get(config.runtime, config.runtime)
     target = _RUNTIMES.get(canonical)
     if target is None:
