@@ -80,7 +80,7 @@ class _LazyGroup(click.Group):
     crypto, the lab or the benchmarks (about 0.1 s of its start)."""
 
     LAZY = {name: f"bastion.cli.{name}"
-            for name in ("tls", "keys", "audit", "bundle", "lab", "bench", "kms", "worker", "partition")}
+            for name in ("tls", "keys", "audit", "bundle", "lab", "bench", "kms", "worker", "partition", "unlearn")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
