@@ -11,7 +11,8 @@ from click.testing import CliRunner, Result
 
 from bastion.cli.keys import format_rate, keys, parse_quota, parse_rate
 from bastion.core.errors import Unauthenticated
-from bastion.guard.keystore import KeyStore, cert_fingerprint_of_pem
+from bastion.guard.keystore import KeyStore
+from bastion.guard.keystore_model import cert_fingerprint_of_pem
 from tests.guard.test_keystore import TOKEN_RE, make_cert_pem
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from bastion.core.errors import InvalidInput, NotFound, Unauthenticated
-from bastion.guard.keystore import (
+from bastion.guard.keystore import KeyStore
+from bastion.guard.keystore_model import (
     INVALID_KEY_MESSAGE,
     MISSING_KEY_MESSAGE,
-    KeyStore,
     KeyStoreError,
     KeyStoreMissing,
     cert_fingerprint_of_der,

@@ -100,7 +100,7 @@ def _store_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def _store(keys_path: str, secret_file: str | None, *, create: bool = False) -> Iterator[Any]:
     """Open the store; every error a user can cause becomes a ClickException."""
     from bastion.core.errors import BastionError
-    from bastion.guard.keystore import KeyStoreError
+    from bastion.guard.keystore_model import KeyStoreError
     from bastion.guard.keystores import is_pg_url, open_keystore
 
     if is_pg_url(keys_path) and not secret_file:
@@ -145,7 +145,7 @@ def _limits_from_options(current: Limits, rate: str | None, burst: str | None, q
 
 def _cert_fingerprint(path: str) -> str:
     from bastion.core.errors import InvalidInput
-    from bastion.guard.keystore import cert_fingerprint_of_pem
+    from bastion.guard.keystore_model import cert_fingerprint_of_pem
 
     try:
         return cert_fingerprint_of_pem(Path(path).read_bytes())

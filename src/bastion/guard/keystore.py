@@ -50,25 +50,10 @@ from pathlib import Path
 from typing import Any
 
 from bastion.guard.keystore_base import EMPTY_MAPS, RELOAD_SELECT, KeyStoreBase, build_maps
-from bastion.guard.keystore_model import (  # noqa: F401  (the names this module has always offered)
-    INVALID_KEY_MESSAGE,
-    KEY_ID_HEX,
-    MISSING_KEY_MESSAGE,
-    SECRET_BYTES,
-    TOKEN_PREFIX,
-    KeyInfo,
+from bastion.guard.keystore_model import (
     KeyStoreError,
     KeyStoreMissing,
     Row,
-    TenantInfo,
-    cert_fingerprint_of_der,
-    cert_fingerprint_of_pem,
-    cert_key_id,
-    check_defense_class,
-    check_limits,
-    check_tenant_name,
-    limits_as_dict,
-    normalize_fingerprint,
 )
 from bastion.guard.secrets import derive_key
 

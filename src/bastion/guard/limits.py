@@ -268,18 +268,23 @@ class Limiter:
                     f"rate limit exceeded for tenant '{tenant}' ({_fmt_rate(limits)}); retry after {wait:.3g} s",
                     retry_after=wait,
                 )
-        if limits.quota is not None:  # as in ``admit``, written out for the same reason
-            if limits.quota_period == "total":
-                period = "total"
-            else:
-                now = self._wall()
-                if now >= self._day_ends:
-                    self._new_day(limits, now)
-                period = self._day
-            lease = self._leases.get(tenant)
-            if lease is None or lease.period != period or lease.left <= 0:
-                lease = self._lease(tenant, limits, period)
-            lease.left -= 1
+        if limits.quota is not None:
+            self._spend_query(tenant, limits)
+
+    def _spend_query(self, tenant: str, limits: Limits) -> None:
+        """One query of the tenant's budget from this process's lease (what ``admit``
+        writes out inline: the shared path pays a round trip now and then anyway)."""
+        if limits.quota_period == "total":
+            period = "total"
+        else:
+            now = self._wall()
+            if now >= self._day_ends:
+                self._new_day(limits, now)
+            period = self._day
+        lease = self._leases.get(tenant)
+        if lease is None or lease.period != period or lease.left <= 0:
+            lease = self._lease(tenant, limits, period)
+        lease.left -= 1
 
     def _take_local(self, tenant: str, limits: Limits, buckets: dict[str, _Bucket], share: float) -> None:
         """One token of a bucket of this process (what ``admit`` does inline)."""
