@@ -9,10 +9,32 @@ import pytest
 from bastion.bench.launcher import PORT_RANGE_ENV, free_port
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _held_port_with_free_neighbours() -> socket.socket:
+    """A listening socket whose next three ports are free now: the kernel hands them out to
+    other processes too (the suite's servers and clients run beside this test), and a
+    neighbour taken by one of them is not what this test is about."""
+    for _ in range(50):
+        held = socket.socket()
+        held.bind(("127.0.0.1", 0))
+        busy = held.getsockname()[1]
+        if all(_bindable(busy + i) for i in (1, 2, 3)):
+            held.listen(1)
+            return held
+        held.close()
+    raise RuntimeError("no port with three free neighbours")
+
+
 def test_a_range_confines_the_ports_and_skips_the_ones_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
-    held = socket.socket()
-    held.bind(("127.0.0.1", 0))
-    held.listen(1)
+    held = _held_port_with_free_neighbours()
     busy = held.getsockname()[1]
     try:
         monkeypatch.setenv(PORT_RANGE_ENV, f"{busy}-{busy + 1}")
